@@ -1,0 +1,87 @@
+"""Per-architecture facts as data: where the decoder layers are, which linear layers each
+holds, and which norm or linear feeds which (for scale folding in AWQ).
+
+Every algorithm asks this table instead of checking model classes. Add a family by
+adding a row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Smooth:
+    """`prev` (a norm or linear, relative to the layer) feeds the linears in `linears`."""
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str  # dotted path from the model to the ModuleList of decoder layers
+    embed: str  # token embedding, relative to the model
+    final_norm: str
+    linears: tuple[str, ...]  # compressible linears, relative to one decoder layer, in execution order
+    smooth: tuple[Smooth, ...] = field(default=())
+    pre_layers: tuple[str, ...] = ()  # modules that run before the first layer besides embed (e.g. OPT positions)
+
+
+_LLAMA = Arch(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    smooth=(
+        Smooth("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Smooth("self_attn.v_proj", ("self_attn.o_proj",)),
+        Smooth("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        Smooth("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    pre_layers=("model.rotary_emb",),
+)
+
+_OPT = Arch(
+    layers="model.decoder.layers",
+    embed="model.decoder.embed_tokens",
+    final_norm="model.decoder.final_layer_norm",
+    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+    smooth=(
+        Smooth("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Smooth("self_attn.v_proj", ("self_attn.out_proj",)),
+        Smooth("final_layer_norm", ("fc1",)),
+    ),
+    pre_layers=("model.decoder.embed_positions",),
+)
+
+# model_type (config.json) -> architecture row. SmolLM models are model_type "llama".
+ARCHS: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "opt": _OPT,
+}
+
+
+def arch_of(model: nn.Module) -> Arch:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHS:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHS))}")
+    return ARCHS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(arch_of(model).layers)
+
+
+def compressible_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Full dotted name -> module, for every compressible linear in every decoder layer."""
+    arch = arch_of(model)
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for name in arch.linears:
+            out[f"{arch.layers}.{i}.{name}"] = layer.get_submodule(name)
+    return out

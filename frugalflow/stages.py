@@ -1,0 +1,132 @@
+"""Run one compression stage: model directory in -> model directory out + stats.
+
+`run_stage` picks the method's function from `METHOD_RUNNERS` by the stage config's
+`method`; every runner loads its input, compresses, and saves a directory that
+`models.load_model` reads back. Stats are plain JSON-able dicts (per-layer figures under
+"layers"). Progress and per-step metrics go through the `report` callback.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from frugalflow import config as C
+from frugalflow.arch import compressible_linears
+from frugalflow.data import load_windows
+from frugalflow.models import load_model, model_stats, save_model
+from frugalflow.quant import pack, rtn
+
+Report = Callable[[str, dict], None]  # (message, metrics) -> None
+
+
+def _quiet(message: str, metrics: dict) -> None:
+    pass
+
+
+def float_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:
+    """Load a model with plain float linears; returns it and the grids of any quantized linears."""
+    model = load_model(model_dir, device=device)
+    grids = {name: (m.scales.float(), m.zeros.float(), m.bits, m.group_size)
+             for name, m in pack.quantized_modules(model).items()}
+    pack.dequantize_model(model)
+    return model, grids
+
+
+def run_magnitude(stage: C.MagnitudePrune, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    from frugalflow.prune.magnitude import prune_magnitude
+
+    model, _ = float_model(model_dir, ctx["device"])
+    layers = prune_magnitude(model, stage.sparsity, stage.n_m)
+    save_model(model, out_dir, tokenizer_dir=model_dir)
+    return {"layers": layers}
+
+
+def quantize_with_grids(model: torch.nn.Module, grids: dict) -> None:
+    """Replace each gridded linear by a packed QuantLinear holding its codes on that grid."""
+    linears = compressible_linears(model)
+    by_bits: dict[tuple[int, int], dict] = {}
+    for name, (scale, zero, bits, group_size) in grids.items():
+        W = linears[name].weight.data
+        q = rtn.quantize(W, scale, zero, bits, group_size)
+        by_bits.setdefault((bits, group_size), {})[name] = (q, scale, zero)
+    for (bits, group_size), qparams in by_bits.items():
+        pack.quantize_model(model, qparams, bits, group_size)
+
+
+def run_rtn(stage: C.RTNQuant, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    model, _ = float_model(model_dir, ctx["device"])
+    layers, grids = {}, {}
+    for name, linear in compressible_linears(model).items():
+        W = linear.weight.data
+        scale, zero = rtn.compute_qparams(W, stage.bits, stage.group_size, stage.symmetric)
+        W_q = rtn.dequantize(rtn.quantize(W, scale, zero, stage.bits, stage.group_size), scale, zero,
+                             stage.group_size)
+        layers[name] = {"rel_error": float((W - W_q).norm() / W.norm().clamp(min=1e-12))}
+        grids[name] = (scale, zero, stage.bits, stage.group_size)
+    quantize_with_grids(model, grids)
+    save_model(model, out_dir, tokenizer_dir=model_dir)
+    return {"layers": layers}
+
+
+def run_kl(stage: C.KLDistill, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    from frugalflow.distill.trainer import distill, final_weights
+
+    device = ctx["device"]
+    student, grids = float_model(model_dir, device)
+    masks = {name: (m.weight.data != 0) for name, m in compressible_linears(student).items()
+             if bool((m.weight.data == 0).any())}
+    teacher = load_model(ctx["teacher_dir"], device=device)
+    windows = load_windows(ctx["data_dir"], "train")
+    if len(windows) == 0:
+        raise ValueError("distillation needs training windows: data.train_windows is 0")
+    report = ctx.get("report", _quiet)
+
+    def on_step(step: int, metrics: dict) -> None:
+        report(f"distill step {step}/{stage.steps} loss {metrics['loss']:.4f}", {"step": step, **metrics})
+
+    stats = distill(student, teacher, windows, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
+                    seq_len=stage.seq_len, temperature=stage.temperature, warmup_steps=stage.warmup_steps,
+                    grad_clip=stage.grad_clip, loss="kl", checkpoint_dir=ctx.get("checkpoint_dir"),
+                    checkpoint_every=stage.checkpoint_every, masks=masks or None, grids=grids or None,
+                    seed=ctx.get("seed", 0), on_step=on_step, device=device)
+    final_weights(student)
+    del teacher
+    if grids:
+        quantize_with_grids(student, grids)
+    save_model(student, out_dir, tokenizer_dir=model_dir)
+    return stats
+
+
+METHOD_RUNNERS: dict[str, Callable[..., dict]] = {
+    "magnitude": run_magnitude,
+    "rtn": run_rtn,
+    "kl": run_kl,
+}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def run_stage(stage, model_dir: str | Path, out_dir: str | Path, *, data_dir: str | Path,
+              teacher_dir: str | Path, device: str = "cpu", seed: int = 0,
+              checkpoint_dir: str | Path | None = None, report: Report = _quiet) -> dict:
+    """Compress `model_dir` into `out_dir` with one stage config; returns the stage's stats."""
+    runner = METHOD_RUNNERS.get(stage.method)
+    if runner is None:
+        raise ValueError(f"unknown method {stage.method!r}; allowed: {', '.join(METHOD_RUNNERS)}")
+    torch.manual_seed(seed)
+    ctx = {"device": resolve_device(device), "data_dir": Path(data_dir), "teacher_dir": Path(teacher_dir),
+           "seed": seed, "checkpoint_dir": checkpoint_dir, "report": report}
+    started = time.perf_counter()
+    stats = runner(stage, Path(model_dir), Path(out_dir), ctx)
+    stats["seconds"] = time.perf_counter() - started
+    stats.update(model_stats(load_model(out_dir, device="cpu")))
+    return stats

@@ -1,0 +1,68 @@
+"""Prefect task: one compression stage as one MLflow child run.
+
+The output directory is named by a content key (input model key + stage config +
+data key), so running again with unchanged inputs reuses the finished directory
+instead of recomputing it. A stage writes `stats.json` last: a directory without it
+is unfinished work and is redone.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from frugalflow.config import fingerprint
+from frugalflow.stages import run_stage
+from tasks import tracking as T
+
+SUMMARY_KEYS = ("seconds", "sparsity", "bits_per_weight", "n_params", "final_loss", "seconds_per_step", "steps")
+
+
+def stage_key(input_key: str, stage, data_key: str) -> str:
+    return fingerprint(input_key, stage, data_key if stage.kind == "distill" else "")
+
+
+@task(name="compress-stage")
+def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_dir: str, data_key: str,
+                   teacher_dir: str, artifacts_dir: str, device: str, seed: int, tracking: T.Tracking) -> dict:
+    logger = get_run_logger()
+    key = stage_key(input_key, stage, data_key)
+    out_dir = Path(artifacts_dir) / "stages" / f"{index}-{stage.method}-{key}"
+    client = T.connect(tracking.uri)
+    run_id = T.start_run(client, tracking.experiment_id, f"{index}-{stage.kind}-{stage.method}",
+                         parent_run_id=tracking.parent_run_id,
+                         tags={"frugalflow.stage": stage.kind, "frugalflow.method": stage.method,
+                               "frugalflow.input_key": input_key, "frugalflow.key": key})
+    T.log_params(client, run_id, {f"stage.{k}": v for k, v in stage.model_dump(mode="json").items()})
+    stats_file = out_dir / "stats.json"
+    try:
+        cached = stats_file.is_file()
+        if cached:
+            logger.info("stage %d %s: reusing %s (inputs unchanged)", index, stage.method, out_dir)
+            stats = json.loads(stats_file.read_text())
+        else:
+            logger.info("stage %d %s: compressing %s -> %s", index, stage.method, input_dir, out_dir)
+            shutil.rmtree(out_dir, ignore_errors=True)  # unfinished earlier attempt
+
+            def report(message: str, metrics: dict) -> None:
+                logger.info("stage %d %s: %s", index, stage.method, message)
+                step = int(metrics.pop("step", 0))
+                T.log_metrics(client, run_id, metrics, step=step)
+
+            stats = run_stage(stage, input_dir, out_dir, data_dir=data_dir, teacher_dir=teacher_dir,
+                              device=device, seed=seed, checkpoint_dir=str(out_dir) + ".ckpt", report=report)
+            stats_file.write_text(json.dumps(stats, indent=1, default=float) + "\n")
+            shutil.rmtree(str(out_dir) + ".ckpt", ignore_errors=True)
+        T.log_metrics(client, run_id, {k: stats[k] for k in SUMMARY_KEYS if k in stats})
+        T.log_json(client, run_id, stats, "stats.json")
+        T.set_tags(client, run_id, {"frugalflow.cached": cached, "frugalflow.output_dir": out_dir})
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    summary = ", ".join(f"{k}={stats[k]:.4g}" for k in SUMMARY_KEYS if isinstance(stats.get(k), (int, float)))
+    logger.info("stage %d %s done%s: %s", index, stage.method, " (cached)" if cached else "", summary)
+    return {"dir": str(out_dir), "key": key, "run_id": run_id, "cached": cached,
+            "stats": {k: stats[k] for k in SUMMARY_KEYS if k in stats}}

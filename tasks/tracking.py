@@ -1,0 +1,95 @@
+"""MLflow tracking helpers: explicit run ids through `MlflowClient` (no fluent global state,
+so Prefect tasks in worker threads log to the right run)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from pydantic import BaseModel, ConfigDict
+
+MAX_PARAM = 6000
+
+
+class Tracking(BaseModel):
+    """Where a flow run records: passed to tasks instead of a client object."""
+
+    model_config = ConfigDict(frozen=True)
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def resolve_uri(uri: str, root: Path) -> str:
+    """Make a relative sqlite or file store path relative to the project root."""
+    for scheme in ("sqlite:///",):
+        if uri.startswith(scheme) and not uri[len(scheme):].startswith("/"):
+            return scheme + str((root / uri[len(scheme):]).resolve())
+    if "://" not in uri:
+        return str((root / uri).resolve())
+    return uri
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client whose store answers; a clear error naming the URI otherwise."""
+    if uri.startswith("http"):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # the store's own exception types vary by backend
+        raise ConnectionError(f"cannot reach the MLflow tracking store at tracking.uri={uri!r}: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def start_run(client: MlflowClient, experiment: str, name: str, parent_run_id: str | None = None,
+              tags: dict | None = None) -> str:
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    items = [Param(k, str(v)[:MAX_PARAM]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(text)
+        parent = str(Path(artifact_file).parent)
+        client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+
+def log_json(client: MlflowClient, run_id: str, obj, artifact_file: str) -> None:
+    log_text(client, run_id, json.dumps(obj, indent=2, default=str) + "\n", artifact_file)

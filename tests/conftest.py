@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random Llama with a real (tiny, locally trained) tokenizer.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained in well under a second
+on the pydoc topics that ship with Python.
+"""
+from __future__ import annotations
+
+import pydoc_data.topics
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY_VOCAB = 384
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40]]
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build_tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    return build_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny HF model directory (config, safetensors, tokenizer)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama().save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
