@@ -74,7 +74,9 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
         for index, stage in enumerate(recipe.stages):
             result = compress_stage(stage, index, current_dir, current_key, data_dir=str(data_dir),
                                     data_key=data_key, teacher_dir=str(base_dir), artifacts_dir=str(artifacts),
-                                    device=device, seed=recipe.seed, tracking=tracking)
+                                    device=device, seed=recipe.seed,
+                                    pruned=any(s.kind == "prune" for s in recipe.stages[:index]),
+                                    tracking=tracking)
             stages.append({"method": stage.method, "kind": stage.kind, **result})
             current_dir, current_key = result["dir"], result["key"]
 

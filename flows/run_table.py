@@ -19,7 +19,7 @@ def recent_runs(client: MlflowClient, model_name: str, limit: int = 10) -> list[
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         version = tags.get("frugalflow.registered_version", "")
-        if champion and version == champion.version:
+        if champion and version == str(champion.version):
             version += " (champion)"
         rows.append({
             "run": run.info.run_id[:8],

@@ -72,12 +72,14 @@ def run_rtn(stage: C.RTNQuant, model_dir: Path, out_dir: Path, ctx: dict) -> dic
 
 
 def run_kl(stage: C.KLDistill, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
-    from frugalflow.distill.trainer import distill, final_weights
+    from frugalflow.distill.trainer import distill
 
     device = ctx["device"]
     student, grids = float_model(model_dir, device)
+    # Keep a sparsity mask only after pruning: in a dense quantized model a weight that rounded
+    # to zero is not pruned and may move.
     masks = {name: (m.weight.data != 0) for name, m in compressible_linears(student).items()
-             if bool((m.weight.data == 0).any())}
+             if bool((m.weight.data == 0).any())} if ctx["pruned"] else {}
     teacher = load_model(ctx["teacher_dir"], device=device)
     windows = load_windows(ctx["data_dir"], "train")
     if len(windows) == 0:
@@ -92,7 +94,6 @@ def run_kl(stage: C.KLDistill, model_dir: Path, out_dir: Path, ctx: dict) -> dic
                     grad_clip=stage.grad_clip, loss="kl", checkpoint_dir=ctx.get("checkpoint_dir"),
                     checkpoint_every=stage.checkpoint_every, masks=masks or None, grids=grids or None,
                     seed=ctx.get("seed", 0), on_step=on_step, device=device)
-    final_weights(student)
     del teacher
     if grids:
         quantize_with_grids(student, grids)
@@ -117,14 +118,16 @@ def resolve_device(device: str) -> str:
 
 def run_stage(stage, model_dir: str | Path, out_dir: str | Path, *, data_dir: str | Path,
               teacher_dir: str | Path, device: str = "cpu", seed: int = 0,
-              checkpoint_dir: str | Path | None = None, report: Report = _quiet) -> dict:
-    """Compress `model_dir` into `out_dir` with one stage config; returns the stage's stats."""
+              checkpoint_dir: str | Path | None = None, pruned: bool = False, report: Report = _quiet) -> dict:
+    """Compress `model_dir` into `out_dir` with one stage config; returns the stage's stats.
+
+    `pruned`: an earlier stage pruned the model, so its zeros are a mask to keep."""
     runner = METHOD_RUNNERS.get(stage.method)
     if runner is None:
         raise ValueError(f"unknown method {stage.method!r}; allowed: {', '.join(METHOD_RUNNERS)}")
     torch.manual_seed(seed)
     ctx = {"device": resolve_device(device), "data_dir": Path(data_dir), "teacher_dir": Path(teacher_dir),
-           "seed": seed, "checkpoint_dir": checkpoint_dir, "report": report}
+           "seed": seed, "checkpoint_dir": checkpoint_dir, "pruned": pruned, "report": report}
     started = time.perf_counter()
     stats = runner(stage, Path(model_dir), Path(out_dir), ctx)
     stats["seconds"] = time.perf_counter() - started

@@ -26,7 +26,8 @@ def stage_key(input_key: str, stage, data_key: str) -> str:
 
 @task(name="compress-stage")
 def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_dir: str, data_key: str,
-                   teacher_dir: str, artifacts_dir: str, device: str, seed: int, tracking: T.Tracking) -> dict:
+                   teacher_dir: str, artifacts_dir: str, device: str, seed: int, pruned: bool,
+                   tracking: T.Tracking) -> dict:
     logger = get_run_logger()
     key = stage_key(input_key, stage, data_key)
     out_dir = Path(artifacts_dir) / "stages" / f"{index}-{stage.method}-{key}"
@@ -52,7 +53,8 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
                 T.log_metrics(client, run_id, metrics, step=step)
 
             stats = run_stage(stage, input_dir, out_dir, data_dir=data_dir, teacher_dir=teacher_dir,
-                              device=device, seed=seed, checkpoint_dir=str(out_dir) + ".ckpt", report=report)
+                              device=device, seed=seed, checkpoint_dir=str(out_dir) + ".ckpt", pruned=pruned,
+                              report=report)
             stats_file.write_text(json.dumps(stats, indent=1, default=float) + "\n")
             shutil.rmtree(str(out_dir) + ".ckpt", ignore_errors=True)
         T.log_metrics(client, run_id, {k: stats[k] for k in SUMMARY_KEYS if k in stats})

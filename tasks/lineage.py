@@ -6,6 +6,7 @@ each stage output.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def reproduce(root: Path, push: bool = False) -> list[str]:
 
     # Stage commands say `python`: make that the interpreter running this flow.
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    with Repo(str(root)) as repo:
+    # DVC resolves stage paths against the working directory: run it from the project root.
+    with contextlib.chdir(root), Repo(str(root)) as repo:
         ran = repo.reproduce()
         if push:
             repo.push()

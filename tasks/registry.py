@@ -35,7 +35,7 @@ def champion_metrics(client: MlflowClient, name: str) -> dict | None:
         return None
     metrics = client.get_run(version.run_id).data.metrics
     found = {k: metrics[f"candidate.{k}"] for k in METRIC_KEYS if f"candidate.{k}" in metrics}
-    return {**found, "version": version.version} if found else None
+    return {**found, "version": str(version.version)} if found else None
 
 
 def register_candidate(client: MlflowClient, name: str, run_id: str, source: str, tags: dict) -> str:
@@ -45,8 +45,8 @@ def register_candidate(client: MlflowClient, name: str, run_id: str, source: str
         client.create_registered_model(name, description="Compressed models produced by frugalflow")
     version = client.create_model_version(name, source=source, run_id=run_id,
                                           tags={k: str(v)[:5000] for k, v in tags.items()})
-    client.set_registered_model_alias(name, "challenger", version.version)
-    return version.version
+    client.set_registered_model_alias(name, "challenger", str(version.version))
+    return str(version.version)
 
 
 def history(client: MlflowClient, name: str) -> list[dict]:
@@ -58,7 +58,7 @@ def promote(client: MlflowClient, name: str, version: str, reason: str, by: str 
     """Move `champion` to `version` and record the move; returns the history entry."""
     target = client.get_model_version(name, str(version))  # raises if it does not exist
     previous = version_by_alias(client, name, "champion")
-    entry = {"version": str(target.version), "previous": previous.version if previous else None,
+    entry = {"version": str(target.version), "previous": str(previous.version) if previous else None,
              "at": _now(), "reason": reason, "by": by}
     client.set_registered_model_alias(name, "champion", str(target.version))
     client.set_model_version_tag(name, str(target.version), "champion_since", entry["at"])
@@ -74,6 +74,6 @@ def rollback(client: MlflowClient, name: str, reason: str) -> dict:
     if current is None:
         raise ValueError(f"registered model {name!r} has no champion to roll back")
     for entry in reversed(history(client, name)):
-        if entry["version"] == current.version and entry["previous"]:
+        if entry["version"] == str(current.version) and entry["previous"]:
             return promote(client, name, entry["previous"], f"rollback: {reason}", by="rollback")
     raise ValueError(f"no earlier champion recorded for {name!r} (current champion: version {current.version})")

@@ -1,0 +1,61 @@
+"""Magnitude pruning: zero the smallest-|W| weights of every compressible linear layer.
+
+Unstructured: per layer, exactly round(sparsity * W.numel()) weights are removed (Python
+round, i.e. half to even); ties in |W| are broken by flat index (earlier goes first).
+N:M: in every group of M consecutive input weights of a row the N largest |W| are kept
+(ties: earlier index kept), so sparsity is (M - N) / M whatever `sparsity` says.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from frugalflow.arch import compressible_linears
+
+
+def magnitude_mask(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None) -> torch.Tensor:
+    """Boolean mask of W's shape, True = keep."""
+    if W.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(W.shape)}")
+    score = W.detach().abs().float()
+    if n_m is not None:
+        n, m = n_m
+        if not 0 < n < m:
+            raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+        out_features, in_features = W.shape
+        if in_features % m:
+            raise ValueError(f"in_features {in_features} is not a multiple of M={m} for {n}:{m} pruning")
+        groups = score.reshape(out_features, in_features // m, m)
+        order = torch.argsort(groups, dim=-1, descending=True, stable=True)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, order[..., :n], True)
+        return keep.reshape(W.shape)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    k = int(round(sparsity * W.numel()))
+    keep = torch.ones(W.numel(), dtype=torch.bool, device=W.device)
+    if k:
+        order = torch.argsort(score.flatten(), stable=True)
+        keep[order[:k]] = False
+    return keep.reshape(W.shape)
+
+
+@torch.no_grad()
+def prune_magnitude(model: nn.Module, sparsity: float,
+                    n_m: tuple[int, int] | None = None) -> dict[str, dict[str, float]]:
+    """In place over arch.compressible_linears; per layer the achieved share of exact zeros and
+    the relative Frobenius error ||W - W_pruned|| / ||W||."""
+    report = {}
+    for name, layer in compressible_linears(model).items():
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"prune_magnitude: {name} is a {type(layer).__name__}; prune before quantizing")
+        W = layer.weight
+        keep = magnitude_mask(W, sparsity, n_m)
+        W_norm = W.float().norm()
+        removed_norm = W.float()[~keep].norm()
+        W.masked_fill_(~keep, 0)
+        report[name] = {
+            "sparsity": (W == 0).sum().item() / W.numel(),
+            "rel_error": (removed_norm / W_norm).item() if W_norm > 0 else 0.0,
+        }
+    return report

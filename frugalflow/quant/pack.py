@@ -1,0 +1,292 @@
+"""Packed low-bit weight storage and the linear layer that computes with it.
+
+Codes q (uint8, [out, in], values in [0, 2^bits - 1]) are stored as one dense
+little-endian bitstream per row: code j of a row occupies bits j*bits .. j*bits+bits-1
+of that row, bit 0 being the lowest bit of byte 0. For 8/4/2 bits this is one, two or
+four codes per byte (low bits first); for 3/5/6/7 bits codes straddle bytes. Each row
+takes ceil(in * bits / 8) bytes. The grid is rtn.py's: W ~ (q - zero) * scale.
+
+`QuantLinear.forward` picks, once per layer, the fastest path torch offers on the CPU:
+  * 4 bits, group size a multiple of 32 (per-channel included) and out % 16 == 0:
+    aten._weight_int4pack_mm_for_cpu on bf16 activations;
+  * 8 bits per-channel: aten._weight_int8pack_mm (bf16) for short inputs (decode), with a
+    rank-1 correction for zero points other than 128;
+  * anything else: the weight dequantized once and cached in the activation dtype. That
+    cache costs 2 (bf16) or 4 (fp32) bytes per weight in RAM on top of the packed codes:
+    fast, but the in-memory saving is lost for those layers (disk size is unaffected).
+The kernel paths compute in bfloat16 (the int4/int8 CPU kernels are 10x+ slower on fp32),
+so fp32 inputs see bf16-level rounding; dequantize_model gives exact fp32 layers back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frugalflow.quant.rtn import dequantize
+
+KERNEL_DTYPE = torch.bfloat16
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
+INT8_KERNEL_MAX_ROWS = 4  # above this many tokens the int8 kernel loses to dequant + GEMM
+
+
+# --------------------------------------------------------------------------- packing
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    return math.ceil(in_features * bits / 8)
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [out, in] -> uint8 [out, ceil(in * bits / 8)] (little-endian bitstream per row)."""
+    _check_bits(bits)
+    if q.dim() != 2 or q.dtype != torch.uint8:
+        raise ValueError(f"expected 2-D uint8 codes, got {tuple(q.shape)} {q.dtype}")
+    if q.numel() and int(q.max()) >= 2**bits:
+        raise ValueError(f"code {int(q.max())} does not fit in {bits} bits")
+    out_features, in_features = q.shape
+    n_bytes = packed_row_bytes(in_features, bits)
+    if bits == 8:
+        return q.contiguous().clone()
+    if 8 % bits == 0:  # 4 or 2 bits: whole codes per byte
+        per = 8 // bits
+        qp = F.pad(q, (0, n_bytes * per - in_features)).reshape(out_features, n_bytes, per)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)
+        return (qp << shifts).sum(dim=-1, dtype=torch.uint8)  # disjoint bits: sum == or
+    bit_idx = torch.arange(bits, dtype=torch.uint8, device=q.device)
+    stream = ((q.unsqueeze(-1) >> bit_idx) & 1).reshape(out_features, in_features * bits)
+    stream = F.pad(stream, (0, n_bytes * 8 - in_features * bits)).reshape(out_features, n_bytes, 8)
+    return (stream << torch.arange(8, dtype=torch.uint8, device=q.device)).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of pack_codes: uint8 [out, n_bytes] -> uint8 codes [out, in_features]."""
+    _check_bits(bits)
+    out_features, n_bytes = packed.shape
+    if packed.dtype != torch.uint8 or n_bytes != packed_row_bytes(in_features, bits):
+        raise ValueError(f"packed {tuple(packed.shape)} {packed.dtype} does not hold {in_features} "
+                         f"{bits}-bit codes per row ({packed_row_bytes(in_features, bits)} bytes expected)")
+    if bits == 8:
+        return packed.clone()
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        q = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return q.reshape(out_features, -1)[:, :in_features].contiguous()
+    stream = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    stream = stream.reshape(out_features, n_bytes * 8)[:, :in_features * bits]
+    stream = stream.reshape(out_features, in_features, bits)
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.uint8)
+    return (stream * weights).sum(dim=-1, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------- the layer
+class QuantLinear(nn.Module):
+    """y = x @ dequantize(qweight).T + bias, with qweight packed at `bits` per weight.
+
+    Buffers: qweight uint8 packed codes, scales [out, n_groups] (fp16 by default),
+    zeros uint8 [out, n_groups], optional bias. The weight is frozen (no gradients for it).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 bias: bool = False, scale_dtype: torch.dtype = torch.float16,
+                 bias_dtype: torch.dtype = torch.float32, device=None, symmetric: bool | None = None):
+        super().__init__()
+        _check_bits(bits)
+        g = in_features if group_size == -1 else group_size
+        if g <= 0 or in_features % g:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        n_groups = in_features // g
+        self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=scale_dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self._cache: dict = {}
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+                   bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float16,
+                   symmetric: bool | None = None) -> "QuantLinear":
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, scale_dtype=scale_dtype,
+                    bias_dtype=bias.dtype if bias is not None else torch.float32, device=q.device,
+                    symmetric=symmetric)
+        if scale.shape != layer.scales.shape or zero.shape != layer.zeros.shape:
+            raise ValueError(f"scale {tuple(scale.shape)} / zero {tuple(zero.shape)} do not match "
+                             f"{tuple(layer.scales.shape)} for q {tuple(q.shape)}, group_size {group_size}")
+        zero_r = torch.round(zero.float())
+        if (zero_r != zero.float()).any() or zero_r.min() < 0 or zero_r.max() >= 2**bits:
+            raise ValueError(f"zero points must be integers in [0, {2**bits - 1}]")
+        with torch.no_grad():
+            layer.qweight.copy_(pack_codes(q.to(torch.uint8), bits))
+            layer.scales.copy_(scale)
+            layer.zeros.copy_(zero_r.to(torch.uint8))
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, path={self.kernel_path()}")
+
+    # ---------------------------------------------------------------- views of the weight
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes(), self.scales.float(), self.zeros.float(), self.group_size, dtype)
+
+    def storage_bits(self) -> int:
+        return sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.zeros))
+
+    # ---------------------------------------------------------------- kernels
+    def _group(self) -> int:
+        return self.in_features if self.group_size == -1 else self.group_size
+
+    def kernel_path(self) -> str:
+        g = self._group()
+        if self.bits == 4 and self.out_features % 16 == 0 and any(g % k == 0 for k in INT4_GROUPS):
+            return "int4"
+        if self.bits == 8 and g == self.in_features:
+            return "int8"
+        return "dequant"
+
+    def invalidate_cache(self) -> None:
+        self._cache = {}
+
+    @torch.no_grad()
+    def _int4_tensors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if "int4" not in self._cache:
+            g = self._group()
+            kg = next(k for k in INT4_GROUPS if g % k == 0)  # repeat each group's params g // kg times
+            w_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+            scale = self.scales.float().repeat_interleave(g // kg, dim=1)
+            zero = self.zeros.float().repeat_interleave(g // kg, dim=1)
+            # torch int4pack: w = (q - 8) * scale + zero_f, so zero_f = (8 - zero) * scale for our grid.
+            scale_and_zeros = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1)
+            self._cache["int4"] = (w_int4, scale_and_zeros.contiguous().to(KERNEL_DTYPE), kg)
+        return self._cache["int4"]
+
+    @torch.no_grad()
+    def _int8_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if "int8" not in self._cache:
+            w_int8 = (self.codes().to(torch.int16) - 128).to(torch.int8)
+            scale = self.scales.float()[:, 0]
+            shift = self.zeros.float()[:, 0] - 128  # W = (q - 128 - shift) * scale
+            correction = None if bool((shift == 0).all()) else (shift * scale)
+            self._cache["int8"] = (w_int8, scale.to(KERNEL_DTYPE), correction)
+        return self._cache["int8"]
+
+    @torch.no_grad()
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        key = ("dense", dtype)
+        if key not in self._cache:
+            self._cache = {key: self.dequantize(dtype)}  # keep one dtype only
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        path = self.kernel_path() if x.device.type == "cpu" else "dequant"
+        if path == "int4":
+            w_int4, scale_and_zeros, kg = self._int4_tensors()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg,
+                                                           scale_and_zeros)
+        elif path == "int8" and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            w_int8, scale, correction = self._int8_tensors()
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), w_int8, scale)
+            if correction is not None:
+                y = (y.float() - x2.float().sum(-1, keepdim=True) * correction).to(KERNEL_DTYPE)
+        elif path == "int8":  # long inputs (prefill): dequantize on the fly, nothing cached
+            y = F.linear(x2.to(KERNEL_DTYPE), self.dequantize(KERNEL_DTYPE))
+        else:
+            y = F.linear(x2, self._dense_weight(dtype))
+        y = y.to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.reshape(*lead, self.out_features)
+
+    # ---------------------------------------------------------------- keep the cache honest
+    def _apply(self, fn, recurse=True):
+        scales = self.scales
+        self._buffers["scales"] = None  # .to(dtype) must not round the stored scales
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["scales"] = scales.to(self.qweight.device)
+        self.invalidate_cache()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.invalidate_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- model level
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16,
+                   symmetric: bool | None = None) -> nn.Module:
+    """In place: every named nn.Linear becomes a QuantLinear holding its (q, scale, zero)."""
+    for name, (q, scale, zero) in qparams.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantize_model: no module named {name!r}") from None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"quantize_model: {name!r} is a {type(linear).__name__}, not an nn.Linear")
+        if tuple(q.shape) != (linear.out_features, linear.in_features):
+            raise ValueError(f"quantize_model: codes for {name!r} have shape {tuple(q.shape)}, layer is "
+                             f"{(linear.out_features, linear.in_features)}")
+        layer = QuantLinear.from_codes(q.to(linear.weight.device), scale, zero, bits, group_size,
+                                       bias=linear.bias, scale_dtype=scale_dtype, symmetric=symmetric)
+        _set_submodule(model, name, layer)
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """In place: every QuantLinear becomes an nn.Linear with float32 dequantized weights."""
+    for name, layer in quantized_modules(model).items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.qweight.device, dtype=torch.float32)
+        with torch.no_grad():
+            linear.weight.copy_(layer.dequantize(torch.float32))
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias.float())
+        _set_submodule(model, name, linear)
+    return model
+
+
+def quantization_meta(model: nn.Module) -> dict:
+    """What is quantized, as plain JSON data (written as quantization.json)."""
+    layers = quantized_modules(model)
+    modules = {name: {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features,
+                      "out_features": m.out_features, "bias": m.bias is not None,
+                      "scale_dtype": str(m.scales.dtype).removeprefix("torch."), "symmetric": m.symmetric}
+               for name, m in layers.items()}
+
+    def common(key):  # the value every module shares, else None
+        values = {repr(v[key]) for v in modules.values()}
+        return next(iter(modules.values()))[key] if len(values) == 1 else None
+
+    return {"format": "frugalflow-packed", "version": 1,
+            "packing": "little-endian bitstream per row; W = (q - zero) * scale, groups along in_features",
+            "bits": common("bits") if modules else None,
+            "group_size": common("group_size") if modules else None,
+            "symmetric": common("symmetric") if modules else None,
+            "modules": modules}

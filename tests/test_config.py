@@ -1,0 +1,83 @@
+"""The recipe schema: valid files load frozen, invalid ones list every problem with its key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from frugalflow.config import RecipeError, flatten, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_params_is_valid_and_frozen():
+    recipe = load_recipe(ROOT / "params.yaml")
+    assert [s.kind for s in recipe.stages] == ["prune", "quantize", "distill"]
+    with pytest.raises(ValidationError):
+        recipe.seed = 3  # frozen
+    flat = flatten(recipe)
+    assert flat["stages.0.method"] == "magnitude" and flat["registry.model_name"] == recipe.registry.model_name
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("stages:\n  - method: sparsegpt2\n", ["stages.0", "unknown method", "'magnitude'", "sparsegpt2"]),
+    ("stages:\n  - method: magnitude\n    sparsity: 1.5\n", ["stages.0.sparsity", "1.5", "less than 1"]),
+    ("stages:\n  - method: rtn\n    group_size: 100\n", ["stages.0.group_size", "32, 64, 128"]),
+    ("stages:\n  - method: magnitude\n    pattern: '4:2'\n", ["stages.0.pattern", "N:M"]),
+    ("stages:\n  - method: kl\n    stepz: 3\n", ["stages.0.stepz", "unknown key"]),
+    ("stages: []\n", ["stages", "at least 1"]),
+    ("stages:\n  - method: rtn\ngates:\n  max_ppl_increase_pct: -1\n", ["gates.max_ppl_increase_pct", "-1"]),
+    ("stages:\n  - method: rtn\nschedule:\n  cron: '* *'\n", ["schedule.cron", "5 fields"]),
+    ("stages:\n  - method: rtn\n  - method: rtn\n", ["at most one quantize stage"]),
+    ("stages:\n  - {method: rtn}\ndevice: tpu\n", ["device", "'auto'", "tpu"]),
+])
+def test_invalid_recipes_name_key_value_and_allowed(tmp_path, text, expected):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text))
+    message = str(info.value)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_every_problem_is_listed(tmp_path):
+    path = write(tmp_path, "stages:\n  - method: magnitude\n    sparsity: 2\n  - method: rtn\n    bits: 1\nfoo: 1\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert len(info.value.problems) == 3
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="line 2, column 1: not valid YAML"):
+        load_recipe(write(tmp_path, "stages: [\n"))
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_validated_like_the_file():
+    recipe = load_recipe(ROOT / "params.yaml", ["stages.0.sparsity=0.6", "registry.objective=size_mb"])
+    assert recipe.stages[0].sparsity == 0.6 and recipe.registry.objective == "size_mb"
+    with pytest.raises(RecipeError, match="stages.0.sparsity"):
+        load_recipe(ROOT / "params.yaml", ["stages.0.sparsity=7"])
+    with pytest.raises(RecipeError, match="not an index"):
+        load_recipe(ROOT / "params.yaml", ["stages.9.sparsity=0.1"])
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        load_recipe(ROOT / "params.yaml", ["stages.0.sparsity"])
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    good = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(ROOT / "params.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert good.returncode == 0 and "ok" in good.stdout
+    bad = write(tmp_path, "stages:\n  - method: magnitude\n    sparsity: 3\n")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 2 and "stages.0.sparsity" in out.stderr and "3" in out.stderr

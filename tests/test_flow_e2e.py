@@ -1,0 +1,169 @@
+"""The whole nightly flow on a tiny model: real DVC stages, a real Prefect run under the test
+harness, a real MLflow sqlite store and registry, checked through MlflowClient."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny-frugal"
+
+
+def recipe_dict(tiny_model_dir: Path) -> dict:
+    return {
+        "name": "tiny-e2e",
+        "base_model": {"source": "local", "local_dir": str(tiny_model_dir), "path": "models/base"},
+        "data": {"corpus": "pydoc_topics", "window": 64, "calib_windows": 8, "train_windows": 16,
+                 "eval_windows": 6, "path": "data"},
+        "stages": [
+            {"method": "magnitude", "sparsity": 0.5},
+            {"method": "rtn", "bits": 4, "group_size": 32},
+            {"method": "kl", "steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-4},
+        ],
+        "evaluation": {"decode_tokens": 8, "decode_repeats": 1},
+        "gates": {"max_ppl_increase_pct": 1000.0, "min_size_reduction": 2.0},
+        "registry": {"model_name": MODEL, "objective": "ppl"},
+        "tracking": {"uri": "sqlite:///mlflow.db"},
+    }
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir) -> Path:
+    proj = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    (proj / "frugalflow").mkdir()
+    for name in ("fetch_model.py", "data.py"):  # the DVC stages' code deps
+        shutil.copy(ROOT / "frugalflow" / name, proj / "frugalflow" / name)
+    (proj / "params.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_model_dir), sort_keys=False))
+    (proj / ".gitignore").write_text("/models\n/data\n/artifacts\n/mlartifacts\nmlflow.db\n")
+    git(proj, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)
+    git(proj, "add", "-A")
+    git(proj, "commit", "-qm", "init")
+    return proj
+
+
+def run_flow(project: Path, overrides: list[str] | None = None) -> dict:
+    from flows.nightly import compression_flow
+
+    return compression_flow(params=str(project / "params.yaml"), overrides=overrides or [])
+
+
+@pytest.fixture(scope="module")
+def two_runs(harness, project):
+    first = run_flow(project)
+    second = run_flow(project)
+    return first, second
+
+
+def client_for(project: Path) -> MlflowClient:
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_first_run_records_everything(two_runs, project):
+    first, _ = two_runs
+    client = client_for(project)
+    exp = client.get_experiment_by_name("tiny-e2e")
+    run = client.get_run(first["run_id"])
+    # parent run: params, metrics, tags, artifacts
+    assert run.data.params["stages.0.method"] == "magnitude" and run.data.params["stages.1.bits"] == "4"
+    m = run.data.metrics
+    for key in ("candidate.ppl", "candidate.size_mb", "candidate.sparsity", "candidate.bits_per_weight",
+                "candidate.decode_tps", "baseline.ppl", "gate.ppl_increase_pct", "gate.size_reduction.passed"):
+        assert key in m, key
+    assert 0.45 < m["candidate.sparsity"] < 0.55
+    assert m["candidate.size_mb"] * 2 <= m["baseline.size_mb"]
+    assert 4 <= m["candidate.bits_per_weight"] < 6
+    tags = run.data.tags
+    assert len(tags["git_commit"]) == 40 and tags["dvc.models/base"] and tags["dvc.data"]
+    assert tags["prefect.flow_run_id"] and tags["frugalflow.verdict"] == "pass"
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "verdict.json", "report", "model"} <= top
+    report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert report == {"report/evaluation.json", "report/evaluation.md"}
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/quantization.json" in model_files and "model/model.safetensors" in model_files
+    # one child run per stage, in order, with per-stage metrics
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["0-prune-magnitude", "1-quantize-rtn", "2-distill-kl"]
+    by_name = {c.info.run_name: c for c in children}
+    assert by_name["0-prune-magnitude"].data.metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    loss_history = client.get_metric_history(by_name["2-distill-kl"].info.run_id, "loss")
+    assert [h.step for h in loss_history] == [1, 2, 3]
+    # registry: version 1 is challenger and champion, with verdict and lineage tags
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
+    assert first["promotion"] == {"registered": True, "version": "1", "champion": True}
+    assert version.tags["verdict"] == "pass" and version.tags["git_commit"] == tags["git_commit"]
+
+
+def test_second_run_reuses_data_and_stages(two_runs, project):
+    first, second = two_runs
+    assert first["lineage"]["dvc_stages_run"] and second["lineage"]["dvc_stages_run"] == []
+    assert all(s["cached"] for s in second["stages"]) and not any(s["cached"] for s in first["stages"])
+    assert second["baseline"]["cached"] and second["candidate"]["cached"]
+    assert second["candidate"]["ppl"] == first["candidate"]["ppl"]
+    client = client_for(project)
+    # equal perplexity does not beat the champion: v2 is challenger, champion stays v1
+    assert second["promotion"] == {"registered": True, "version": "2", "champion": False}
+    assert client.get_model_version_by_alias(MODEL, "champion").version == 1
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == 2
+
+
+def test_failing_candidate_gets_no_version(two_runs, project):
+    result = run_flow(project, ["gates.max_ppl=0.5"])
+    assert not result["verdict"]["passed"] and result["promotion"]["registered"] is False
+    client = client_for(project)
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["frugalflow.verdict"] == "fail" and "ppl" in run.data.tags["frugalflow.verdict_reasons"]
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+
+
+def test_cli_promote_rollback_and_runs(two_runs, project):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "-p", str(project / "params.yaml")],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    out = cli("promote", "2", "--reason", "manual check")
+    assert out.returncode == 0, out.stderr
+    client = client_for(project)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == 2
+    history = json.loads(client.get_registered_model(MODEL).tags["champion_history"])
+    assert history[-1]["version"] == "2" and history[-1]["reason"] == "manual check" and history[-1]["at"]
+    out = cli("rollback", "--reason", "regression")
+    assert out.returncode == 0, out.stderr
+    assert client.get_model_version_by_alias(MODEL, "champion").version == 1
+    out = cli("promote", "99", "--reason", "x")
+    assert out.returncode != 0 and "99" in out.stderr
+    table = cli("runs")
+    assert table.returncode == 0 and table.stdout.count("tiny-e2e") >= 2 and "(champion)" in table.stdout
+
+
+def test_unreachable_tracking_server_fails_fast(harness, project):
+    from frugalflow.config import RecipeError
+
+    with pytest.raises(ConnectionError, match="127.0.0.1:9"):
+        run_flow(project, ["tracking.uri=http://127.0.0.1:9"])
+    with pytest.raises(RecipeError, match="DVC stages"):
+        run_flow(project, ["data.window=32"])
