@@ -7,6 +7,7 @@ each stage output.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def reproduce(root: Path, push: bool = False) -> list[str]:
 
     # Stage commands say `python`: make that the interpreter running this flow.
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints
     # DVC resolves stage paths against the working directory: run it from the project root.
     with contextlib.chdir(root), Repo(str(root)) as repo:
         ran = repo.reproduce()
