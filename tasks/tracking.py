@@ -24,7 +24,9 @@ class Tracking(BaseModel):
 
 
 def resolve_uri(uri: str, root: Path) -> str:
-    """Make a relative sqlite or file store path relative to the project root."""
+    """The tracking URI to use: MLFLOW_TRACKING_URI when set (team mode), else the recipe's,
+    with a relative sqlite or file store path taken relative to the project root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
     for scheme in ("sqlite:///",):
         if uri.startswith(scheme) and not uri[len(scheme):].startswith("/"):
             return scheme + str((root / uri[len(scheme):]).resolve())
@@ -48,10 +50,13 @@ def connect(uri: str) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    """The experiment's id, created if missing. A local store keeps artifacts under
+    `artifact_root`; a tracking server chooses (and serves) its own artifact store."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    remote = client.tracking_uri.startswith(("http://", "https://", "databricks"))
+    return client.create_experiment(name, artifact_location=None if remote else artifact_root.resolve().as_uri())
 
 
 def start_run(client: MlflowClient, experiment: str, name: str, parent_run_id: str | None = None,

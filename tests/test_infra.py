@@ -1,0 +1,221 @@
+"""infra/ (team mode) without Docker: every file parses, and the files agree with each other and
+with the repo (services, buckets, databases, env vars, schedule, lock, work pool)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from frugalflow.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker"}
+LONG_RUNNING = SERVICES - {"minio-init"}
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return load(INFRA / "docker-compose.yml")["services"]
+
+
+def lock_versions() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def env_example() -> dict[str, str]:
+    values = {}
+    for line in (INFRA / ".env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            values[key] = value
+    return values
+
+
+def test_every_yaml_and_json_under_infra_parses():
+    files = sorted([*INFRA.rglob("*.yml"), *INFRA.rglob("*.yaml")])
+    assert {f.relative_to(INFRA).as_posix() for f in files} >= {
+        "docker-compose.yml", "prefect.yaml", "k8s/configmap.yaml", "k8s/gpu-worker-job.yaml"}
+    for path in files:
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert docs and all(isinstance(d, dict) for d in docs), path
+    for path in INFRA.rglob("*.json"):
+        assert json.loads(path.read_text())["Statement"], path
+
+
+def test_shell_scripts_parse():
+    for path in [*INFRA.rglob("*.sh")]:
+        shell = "bash" if path.read_text().startswith("#!/bin/bash") else "sh"
+        done = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{path}: {done.stderr}"
+
+
+def test_compose_services_images_and_dependencies(compose):
+    assert set(compose) == SERVICES
+    for name, svc in compose.items():
+        image = svc.get("image", "")
+        assert image and ":" in image.rsplit("/", 1)[-1], f"{name}: image without a tag"
+        assert not image.endswith((":latest", ":main")), f"{name}: unpinned image {image}"
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in compose, f"{name} depends on unknown service {dep}"
+            wanted = "service_completed_successfully" if dep == "minio-init" else "service_healthy"
+            assert cond["condition"] == wanted, f"{name} -> {dep}"
+            if wanted == "service_healthy":
+                assert "healthcheck" in compose[dep], f"{name} waits for {dep}, which has no healthcheck"
+    for name in LONG_RUNNING:
+        check = compose[name]["healthcheck"]["test"]
+        assert check[0] in ("CMD", "CMD-SHELL") and len(check) > 1, name
+    assert compose["mlflow"]["build"]["dockerfile"] == "infra/mlflow.Dockerfile"
+    assert compose["worker"]["build"]["dockerfile"] == "infra/Dockerfile"
+    for svc in compose.values():
+        if "build" in svc:
+            assert (INFRA / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+    assert "ports" not in compose["postgres"]  # the database stays on the compose network
+
+
+def test_compose_pins_match_the_lock(compose):
+    pins = lock_versions()
+    assert compose["prefect-server"]["image"].split(":")[1].startswith(pins["prefect"] + "-python3.11")
+    assert compose["mlflow"]["image"].endswith(":" + pins["mlflow"])
+    mlflow_dockerfile = (INFRA / "mlflow.Dockerfile").read_text()
+    assert "grep '^mlflow==' /tmp/requirements.lock" in mlflow_dockerfile
+    assert "-c /tmp/requirements.lock" in mlflow_dockerfile
+
+
+def test_mlflow_serves_artifacts_from_s3_on_postgres(compose):
+    cmd = compose["mlflow"]["command"]
+    assert cmd[:2] == ["mlflow", "server"]
+    store = cmd[cmd.index("--backend-store-uri") + 1]
+    assert store.startswith("postgresql://mlflow:") and store.endswith("@postgres:5432/mlflow")
+    assert "--serve-artifacts" in cmd
+    assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://frugalflow-mlflow/"
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    env = compose["mlflow"]["environment"]
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "mlflow:5000" in env["MLFLOW_SERVER_ALLOWED_HOSTS"]  # the worker's Host header
+    # clients hold no bucket credentials: the worker's key is not the MLflow server's
+    assert "MLFLOW_S3" not in json.dumps(compose["worker"]["environment"])
+    assert compose["worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_databases_and_buckets_are_created(compose):
+    init_sql = (INFRA / "postgres" / "init-databases.sh").read_text()
+    for db in ("mlflow", "prefect"):
+        assert f"CREATE DATABASE {db} OWNER {db};" in init_sql
+    mount = [v for v in compose["postgres"]["volumes"] if "init-databases.sh" in v][0]
+    assert mount.split(":")[1].startswith("/docker-entrypoint-initdb.d/")
+    url = compose["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert url.startswith("postgresql+asyncpg://prefect:") and url.endswith("@postgres:5432/prefect")
+
+    init_minio = (INFRA / "minio" / "init-minio.sh").read_text()
+    buckets = set(re.search(r"for bucket in ([^;]+);", init_minio).group(1).split())
+    assert buckets == {"frugalflow-mlflow", "frugalflow-dvc", "frugalflow-models"}
+    policies = {p.stem.removeprefix("policy-"): json.loads(p.read_text())
+                for p in (INFRA / "minio").glob("policy-*.json")}
+    assert set(policies) == set(re.findall(r'^create_user "\S+" "\S+" (\S+)$', init_minio, re.M))
+
+    def reach(policy):
+        return {r.split(":::")[1].split("/")[0] for s in policy["Statement"] for r in s["Resource"]}
+
+    assert reach(policies["frugalflow-mlflow"]) == {"frugalflow-mlflow"}
+    assert reach(policies["frugalflow-worker"]) == {"frugalflow-dvc", "frugalflow-models"}
+
+
+def test_every_compose_variable_is_in_env_example():
+    text = (INFRA / "docker-compose.yml").read_text()
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", text))
+    required = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+):\?", text))
+    example = env_example()
+    assert required and required <= used
+    assert used <= set(example), f"missing from .env.example: {sorted(used - set(example))}"
+    assert all(example[k] for k in required)
+    secrets = [k for k in example if k.endswith(("PASSWORD", "SECRET_KEY"))]
+    assert secrets and all(example[k].startswith("change-me") for k in secrets)
+    assert all(len(example[k]) >= 8 for k in secrets)  # MinIO's minimum
+
+
+def test_worker_command_polls_the_gpu_pool_and_requests_a_gpu(compose):
+    worker = compose["worker"]
+    script = worker["command"][2].replace("$$", "$")
+    assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
+    assert "prefect worker start --pool gpu --type process" in script
+    assert "prefect gcl create" in script
+    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+
+
+def test_prefect_deployment_matches_params_schedule():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    recipe = load_recipe(ROOT / "params.yaml")
+    raw = load(INFRA / "prefect.yaml")
+    model = PrefectYamlModel.model_validate(raw)  # Prefect's own schema for prefect.yaml
+    (deployment,) = [d for d in model.deployments if d.name == "nightly"]
+    assert deployment.entrypoint == "flows/nightly.py:compression_flow"
+    path, func = deployment.entrypoint.split(":")
+    assert f"def {func}(" in (ROOT / path).read_text()
+    (schedule,) = raw["deployments"][0]["schedules"]
+    assert (schedule["cron"], schedule["timezone"]) == (recipe.schedule.cron, recipe.schedule.timezone)
+    assert deployment.work_pool.name == "gpu"
+    assert deployment.concurrency_limit == 1
+    # the deployment's overrides must be ones the flow accepts; the tracking server comes from
+    # the worker's MLFLOW_TRACKING_URI, which the flow prefers over tracking.uri
+    overrides = deployment.parameters["overrides"]
+    load_recipe(ROOT / "params.yaml", overrides)
+    compose = load(INFRA / "docker-compose.yml")
+    assert compose["services"]["worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    pull = raw["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert pull == "/opt/frugalflow" and "WORKDIR /opt/frugalflow" in (INFRA / "Dockerfile").read_text()
+
+
+def test_dockerfile_installs_from_the_lock():
+    lines = [ln.strip() for ln in (INFRA / "Dockerfile").read_text().splitlines()]
+    text = "\n".join(lines)
+    assert re.search(r"^FROM python:3\.11[.\d]*-slim", text, re.M)
+    copy_lock = lines.index("COPY requirements.lock ./")
+    install_lock = next(i for i, ln in enumerate(lines) if "pip install --no-deps -r requirements.lock" in ln)
+    install_repo = next(i for i, ln in enumerate(lines) if "pip install --no-deps -e ." in ln)
+    assert copy_lock < install_lock < install_repo
+    assert "pip check" in text
+    ignored = [ln.strip() for ln in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]
+    assert ".venv" in ignored and "infra/.env" in ignored and ".git" not in ignored
+
+
+def test_k8s_gpu_job_and_configmap():
+    cm = load(INFRA / "k8s" / "configmap.yaml")
+    job = load(INFRA / "k8s" / "gpu-worker-job.yaml")
+    assert cm["kind"] == "ConfigMap" and {"MLFLOW_TRACKING_URI", "PREFECT_API_URL"} <= set(cm["data"])
+    assert job["kind"] == "Job" and job["apiVersion"] == "batch/v1"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    refs = [e["configMapRef"]["name"] for e in container["envFrom"] if "configMapRef" in e]
+    assert refs == [cm["metadata"]["name"]]
+    assert container["command"][:7] == ["prefect", "worker", "start", "--pool", "gpu", "--type", "process"]
+    assert ":" in container["image"] and not container["image"].endswith(":latest")
+    kustomization = load(INFRA / "k8s" / "kustomization.yaml")
+    assert set(kustomization["resources"]) == {"configmap.yaml", "gpu-worker-job.yaml"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_k8s_kustomize_renders():
+    done = subprocess.run(["kubectl", "kustomize", str(INFRA / "k8s")], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(done.stdout)]
+    assert sorted(kinds) == ["ConfigMap", "Job"]

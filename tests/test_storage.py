@@ -1,0 +1,166 @@
+"""tasks/storage.py against a real S3 API server: moto's server mode in a subprocess on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tasks import storage as S
+
+pytestmark = pytest.mark.slow  # starts a real server (about 1 s)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto server did not start on {url} (exit code {proc.poll()})")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point the helpers at the moto server through the environment, with dummy credentials."""
+    for name in S.ENDPOINT_ENV + ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FRUGALFLOW_S3_ENDPOINT", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_server
+
+
+def make_tree(root):
+    files = {
+        "config.json": b'{"hidden_size": 64}\n',
+        "model.safetensors": os.urandom(300_000),
+        "tokenizer/tokenizer.json": b"{}",
+        "tokenizer/sub/deep/vocab.txt": "caf\u00e9\n\u00fcber\n".encode(),
+        "empty.bin": b"",
+    }
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_round_trip_nested_directory_bytes_identical(s3_env, tmp_path):
+    assert S.ensure_bucket("frugalflow-models") is True
+    assert S.ensure_bucket("frugalflow-models") is False  # already there
+    files = make_tree(tmp_path / "src")
+
+    keys = S.upload_dir(tmp_path / "src", "frugalflow-models", "smollm2/v1/")
+    assert keys == sorted(f"smollm2/v1/{rel}" for rel in files)
+    listed = S.s3_client().list_objects_v2(Bucket="frugalflow-models")["Contents"]
+    assert sorted(o["Key"] for o in listed) == keys
+
+    # a sibling prefix sharing the first characters must not leak into the download
+    S.s3_client().put_object(Bucket="frugalflow-models", Key="smollm2/v10/other.txt", Body=b"x")
+    paths = S.download_dir("frugalflow-models", "smollm2/v1", tmp_path / "dst")
+    assert len(paths) == len(files)
+    assert tree_bytes(tmp_path / "dst") == files
+
+
+def test_upload_without_prefix_and_publish_model(s3_env, tmp_path):
+    S.ensure_bucket("frugalflow-root")
+    files = make_tree(tmp_path / "m")
+    assert S.upload_dir(tmp_path / "m", "frugalflow-root", "") == sorted(files)
+
+    uri = S.publish_model.fn(str(tmp_path / "m"), "s3://frugalflow-root/published/run-1/")
+    assert uri == "s3://frugalflow-root/published/run-1"
+    S.download_dir("frugalflow-root", "published/run-1", tmp_path / "back")
+    assert tree_bytes(tmp_path / "back") == files
+
+
+def test_missing_bucket_error_names_bucket_and_endpoint(s3_env, tmp_path):
+    make_tree(tmp_path / "m")
+    with pytest.raises(S.BucketNotFound) as info:
+        S.upload_dir(tmp_path / "m", "no-such-bucket-xyz", "p")
+    assert "'no-such-bucket-xyz'" in str(info.value) and s3_env in str(info.value)
+    with pytest.raises(S.BucketNotFound, match="no-such-bucket-xyz"):
+        S.download_dir("no-such-bucket-xyz", "p", tmp_path / "out")
+    with pytest.raises(S.BucketNotFound, match="no-such-bucket-xyz"):
+        S.publish_model.fn(str(tmp_path / "m"), "s3://no-such-bucket-xyz/model")
+
+
+def test_empty_prefix_and_bad_inputs_are_errors(s3_env, tmp_path):
+    S.ensure_bucket("frugalflow-empty")
+    with pytest.raises(S.StorageError, match="nothing under s3://frugalflow-empty/missing/"):
+        S.download_dir("frugalflow-empty", "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(S.StorageError, match="holds no files"):
+        S.upload_dir(tmp_path / "empty", "frugalflow-empty", "x")
+    with pytest.raises(NotADirectoryError):
+        S.upload_dir(tmp_path / "absent", "frugalflow-empty", "x")
+    with pytest.raises(ValueError, match="not an S3 URI"):
+        S.publish_model.fn(str(tmp_path), "frugalflow-empty/x")
+
+
+def test_unreachable_endpoint_fails_fast_with_clear_error(monkeypatch, tmp_path):
+    port = free_port()  # nothing listens there: connection refused
+    endpoint = f"http://127.0.0.1:{port}"
+    for name in S.ENDPOINT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    make_tree(tmp_path / "m")
+    for call in (lambda: S.upload_dir(tmp_path / "m", "frugalflow-models", "p"),
+                 lambda: S.download_dir("frugalflow-models", "p", tmp_path / "out"),
+                 lambda: S.ensure_bucket("frugalflow-models")):
+        start = time.monotonic()
+        with pytest.raises(S.EndpointUnreachable) as info:
+            call()
+        assert time.monotonic() - start < 10
+        message = str(info.value)
+        assert endpoint in message and "'frugalflow-models'" in message
+    assert isinstance(info.value, ConnectionError)
+
+
+def test_endpoint_precedence(monkeypatch):
+    for name in S.ENDPOINT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert S.endpoint_url() is None
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://b:9000")
+    assert S.endpoint_url() == "http://b:9000"
+    monkeypatch.setenv("FRUGALFLOW_S3_ENDPOINT", "http://a:9000")
+    assert S.endpoint_url() == "http://a:9000"
+    assert S.s3_client().meta.endpoint_url == "http://a:9000"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "alice")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    alice = S.s3_client()
+    assert S.s3_client() is alice  # reused while the environment is unchanged
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "bob")
+    bob = S.s3_client()
+    assert bob is not alice and bob._request_signer._credentials.access_key == "bob"
+    assert S.parse_s3_uri("s3://bkt/a/b/") == ("bkt", "a/b")
+    assert S.parse_s3_uri("s3://bkt") == ("bkt", "")
