@@ -58,7 +58,7 @@ def _check_safetensors(path: Path) -> None:
         expected = 8 + n + max(ends, default=0)
         if expected != size:
             raise ValueError(f"tensors need {expected} bytes but the file has {size} (truncated?)")
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ModelLoadError(f"{path}: corrupt or truncated safetensors file: {exc}") from None
 
 
@@ -124,6 +124,8 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
     try:
         meta = json.loads((model_dir / QUANT_META).read_text())
         modules = meta["modules"]
+        if not isinstance(modules, dict):
+            raise TypeError("'modules' must map module names to their settings")
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{model_dir / QUANT_META}: not a valid quantization description ({exc})") from None
     if not weights:
@@ -140,13 +142,16 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
             linear = model.get_submodule(name)
         except AttributeError:
             raise ModelLoadError(f"{model_dir / QUANT_META}: module {name!r} does not exist in the model") from None
-        if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != (
-                spec["in_features"], spec["out_features"]):
+        try:
+            shape = (spec["in_features"], spec["out_features"])
+            layer = QuantLinear(*shape, spec["bits"], spec["group_size"], bias=spec["bias"],
+                                scale_dtype=getattr(torch, spec.get("scale_dtype", "float16")),
+                                bias_dtype=dtype, symmetric=spec.get("symmetric"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelLoadError(f"{model_dir / QUANT_META}: bad settings for {name!r}: {exc!r}") from None
+        if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != shape:
             raise ModelLoadError(f"{model_dir / QUANT_META}: module {name!r} is not a linear of shape "
-                                 f"{spec['out_features']}x{spec['in_features']}")
-        layer = QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                            bias=spec["bias"], scale_dtype=getattr(torch, spec.get("scale_dtype", "float16")),
-                            bias_dtype=dtype, symmetric=spec.get("symmetric"))
+                                 f"{shape[1]}x{shape[0]}")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
 

