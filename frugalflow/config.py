@@ -57,12 +57,9 @@ class DataConfig(Strict):
 
 
 # --------------------------------------------------------------------------- stages
-class MagnitudePrune(Strict):
-    """Unstructured or N:M magnitude pruning of every decoder linear layer."""
-
+class _Prune(Strict):
     kind: Literal["prune"] = "prune"
-    method: Literal["magnitude"]
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="ignored for N:M patterns")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M', e.g. '2:4'")
 
     @field_validator("pattern")
@@ -83,11 +80,28 @@ class MagnitudePrune(Strict):
         return int(n), int(m)
 
 
-class RTNQuant(Strict):
-    """Round-to-nearest group-wise weight quantization, stored packed."""
+class MagnitudePrune(_Prune):
+    """Smallest |W| removed per layer."""
 
+    method: Literal["magnitude"]
+
+
+class WandaPrune(_Prune):
+    """|W| * ||x|| scores per output row, from calibration activations (Sun et al. 2023)."""
+
+    method: Literal["wanda"]
+
+
+class SparseGPTPrune(_Prune):
+    """OBS pruning with blockwise updates of the remaining weights (Frantar & Alistarh 2023)."""
+
+    method: Literal["sparsegpt"]
+    blocksize: int = Field(128, ge=1, le=4096)
+    dampening: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean diag(H) added")
+
+
+class _WeightQuant(Strict):
     kind: Literal["quantize"] = "quantize"
-    method: Literal["rtn"]
     bits: int = Field(4, ge=2, le=8)
     group_size: int = Field(64, description="-1 for per-channel, else 32, 64 or 128")
     symmetric: bool = False
@@ -98,6 +112,29 @@ class RTNQuant(Strict):
         if v not in (-1, 32, 64, 128):
             raise ValueError(f"group_size must be one of -1 (per channel), 32, 64, 128; got {v}")
         return v
+
+
+class RTNQuant(_WeightQuant):
+    """Round-to-nearest group-wise weight quantization, stored packed."""
+
+    method: Literal["rtn"]
+
+
+class GPTQQuant(_WeightQuant):
+    """Second-order weight quantization with error feedback (Frantar et al. 2022)."""
+
+    method: Literal["gptq"]
+    act_order: bool = False
+    blocksize: int = Field(128, ge=1, le=4096)
+    dampening: float = Field(0.01, gt=0.0, le=1.0)
+
+
+class AWQQuant(_WeightQuant):
+    """Activation-aware scaling + clipping search, then RTN (Lin et al. 2023)."""
+
+    method: Literal["awq"]
+    n_grid: int = Field(20, ge=2, le=200)
+    clip_search: bool = True
 
 
 class KLDistill(Strict):
@@ -115,8 +152,10 @@ class KLDistill(Strict):
     checkpoint_every: int = Field(0, ge=0, description="0: no intermediate checkpoints")
 
 
-Stage = Annotated[Union[MagnitudePrune, RTNQuant, KLDistill], Field(discriminator="method")]
-METHODS = {"magnitude": "prune", "rtn": "quantize", "kl": "distill"}
+Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, RTNQuant, GPTQQuant, AWQQuant, KLDistill],
+                  Field(discriminator="method")]
+METHODS = {"magnitude": "prune", "wanda": "prune", "sparsegpt": "prune", "rtn": "quantize", "gptq": "quantize",
+           "awq": "quantize", "kl": "distill"}
 
 
 # --------------------------------------------------------------------------- outputs

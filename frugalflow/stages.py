@@ -35,11 +35,29 @@ def float_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:
     return model, grids
 
 
-def run_magnitude(stage: C.MagnitudePrune, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
-    from frugalflow.prune.magnitude import prune_magnitude
+def _layer_progress(ctx: dict, what: str):
+    report = ctx.get("report", _quiet)
+    return lambda done, total: report(f"{what}: layer {done}/{total}", {})
 
+
+def run_prune(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    """Magnitude, Wanda or SparseGPT: prune every decoder linear in place, save dense."""
     model, _ = float_model(model_dir, ctx["device"])
-    layers = prune_magnitude(model, stage.sparsity, stage.n_m)
+    if stage.method == "magnitude":
+        from frugalflow.prune.magnitude import prune_magnitude
+
+        layers = prune_magnitude(model, stage.sparsity, stage.n_m)
+    elif stage.method == "wanda":
+        from frugalflow.prune.wanda import prune_wanda
+
+        layers = prune_wanda(model, ctx["calib"](), stage.sparsity, stage.n_m, device=ctx["device"],
+                             on_progress=_layer_progress(ctx, "wanda"))
+    else:
+        from frugalflow.prune.sparsegpt import prune_sparsegpt
+
+        layers = prune_sparsegpt(model, ctx["calib"](), stage.sparsity, stage.n_m, blocksize=stage.blocksize,
+                                 percdamp=stage.dampening, device=ctx["device"],
+                                 on_progress=_layer_progress(ctx, "sparsegpt"))
     save_model(model, out_dir, tokenizer_dir=model_dir)
     return {"layers": layers}
 
@@ -54,6 +72,28 @@ def quantize_with_grids(model: torch.nn.Module, grids: dict) -> None:
         by_bits.setdefault((bits, group_size), {})[name] = (q, scale, zero)
     for (bits, group_size), qparams in by_bits.items():
         pack.quantize_model(model, qparams, bits, group_size)
+
+
+def run_calibrated_quant(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    """GPTQ or AWQ through the calibration driver; the codes they choose are packed as they are."""
+    model, _ = float_model(model_dir, ctx["device"])
+    if stage.method == "gptq":
+        from frugalflow.quant.gptq import gptq_quantize
+
+        qparams, layers = gptq_quantize(model, ctx["calib"](), stage.bits, stage.group_size, stage.symmetric,
+                                        act_order=stage.act_order, percdamp=stage.dampening,
+                                        blocksize=stage.blocksize, device=ctx["device"],
+                                        on_progress=_layer_progress(ctx, "gptq"))
+    else:
+        from frugalflow.quant.awq import awq_quantize
+
+        qparams, layers, _ = awq_quantize(model, ctx["calib"](), stage.bits, stage.group_size, stage.symmetric,
+                                          n_grid=stage.n_grid, clip_search=stage.clip_search,
+                                          device=ctx["device"], on_progress=_layer_progress(ctx, "awq"))
+    model.to("cpu")
+    pack.quantize_model(model, qparams, stage.bits, stage.group_size, symmetric=stage.symmetric)
+    save_model(model, out_dir, tokenizer_dir=model_dir)
+    return {"layers": layers}
 
 
 def run_rtn(stage: C.RTNQuant, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
@@ -102,8 +142,12 @@ def run_kl(stage: C.KLDistill, model_dir: Path, out_dir: Path, ctx: dict) -> dic
 
 
 METHOD_RUNNERS: dict[str, Callable[..., dict]] = {
-    "magnitude": run_magnitude,
+    "magnitude": run_prune,
+    "wanda": run_prune,
+    "sparsegpt": run_prune,
     "rtn": run_rtn,
+    "gptq": run_calibrated_quant,
+    "awq": run_calibrated_quant,
     "kl": run_kl,
 }
 
@@ -127,7 +171,8 @@ def run_stage(stage, model_dir: str | Path, out_dir: str | Path, *, data_dir: st
         raise ValueError(f"unknown method {stage.method!r}; allowed: {', '.join(METHOD_RUNNERS)}")
     torch.manual_seed(seed)
     ctx = {"device": resolve_device(device), "data_dir": Path(data_dir), "teacher_dir": Path(teacher_dir),
-           "seed": seed, "checkpoint_dir": checkpoint_dir, "pruned": pruned, "report": report}
+           "seed": seed, "checkpoint_dir": checkpoint_dir, "pruned": pruned, "report": report,
+           "calib": lambda: load_windows(data_dir, "calib")}
     started = time.perf_counter()
     stats = runner(stage, Path(model_dir), Path(out_dir), ctx)
     stats["seconds"] = time.perf_counter() - started
