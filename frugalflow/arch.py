@@ -20,6 +20,24 @@ class Smooth:
 
 
 @dataclass(frozen=True)
+class Structure:
+    """What structured (width/depth) pruning slices, relative to one decoder layer, and the config
+    keys the sizes live in. Attention fields stay empty where heads cannot be pruned without
+    custom code (OPT derives head_dim from hidden_size / num_attention_heads)."""
+
+    mlp_in: tuple[str, ...]  # linears whose output rows are the MLP channels (gate, up)
+    mlp_out: str  # linear whose input columns are the MLP channels (down)
+    intermediate_key: str  # config key of the MLP width
+    q: str = ""  # query projection: rows are num_attention_heads * head_dim
+    kv: tuple[str, ...] = ()  # key and value projections: rows are num_key_value_heads * head_dim
+    o: str = ""  # attention output projection: columns are num_attention_heads * head_dim
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str = "num_key_value_heads"
+    head_dim_key: str = "head_dim"
+    layers_key: str = "num_hidden_layers"
+
+
+@dataclass(frozen=True)
 class Arch:
     layers: str  # dotted path from the model to the ModuleList of decoder layers
     embed: str  # token embedding, relative to the model
@@ -27,6 +45,7 @@ class Arch:
     linears: tuple[str, ...]  # compressible linears, relative to one decoder layer, in execution order
     smooth: tuple[Smooth, ...] = field(default=())
     pre_layers: tuple[str, ...] = ()  # modules that run before the first layer besides embed (e.g. OPT positions)
+    structure: Structure | None = None  # for prune/structured.py; None: not supported
 
 
 _LLAMA = Arch(
@@ -42,6 +61,9 @@ _LLAMA = Arch(
         Smooth("mlp.up_proj", ("mlp.down_proj",)),
     ),
     pre_layers=("model.rotary_emb",),
+    structure=Structure(mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
+                        intermediate_key="intermediate_size", q="self_attn.q_proj",
+                        kv=("self_attn.k_proj", "self_attn.v_proj"), o="self_attn.o_proj"),
 )
 
 _OPT = Arch(
@@ -55,6 +77,7 @@ _OPT = Arch(
         Smooth("final_layer_norm", ("fc1",)),
     ),
     pre_layers=("model.decoder.embed_positions",),
+    structure=Structure(mlp_in=("fc1",), mlp_out="fc2", intermediate_key="ffn_dim"),
 )
 
 # model_type (config.json) -> architecture row. SmolLM models are model_type "llama".

@@ -1,0 +1,89 @@
+"""Wanda pruning (Sun et al. 2023): drop the weights with the smallest |W_ij| * ||X_j||_2.
+
+Scores are compared within each output row (the paper's comparison group); N:M keeps
+the m - n best-scoring weights of every m consecutive inputs of a row (n of every m are
+zeroed, as `prune_n/prune_m` in the references). Unstructured sparsity is exact per layer:
+round(out * in * sparsity) weights are zeroed, spread over rows by `prune_counts`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from frugalflow.arch import arch_of
+from frugalflow.calibration import input_groups, relative_error, run_sequential
+
+
+def prune_counts(rows: int, cols: int, sparsity: float, device=None) -> torch.Tensor:
+    """Weights to zero in each row so that the layer total is exactly round(rows * cols * sparsity)."""
+    total = int(round(rows * cols * sparsity))
+    counts = torch.full((rows,), total // rows, dtype=torch.long, device=device)
+    counts[: total % rows] += 1
+    return counts
+
+
+def check_n_m(n_m: tuple[int, int] | None, cols: int) -> None:
+    if n_m is None:
+        return
+    n, m = n_m
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < n < m, got {n}:{m}")
+    if cols % m:
+        raise ValueError(f"N:M with m={m} needs in_features divisible by m, got {cols}")
+
+
+def nm_prune_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask, True where pruned: the n lowest scores of every m consecutive columns."""
+    rows, cols = score.shape
+    grouped = score.reshape(rows, cols // m, m)
+    idx = torch.topk(grouped, n, dim=-1, largest=False).indices
+    pruned = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, idx, True)
+    return pruned.reshape(rows, cols)
+
+
+def row_prune_mask(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask, True where pruned: the counts[r] lowest scores of each row r."""
+    order = torch.argsort(score, dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(score.shape[1], device=score.device)
+                                            .expand_as(order).contiguous())
+    return rank < counts.unsqueeze(1)
+
+
+def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, sparsity: float,
+               n_m: tuple[int, int] | None = None) -> torch.Tensor:
+    """Keep-mask (True = kept) from the Wanda score |W_ij| * ||X_j||_2."""
+    check_n_m(n_m, W.shape[1])
+    score = W.float().abs() * x_norm.float().reshape(1, -1)
+    if n_m is not None:
+        return ~nm_prune_mask(score, *n_m)
+    return ~row_prune_mask(score, prune_counts(*W.shape, sparsity, device=W.device))
+
+
+def prune_wanda(model: nn.Module, calib_windows: torch.Tensor, sparsity: float,
+                n_m: tuple[int, int] | None = None, device: str = "cpu",
+                on_progress: Callable[[int, int], None] | None = None,
+                batch_size: int = 8) -> dict[str, dict]:
+    """Prune every decoder linear in place; per linear {"sparsity", "recon_error"}.
+
+    recon_error = ||W X - W' X||^2 / ||W X||^2 over the calibration inputs (from H).
+    """
+    arch = arch_of(model)
+
+    def solve(_i, layer, stats):
+        out = {}
+        for group in input_groups(arch):
+            st = stats[group[0]]
+            for name in group:
+                lin = layer.get_submodule(name)
+                W = lin.weight.data.float()
+                keep = wanda_mask(W, st["x_norm"], sparsity, n_m)
+                W_new = W * keep
+                out[name] = {"sparsity": 1.0 - keep.float().mean().item(),
+                             "recon_error": relative_error(W, W_new, st["H"])}
+                lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+        return out
+
+    return run_sequential(model, calib_windows, solve, needs=("H", "x_norm"), device=device,
+                          batch_size=batch_size, on_progress=on_progress)

@@ -1,0 +1,139 @@
+"""GPTQ (Frantar et al. 2022): column-by-column quantization with OBS error compensation.
+
+Columns are quantized in order (or by decreasing H_ii with `act_order`) in blocks of
+`blocksize`; the rounding error (w - q) / Hinv_ii of a column is spread over the columns not
+yet quantized, lazily across blocks. Grid: `rtn.compute_qparams` per group along the input
+dimension, computed when the first column of the group is reached, on the weights as they
+are then (after the updates from every column quantized so far). Groups always follow the
+ORIGINAL column index (static groups under act_order), so codes/scale/zero are the standard
+grouped layout. With a keep-`mask`, pruned weights get the zero point as code (exactly 0)
+while their error is still compensated.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from frugalflow.arch import arch_of
+from frugalflow.calibration import column_loop_threads, hessian_inverse_upper, input_groups, relative_error, run_sequential
+from frugalflow.quant.rtn import compute_qparams, dequantize
+
+
+def _gptq(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, bits: int,
+          group_size: int, symmetric: bool, blocksize: int, keep: torch.Tensor | None):
+    """W, keep in original column order; Hinv, dead in permuted order. Returns codes, scale, zero, row losses."""
+    with column_loop_threads(W.device):
+        return _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep)
+
+
+def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep):
+    rows, cols = W.shape
+    G = cols if group_size == -1 else group_size
+    if cols % G:
+        raise ValueError(f"in_features {cols} is not a multiple of group_size {G}")
+    maxq = 2 ** bits - 1
+    invperm = torch.argsort(perm)
+    Wp = W.float()[:, perm].clone()
+    Wp[:, dead] = 0
+    keep_p = keep[:, perm] if keep is not None else None
+    gidx = (perm // G).tolist()
+    scale = torch.zeros(rows, cols // G, device=W.device)
+    zero = torch.zeros_like(scale)
+    codes_p = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    losses = torch.zeros(rows, device=W.device)
+    s = z = None
+    current_group, ready = -1, set()
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = Wp[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = gidx[i1 + i]
+            if g != current_group:
+                if g not in ready:  # first column of group g: grid from its current weights
+                    ready.add(g)
+                    pos = invperm[g * G:(g + 1) * G]
+                    inb = pos < i2
+                    cur = torch.empty(rows, G, device=W.device)
+                    cur[:, inb] = W1[:, pos[inb] - i1]
+                    if not inb.all():
+                        far = pos[~inb]
+                        cur[:, ~inb] = Wp[:, far] - Err1[:, :i] @ Hinv[i1:i1 + i, far]
+                    if keep is not None:
+                        cur = cur * keep[:, g * G:(g + 1) * G]
+                    sg, zg = compute_qparams(cur, bits, -1, symmetric)
+                    scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
+                s, z, current_group = scale[:, g], zero[:, g], g
+            w = W1[:, i]
+            qc = torch.clamp(torch.round(w / s + z), 0, maxq)
+            if keep_p is not None:
+                qc = torch.where(keep_p[:, i1 + i], qc, z)
+            codes_p[:, i1 + i] = qc.to(torch.uint8)
+            err = (w - (qc - z) * s) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        losses += (Err1 ** 2).sum(1) / 2
+        Wp[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+    return codes_p[:, invperm], scale, zero, losses
+
+
+def _order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
+    if act_order:
+        return torch.argsort(torch.diag(H), descending=True)
+    return torch.arange(H.shape[0], device=H.device)
+
+
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                         act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01,
+                         mask: torch.Tensor | None = None):
+    """Quantize W [out, in] given H = 2/n X^T X: (q uint8 [out, in], scale, zero [out, n_groups], loss).
+
+    W ~ (q - zero) * scale group-wise along the input dim, in the original column order.
+    """
+    perm = _order(H, act_order)
+    Hinv, dead = hessian_inverse_upper(H[perm][:, perm], percdamp)
+    q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, mask)
+    return q, scale, zero, losses.sum().item()
+
+
+def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  act_order: bool = False, percdamp: float = 0.01, device: str = "cpu",
+                  on_progress: Callable[[int, int], None] | None = None, blocksize: int = 128,
+                  batch_size: int = 8, preserve_zeros: bool = True):
+    """GPTQ every decoder linear: (qparams {full name: (q, scale, zero)}, stats {name: {...}}).
+
+    The model's weights are replaced by their dequantized values (so later layers calibrate
+    on the quantized model); pack them with `pack.quantize_model(model, qparams, ...)`.
+    With `preserve_zeros`, weights that are exactly zero (a pruned model) stay zero.
+    """
+    arch = arch_of(model)
+    qparams: dict[str, tuple] = {}
+
+    def solve(i, layer, stats):
+        out = {}
+        for group in input_groups(arch):
+            H = stats[group[0]]["H"]
+            lins = [layer.get_submodule(n) for n in group]
+            Ws = [lin.weight.data.float() for lin in lins]
+            W = torch.cat(Ws)
+            keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
+            perm = _order(H, act_order)
+            Hinv, dead = hessian_inverse_upper(H[perm][:, perm], percdamp)
+            q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep)
+            r0 = 0
+            for name, lin, Wl in zip(group, lins, Ws):
+                r1 = r0 + Wl.shape[0]
+                ql, sl, zl = q[r0:r1].cpu(), scale[r0:r1].cpu(), zero[r0:r1].cpu()
+                W_new = dequantize(q[r0:r1], scale[r0:r1], zero[r0:r1], group_size)
+                qparams[f"{arch.layers}.{i}.{name}"] = (ql, sl, zl)
+                out[name] = {"recon_error": relative_error(Wl, W_new, H), "loss": losses[r0:r1].sum().item()}
+                lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+                r0 = r1
+        return out
+
+    stats = run_sequential(model, calib_windows, solve, needs=("H",), device=device,
+                           batch_size=batch_size, on_progress=on_progress)
+    return qparams, stats
