@@ -137,25 +137,43 @@ class AWQQuant(_WeightQuant):
     clip_search: bool = True
 
 
-class KLDistill(Strict):
-    """Logit distillation from the uncompressed base model (the teacher)."""
+class _Distill(Strict):
+    """Distillation from the uncompressed base model (the teacher); the student keeps its
+    sparsity mask and quantization grid (straight-through estimator)."""
 
     kind: Literal["distill"] = "distill"
-    method: Literal["kl"]
     steps: int = Field(20, ge=1, le=1_000_000)
     lr: float = Field(1e-5, gt=0.0, le=1.0)
     batch_size: int = Field(2, ge=1, le=1024)
     seq_len: int = Field(256, ge=8, le=8192)
+    grad_accum: int = Field(1, ge=1, le=1024)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0.0)
-    checkpoint_every: int = Field(0, ge=0, description="0: no intermediate checkpoints")
+    ce_weight: float = Field(0.0, ge=0.0, description="weight of the ground-truth cross-entropy term")
+    hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE term")
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
 
 
-Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, RTNQuant, GPTQQuant, AWQQuant, KLDistill],
+class KLDistill(_Distill):
+    """Logit distillation: KL(teacher || student) at a temperature."""
+
+    method: Literal["kl"]
+
+
+class TSLDDistill(_Distill):
+    """Token-scaled logit distillation (Kim et al. 2023): per-token soft cross-entropy weighted
+    by a softmax over the sequence of the teacher's cross-entropy / tau."""
+
+    method: Literal["tsld"]
+    tau: float = Field(10.0, gt=0.0, le=1000.0)
+
+
+Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, RTNQuant, GPTQQuant, AWQQuant, KLDistill,
+                        TSLDDistill],
                   Field(discriminator="method")]
 METHODS = {"magnitude": "prune", "wanda": "prune", "sparsegpt": "prune", "rtn": "quantize", "gptq": "quantize",
-           "awq": "quantize", "kl": "distill"}
+           "awq": "quantize", "kl": "distill", "tsld": "distill"}
 
 
 # --------------------------------------------------------------------------- outputs

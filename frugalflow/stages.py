@@ -111,7 +111,7 @@ def run_rtn(stage: C.RTNQuant, model_dir: Path, out_dir: Path, ctx: dict) -> dic
     return {"layers": layers}
 
 
-def run_kl(stage: C.KLDistill, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+def run_distill(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
     from frugalflow.distill.trainer import distill
 
     device = ctx["device"]
@@ -129,9 +129,12 @@ def run_kl(stage: C.KLDistill, model_dir: Path, out_dir: Path, ctx: dict) -> dic
     def on_step(step: int, metrics: dict) -> None:
         report(f"distill step {step}/{stage.steps} loss {metrics['loss']:.4f}", {"step": step, **metrics})
 
+    weights = {stage.method: 1.0, "ce": stage.ce_weight, "hidden": stage.hidden_weight}
     stats = distill(student, teacher, windows, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
                     seq_len=stage.seq_len, temperature=stage.temperature, warmup_steps=stage.warmup_steps,
-                    grad_clip=stage.grad_clip, loss="kl", checkpoint_dir=ctx.get("checkpoint_dir"),
+                    grad_clip=stage.grad_clip, loss=stage.method, tau=getattr(stage, "tau", 10.0),
+                    loss_weights={k: w for k, w in weights.items() if w}, grad_accum=stage.grad_accum,
+                    checkpoint_dir=ctx.get("checkpoint_dir"),
                     checkpoint_every=stage.checkpoint_every, masks=masks or None, grids=grids or None,
                     seed=ctx.get("seed", 0), on_step=on_step, device=device)
     del teacher
@@ -148,7 +151,8 @@ METHOD_RUNNERS: dict[str, Callable[..., dict]] = {
     "rtn": run_rtn,
     "gptq": run_calibrated_quant,
     "awq": run_calibrated_quant,
-    "kl": run_kl,
+    "kl": run_distill,
+    "tsld": run_distill,
 }
 
 

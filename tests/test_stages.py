@@ -64,3 +64,23 @@ def test_quantization_methods_keep_a_pruned_mask(tmp_path, tiny_model_dir, data_
 
 def test_every_schema_method_has_a_runner():
     assert set(C.METHODS) == set(METHOD_RUNNERS)
+
+
+@pytest.mark.parametrize("method", ["kl", "tsld"])
+def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, data_dir, method):
+    pruned, quant, out = tmp_path / "pruned", tmp_path / "quant", tmp_path / "distilled"
+    run_stage(stage("magnitude", sparsity=0.5), tiny_model_dir, pruned, data_dir=data_dir, teacher_dir=tiny_model_dir)
+    run_stage(stage("rtn", bits=4, group_size=32), pruned, quant, data_dir=data_dir, teacher_dir=tiny_model_dir)
+    stats = run_stage(stage(method, steps=3, batch_size=2, seq_len=32, lr=1e-2, ce_weight=0.5), quant, out,
+                      data_dir=data_dir, teacher_dir=tiny_model_dir, pruned=True)
+    before, after = quantized_modules(load_model(quant)), quantized_modules(load_model(out))
+    pruned_model = load_model(pruned)
+    changed = 0
+    for name, m in after.items():
+        ref = before[name]
+        assert torch.equal(m.scales, ref.scales) and torch.equal(m.zeros, ref.zeros), "grid changed"
+        pruned_mask = pruned_model.get_submodule(name).weight == 0
+        assert torch.all(m.dequantize()[pruned_mask] == 0), "pruned weight revived"
+        changed += int((m.codes() != ref.codes()).sum())
+    assert changed > 0, "training moved no code"
+    assert stats["steps"] == 3 and stats["sparsity"] >= 0.5 - 1e-3
