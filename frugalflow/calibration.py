@@ -234,8 +234,8 @@ def run_sequential(model: nn.Module, windows: torch.Tensor, solve: Solve, needs=
 
 @contextmanager
 def column_loop_threads(device: torch.device) -> Iterator[None]:
-    """One CPU thread for the column-by-column loops of GPTQ/SparseGPT: their many small ops
-    gain nothing from a second thread and slow down badly when the cores are shared."""
+    """One CPU thread for the column-by-column loops of GPTQ/SparseGPT and the Hessian inverse:
+    their many small ops gain nothing from a second thread and crawl when the cores are shared."""
     if device.type != "cpu":
         yield
         return
@@ -247,10 +247,22 @@ def column_loop_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def lazy_step(blocksize: int, multiple: int, device: torch.device) -> int:
+    """Columns per lazy batch in the GPTQ/SparseGPT loops: 32 on the CPU (narrow rank-1 updates stay
+    in cache; twice as fast as 128), `blocksize` elsewhere; a multiple of `multiple` (N:M's m).
+    Only the speed depends on it."""
+    step = min(blocksize, 32) if device.type == "cpu" else blocksize
+    return max(multiple, step - step % multiple)
+
+
 def hessian_inverse_upper(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of (H + damp I)^-1 with dead inputs (H_ii = 0) set to H_ii = 1,
     and the dead mask. Dampening grows tenfold while the factorisation fails."""
-    H = H.clone().float()
+    with column_loop_threads(H.device):  # LAPACK's cholesky_inverse crawls with 2 threads on a busy CPU
+        return _hessian_inverse_upper(H.clone().float(), percdamp)
+
+
+def _hessian_inverse_upper(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     diag = torch.arange(H.shape[0], device=H.device)

@@ -16,6 +16,7 @@ import torch
 from frugalflow import config as C
 from frugalflow.arch import compressible_linears
 from frugalflow.data import load_windows
+from frugalflow.evaluate.perplexity import perplexity
 from frugalflow.models import load_model, model_stats, save_model
 from frugalflow.quant import pack, rtn
 
@@ -125,6 +126,9 @@ def run_distill(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
     if len(windows) == 0:
         raise ValueError("distillation needs training windows: data.train_windows is 0")
     report = ctx.get("report", _quiet)
+    eval_windows = load_windows(ctx["data_dir"], "eval")
+    ppl_before = perplexity(student, eval_windows)
+    report(f"perplexity before distillation {ppl_before:.3f}", {"ppl_before": ppl_before})
 
     def on_step(step: int, metrics: dict) -> None:
         report(f"distill step {step}/{stage.steps} loss {metrics['loss']:.4f}", {"step": step, **metrics})
@@ -138,6 +142,8 @@ def run_distill(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
                     checkpoint_every=stage.checkpoint_every, masks=masks or None, grids=grids or None,
                     seed=ctx.get("seed", 0), on_step=on_step, device=device)
     del teacher
+    stats["ppl_before"], stats["ppl_after"] = ppl_before, perplexity(student, eval_windows)
+    report(f"perplexity after distillation {stats['ppl_after']:.3f}", {"ppl_after": stats["ppl_after"]})
     if grids:
         quantize_with_grids(student, grids)
     save_model(student, out_dir, tokenizer_dir=model_dir)

@@ -17,7 +17,8 @@ from frugalflow.config import fingerprint
 from frugalflow.stages import run_stage
 from tasks import tracking as T
 
-SUMMARY_KEYS = ("seconds", "sparsity", "bits_per_weight", "n_params", "final_loss", "seconds_per_step", "steps")
+SUMMARY_KEYS = ("seconds", "sparsity", "bits_per_weight", "n_params", "final_loss", "seconds_per_step", "steps",
+                "ppl_before", "ppl_after")
 
 
 def stage_key(input_key: str, stage, data_key: str) -> str:

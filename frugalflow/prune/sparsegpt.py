@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from frugalflow.arch import arch_of
-from frugalflow.calibration import column_loop_threads, hessian_inverse_upper, input_groups, relative_error, run_sequential
+from frugalflow.calibration import (column_loop_threads, hessian_inverse_upper, input_groups, lazy_step,
+                                    relative_error, run_sequential)
 from frugalflow.prune.wanda import check_n_m, nm_prune_mask, prune_counts, row_prune_mask
 
 
@@ -60,35 +61,37 @@ def _prune_columns(W, Hinv, dead, sparsity, n_m, blocksize, splits, per_row):
     W = W.float().clone()
     rows, cols = W.shape
     check_n_m(n_m, cols)
-    if n_m is not None and blocksize % n_m[1]:
-        blocksize = n_m[1] * max(1, round(blocksize / n_m[1]))
+    m = n_m[1] if n_m is not None else 1
+    if blocksize % m:
+        blocksize = m * max(1, round(blocksize / m))
+    step = lazy_step(blocksize, m, W.device)
     W[:, dead] = 0
     pruned = torch.zeros_like(W, dtype=torch.bool)
     losses = torch.zeros(rows, device=W.device)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)
+    dH = torch.diag(Hinv)
+    for b1 in range(0, cols, blocksize):  # mask block: W[:, b1:b2] is up to date here
+        b2 = min(b1 + blocksize, cols)
         if n_m is None:
-            mask1 = _block_mask(W1 ** 2 / d ** 2, i1, i2, cols, sparsity, splits, per_row)
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if n_m is not None and i % n_m[1] == 0:
-                m = n_m[1]
-                mask1[:, i:i + m] = nm_prune_mask(W1[:, i:i + m] ** 2 / d[i:i + m] ** 2, n_m[0], m)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
-        losses += (Err1 ** 2).sum(1) / 2
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+            pruned[:, b1:b2] = _block_mask(W[:, b1:b2] ** 2 / dH[b1:b2] ** 2, b1, b2, cols, sparsity, splits, per_row)
+        for i1 in range(b1, b2, step):  # lazy batch
+            i2 = min(i1 + step, b2)
+            W1 = W[:, i1:i2].clone()
+            Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            d = dH[i1:i2]
+            mask1 = pruned[:, i1:i2]  # a view: N:M choices below land in `pruned`
+            for i in range(i2 - i1):
+                if n_m is not None and i % m == 0:
+                    mask1[:, i:i + m] = nm_prune_mask(W1[:, i:i + m] ** 2 / d[i:i + m] ** 2, n_m[0], m)
+                w = W1[:, i]
+                q = w.masked_fill(mask1[:, i], 0.0)
+                Q1[:, i] = q
+                err = (w - q) / d[i]
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+                Err1[:, i] = err
+            W[:, i1:i2] = Q1
+            losses += (Err1 ** 2).sum(1) / 2
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
     return W, ~pruned, losses
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from frugalflow.arch import arch_of
-from frugalflow.calibration import column_loop_threads, hessian_inverse_upper, input_groups, relative_error, run_sequential
+from frugalflow.calibration import (column_loop_threads, hessian_inverse_upper, input_groups, lazy_step,
+                                    relative_error, run_sequential)
 from frugalflow.quant.rtn import compute_qparams, dequantize
 
 
@@ -45,8 +46,9 @@ def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, k
     losses = torch.zeros(rows, device=W.device)
     s = z = None
     current_group, ready = -1, set()
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
+    step = lazy_step(blocksize, 1, W.device)
+    for i1 in range(0, cols, step):
+        i2 = min(i1 + step, cols)
         W1 = Wp[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
