@@ -100,6 +100,18 @@ class SparseGPTPrune(_Prune):
     dampening: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean diag(H) added")
 
 
+class StructuredPrune(Strict):
+    """Minitron-style width (MLP channels, attention heads) and depth (whole layers) pruning
+    from calibration activations: a smaller dense model that transformers loads as it is."""
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["structured"]
+    mlp_ratio: float = Field(0.25, ge=0.0, lt=1.0, description="share of MLP channels removed")
+    heads_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="share of attention heads removed")
+    heads_mode: Literal["groups", "query"] = "groups"
+    drop_layers: int = Field(0, ge=0, le=1000, description="whole decoder layers removed")
+
+
 class _WeightQuant(Strict):
     kind: Literal["quantize"] = "quantize"
     bits: int = Field(4, ge=2, le=8)
@@ -137,6 +149,20 @@ class AWQQuant(_WeightQuant):
     clip_search: bool = True
 
 
+class DynamicInt8Quant(Strict):
+    """PyTorch-style dynamic int8: int8 weights per channel, activations quantized per token at run time."""
+
+    kind: Literal["quantize"] = "quantize"
+    method: Literal["dynamic_int8"]
+
+
+class StaticInt8Quant(Strict):
+    """Static int8: int8 weights per channel, activation scales calibrated once."""
+
+    kind: Literal["quantize"] = "quantize"
+    method: Literal["static_int8"]
+
+
 class _Distill(Strict):
     """Distillation from the uncompressed base model (the teacher); the student keeps its
     sparsity mask and quantization grid (straight-through estimator)."""
@@ -169,11 +195,12 @@ class TSLDDistill(_Distill):
     tau: float = Field(10.0, gt=0.0, le=1000.0)
 
 
-Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, RTNQuant, GPTQQuant, AWQQuant, KLDistill,
-                        TSLDDistill],
+Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, StructuredPrune, RTNQuant, GPTQQuant, AWQQuant,
+                        DynamicInt8Quant, StaticInt8Quant, KLDistill, TSLDDistill],
                   Field(discriminator="method")]
-METHODS = {"magnitude": "prune", "wanda": "prune", "sparsegpt": "prune", "rtn": "quantize", "gptq": "quantize",
-           "awq": "quantize", "kl": "distill", "tsld": "distill"}
+METHODS = {"magnitude": "prune", "wanda": "prune", "sparsegpt": "prune", "structured": "prune", "rtn": "quantize",
+           "gptq": "quantize", "awq": "quantize", "dynamic_int8": "quantize", "static_int8": "quantize",
+           "kl": "distill", "tsld": "distill"}
 
 
 # --------------------------------------------------------------------------- outputs

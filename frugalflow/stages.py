@@ -75,6 +75,33 @@ def quantize_with_grids(model: torch.nn.Module, grids: dict) -> None:
         pack.quantize_model(model, qparams, bits, group_size)
 
 
+def run_structured(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    """Importance search on calibration data, then slicing into a smaller dense model."""
+    from frugalflow.prune.structured import prune_structured, structured_importance
+
+    model, _ = float_model(model_dir, ctx["device"])
+    importance = structured_importance(model, ctx["calib"](), device=ctx["device"],
+                                       on_progress=_layer_progress(ctx, "structured importance"))
+    stats = prune_structured(model, importance, mlp_ratio=stage.mlp_ratio, heads_ratio=stage.heads_ratio,
+                             drop_layers=stage.drop_layers, heads_mode=stage.heads_mode)
+    save_model(model, out_dir, tokenizer_dir=model_dir)
+    return {"structure": stats}
+
+
+def run_int8(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    """PyTorch-style int8 (dynamic per-token or statically calibrated activations)."""
+    from frugalflow.quant.int8 import quantize_dynamic_int8, quantize_static_int8
+
+    model, _ = float_model(model_dir, ctx["device"])
+    if stage.method == "dynamic_int8":
+        layers = quantize_dynamic_int8(model)
+    else:
+        layers = quantize_static_int8(model, ctx["calib"](), device=ctx["device"],
+                                      on_progress=_layer_progress(ctx, "static int8"))
+    save_model(model.to("cpu"), out_dir, tokenizer_dir=model_dir)
+    return {"layers": layers}
+
+
 def run_calibrated_quant(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
     """GPTQ or AWQ through the calibration driver; the codes they choose are packed as they are."""
     model, _ = float_model(model_dir, ctx["device"])
@@ -154,9 +181,12 @@ METHOD_RUNNERS: dict[str, Callable[..., dict]] = {
     "magnitude": run_prune,
     "wanda": run_prune,
     "sparsegpt": run_prune,
+    "structured": run_structured,
     "rtn": run_rtn,
     "gptq": run_calibrated_quant,
     "awq": run_calibrated_quant,
+    "dynamic_int8": run_int8,
+    "static_int8": run_int8,
     "kl": run_distill,
     "tsld": run_distill,
 }

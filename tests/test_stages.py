@@ -84,3 +84,14 @@ def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, data_dir, me
         changed += int((m.codes() != ref.codes()).sum())
     assert changed > 0, "training moved no code"
     assert stats["steps"] == 3 and stats["sparsity"] >= 0.5 - 1e-3
+
+
+def test_structured_pruning_gives_a_smaller_plain_model(tmp_path, tiny_model_dir, data_dir):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "structured"
+    stats = run_stage(stage("structured", mlp_ratio=0.25, drop_layers=1), tiny_model_dir, out, data_dir=data_dir,
+                      teacher_dir=tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(out)  # no custom code
+    assert model.config.intermediate_size == 96 and model.config.num_hidden_layers == 1
+    assert stats["n_params"] == sum(p.numel() for p in model.parameters()) < 98_624

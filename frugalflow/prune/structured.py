@@ -1,0 +1,321 @@
+"""Structured width and depth pruning as in Minitron (Muralidharan et al. 2024; Sreenivas et al.
+2024), with importance from activations on calibration data.
+
+Two steps, so the search is separate from the apply and its result is a small JSON-able dict:
+
+`structured_importance(model, windows)` runs the shared sequential driver
+(`calibration.run_sequential`) over the windows, changing no weight, and records per layer
+  "mlp"    importance of MLP channel j from the activation a entering the down projection
+           (act(gate x) * up x for Llama): mean |a_j| over the tokens of each window, then the
+           L2 norm over windows (Minitron's best (batch L2, sequence mean) aggregation);
+  "heads"  importance of each query head: the same per channel on the input of the attention
+           output projection, then the L2 norm over the head's head_dim channels;
+  "block"  block importance BI = 1 - mean over tokens of cos(layer input, layer output)
+           (Men et al. 2024, ShortGPT).
+Why the driver: it moves one layer at a time to `device` and feeds each layer the output of
+the one before (propagate=False: no weight changes, so the first run's outputs are exactly a
+plain forward's), and its `accumulate` hook hands over the down/o projection inputs.
+
+`prune_structured(model, importance, ...)` slices weights in place and rewrites the config, so
+the result is a plain Hugging Face model (save_pretrained / AutoModelForCausalLM.from_pretrained,
+no custom code):
+  MLP    every layer keeps its own top channels, but all keep the same count (the config has
+         one intermediate size): round(I * (1 - mlp_ratio)) to the nearest multiple of
+         `multiple_of` (16, kernel-friendly), at least one multiple.
+  heads  head_dim is kept and written to the config. heads_mode="groups" drops whole KV groups
+         (a KV head and its query heads; group score = L2 of its heads' scores), shrinking the KV
+         cache too; "query" drops the same number of query heads inside every group. Every layer
+         keeps the same counts and num_attention_heads stays a multiple of num_key_value_heads.
+  depth  the `drop_layers` layers with the lowest BI go (one-shot ranking, as ShortGPT); the
+         kept modules get their new layer_idx; num_hidden_layers and layer_types are rewritten.
+Not done: embedding-channel (hidden size) pruning, Minitron's head-residual trick, and the
+distillation that must follow. Names and config keys come from `arch_of(model).structure`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frugalflow.arch import Structure, arch_of, decoder_layers
+from frugalflow.calibration import run_sequential
+
+HEADS_MODES = ("groups", "query")
+AGGREGATION = "mean |x| over each window's tokens, L2 over windows; heads: L2 over head_dim"
+
+
+def _structure(model: nn.Module) -> Structure:
+    arch = arch_of(model)
+    if arch.structure is None:
+        raise ValueError(f"structured pruning is not described for model_type {model.config.model_type!r}")
+    return arch.structure
+
+
+def _head_dim(config, st: Structure) -> int:
+    return getattr(config, st.head_dim_key, None) or config.hidden_size // getattr(config, st.heads_key)
+
+
+def _shape(model: nn.Module, st: Structure) -> dict:
+    cfg = model.config
+    out = {"n_params": sum(p.numel() for p in model.parameters()),
+           "num_hidden_layers": getattr(cfg, st.layers_key),
+           "intermediate_size": getattr(cfg, st.intermediate_key)}
+    if st.q:
+        out.update(num_attention_heads=getattr(cfg, st.heads_key), num_key_value_heads=getattr(cfg, st.kv_heads_key),
+                   head_dim=_head_dim(cfg, st))
+    return out
+
+
+class _ChannelScore:
+    """Per channel: mean |x| over each window's tokens, squared and summed over windows."""
+
+    def __init__(self):
+        self.sq = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+        s = x.float().abs().mean(dim=1).pow(2).sum(dim=0)
+        self.sq = s if self.sq is None else self.sq + s
+
+    def finish(self) -> torch.Tensor:
+        return self.sq.sqrt().cpu()
+
+
+@torch.no_grad()
+def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device: str | torch.device = "cpu",
+                          on_progress: Callable[[int, int], None] | None = None, batch_size: int = 8) -> dict:
+    """Per-layer MLP channel, head and block importance on `calib_windows` (LongTensor [N, L]),
+    as plain lists (json.dumps-able). Weights are not changed."""
+    st = _structure(model)
+    cfg = model.config
+    layers = decoder_layers(model)
+    shape = _shape(model, st)
+    current: dict = {}
+    per_layer: list[dict] = []
+
+    def accumulate(name, inp, _out):
+        if name == st.mlp_out:
+            current.setdefault("mlp", _ChannelScore()).add(inp)
+        elif st.o and name == st.o:
+            current.setdefault("heads", _ChannelScore()).add(inp)
+
+    def block(_module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        y = out[0] if isinstance(out, (tuple, list)) else out
+        cos = F.cosine_similarity(x.float(), y.float(), dim=-1)
+        current["cos"] = current.get("cos", 0.0) + float(cos.double().sum())
+        current["tokens"] = current.get("tokens", 0) + cos.numel()
+
+    def solve(i, _layer, _stats):
+        if len(per_layer) != i:
+            raise RuntimeError(f"layer {i} finished out of order")
+        row = {"mlp": current["mlp"].finish().tolist(), "block": 1.0 - current["cos"] / current["tokens"]}
+        if st.o:
+            ch = current["heads"].finish()
+            row["heads"] = ch.reshape(shape["num_attention_heads"], -1).norm(dim=1).tolist()
+        per_layer.append(row)
+        current.clear()
+        return {}
+
+    handles = [layer.register_forward_hook(block, with_kwargs=True) for layer in layers]
+    try:
+        run_sequential(model, calib_windows, solve, needs=(), accumulate=accumulate, device=device,
+                       batch_size=batch_size, propagate=False, on_progress=on_progress)
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        "method": "minitron-activation", "aggregation": AGGREGATION, "model_type": cfg.model_type,
+        "n_layers": shape["num_hidden_layers"], "intermediate_size": shape["intermediate_size"],
+        "num_attention_heads": shape.get("num_attention_heads"), "num_key_value_heads": shape.get("num_key_value_heads"),
+        "head_dim": shape.get("head_dim"),
+        "n_windows": int(calib_windows.shape[0]), "n_tokens": int(calib_windows.numel()),
+        "mlp": [r["mlp"] for r in per_layer],
+        "heads": [r["heads"] for r in per_layer] if st.o else None,
+        "block": [r["block"] for r in per_layer],
+    }
+
+
+# --------------------------------------------------------------------------- planning
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def mlp_keep_count(intermediate: int, ratio: float, multiple_of: int = 16) -> int:
+    """Channels every layer keeps: intermediate * (1 - ratio) to the nearest multiple of
+    `multiple_of`, at least one multiple, at most `intermediate` (plain rounding, at least 1,
+    when intermediate < multiple_of)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mlp_ratio must be in [0, 1), got {ratio}")
+    target = intermediate * (1.0 - ratio)
+    if multiple_of <= 1 or intermediate < multiple_of:
+        return min(intermediate, max(1, _round_half_up(target)))
+    return min(intermediate, max(multiple_of, multiple_of * _round_half_up(target / multiple_of)))
+
+
+def head_counts(n_heads: int, n_kv: int, ratio: float, mode: str = "groups") -> tuple[int, int]:
+    """(num_attention_heads, num_key_value_heads) after pruning `ratio` of the query heads."""
+    if mode not in HEADS_MODES:
+        raise ValueError(f"heads_mode must be one of {HEADS_MODES}, got {mode!r}")
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"heads_ratio must be in (0, 1) to prune heads, got {ratio}")
+    rep = n_heads // n_kv
+    if mode == "groups":
+        drop = _round_half_up(n_kv * ratio)
+        if not 0 < drop < n_kv:
+            raise ValueError(f"heads_ratio={ratio} drops {drop} of {n_kv} KV groups; need 1..{n_kv - 1} "
+                             f"(ratio steps of 1/{n_kv}, or heads_mode='query')")
+        return (n_kv - drop) * rep, n_kv - drop
+    drop = _round_half_up(rep * ratio)
+    if not 0 < drop < rep:
+        raise ValueError(f"heads_ratio={ratio} drops {drop} of the {rep} query heads per KV group; need "
+                         f"1..{rep - 1} (ratio steps of 1/{rep}, or heads_mode='groups')")
+    return n_kv * (rep - drop), n_kv
+
+
+def top_indices(scores, k: int) -> torch.Tensor:
+    """Indices of the k highest scores in ascending index order (ties: lower index wins)."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    return torch.argsort(-s, stable=True)[:k].sort().values
+
+
+def head_plan(scores, n_heads: int, n_kv: int, new_heads: int, new_kv: int) -> tuple[list[int], list[int]]:
+    """Query heads and KV heads one layer keeps, given its head scores. Query head h reads
+    KV head h // (n_heads // n_kv); kept heads stay grouped and in order, so that holds after."""
+    rep, new_rep = n_heads // n_kv, new_heads // new_kv
+    s = torch.as_tensor(scores, dtype=torch.float64).reshape(n_kv, rep)
+    if new_kv < n_kv:
+        kv = top_indices(s.norm(dim=1), new_kv).tolist()
+        return [g * rep + r for g in kv for r in range(rep)], kv
+    return [g * rep + int(r) for g in range(n_kv) for r in top_indices(s[g], new_rep)], list(range(n_kv))
+
+
+def _check(model: nn.Module, importance: dict, st: Structure, heads: bool) -> None:
+    shape = _shape(model, st)
+    want = {"n_layers": shape["num_hidden_layers"], "intermediate_size": shape["intermediate_size"]}
+    if heads:
+        want.update({k: shape[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim")})
+    wrong = {k: (importance.get(k), v) for k, v in want.items() if importance.get(k) != v}
+    if wrong:
+        raise ValueError(f"importance was computed for another shape (importance, model): {wrong}; "
+                         "recompute it on this model")
+
+
+# --------------------------------------------------------------------------- slicing
+def _linear(layer: nn.Module, name: str) -> nn.Linear:
+    lin = layer.get_submodule(name)
+    if type(lin) is not nn.Linear:
+        raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear: prune before quantizing")
+    return lin
+
+
+def _keep_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
+    idx = idx.to(lin.weight.device)
+    lin.weight = nn.Parameter(lin.weight.data.index_select(0, idx).clone(), requires_grad=lin.weight.requires_grad)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.data.index_select(0, idx).clone(), requires_grad=lin.bias.requires_grad)
+    lin.out_features = len(idx)
+
+
+def _keep_cols(lin: nn.Linear, idx: torch.Tensor) -> None:
+    idx = idx.to(lin.weight.device)
+    lin.weight = nn.Parameter(lin.weight.data.index_select(1, idx).clone(), requires_grad=lin.weight.requires_grad)
+    lin.in_features = len(idx)
+
+
+def _channels(heads: list[int], head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
+
+
+def _parent(layer: nn.Module, name: str) -> nn.Module:
+    parent = name.rpartition(".")[0]
+    return layer.get_submodule(parent) if parent else layer
+
+
+@torch.no_grad()
+def prune_structured(model: nn.Module, importance: dict, mlp_ratio: float = 0.25, heads_ratio: float = 0.0,
+                     drop_layers: int = 0, heads_mode: str = "groups", multiple_of: int = 16) -> dict:
+    """Prune `model` in place from `importance` (see module docstring); returns
+    {"before", "after": shapes and n_params, "param_reduction", "mlp_ratio_effective",
+    "heads_ratio_effective", "dropped_layers", "kept": per-layer kept MLP channels, query
+    heads, KV heads (original numbering) and kept layers}. A ratio > 0 that prunes nothing
+    after rounding is an error."""
+    st = _structure(model)
+    cfg = model.config
+    if heads_ratio > 0 and not st.q:
+        raise ValueError(f"head pruning is not supported for model_type {cfg.model_type!r} "
+                         "(head_dim is not a config key there)")
+    _check(model, importance, st, heads=heads_ratio > 0)
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    if not 0 <= drop_layers < n_layers:
+        raise ValueError(f"drop_layers must be in [0, {n_layers - 1}], got {drop_layers}")
+    before = _shape(model, st)
+    kept: dict = {}
+    stats = {"before": before, "heads_mode": heads_mode, "multiple_of": multiple_of}
+
+    if mlp_ratio > 0:
+        width = before["intermediate_size"]
+        n_keep = mlp_keep_count(width, mlp_ratio, multiple_of)
+        if n_keep == width:
+            raise ValueError(f"mlp_ratio={mlp_ratio} keeps all {width} channels after rounding to {multiple_of}")
+        kept["mlp"] = []
+        for i, layer in enumerate(layers):
+            idx = top_indices(importance["mlp"][i], n_keep)
+            for name in st.mlp_in:
+                _keep_rows(_linear(layer, name), idx)
+            _keep_cols(_linear(layer, st.mlp_out), idx)
+            mlp = _parent(layer, st.mlp_out)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = n_keep
+            kept["mlp"].append(idx.tolist())
+        setattr(cfg, st.intermediate_key, n_keep)
+        stats["mlp_ratio_effective"] = 1.0 - n_keep / width
+
+    if heads_ratio > 0:
+        n_heads, n_kv, hd = before["num_attention_heads"], before["num_key_value_heads"], before["head_dim"]
+        new_heads, new_kv = head_counts(n_heads, n_kv, heads_ratio, heads_mode)
+        kept["heads"], kept["kv_heads"] = [], []
+        for i, layer in enumerate(layers):
+            q_heads, kv_heads = head_plan(importance["heads"][i], n_heads, n_kv, new_heads, new_kv)
+            q_idx, kv_idx = _channels(q_heads, hd), _channels(kv_heads, hd)
+            _keep_rows(_linear(layer, st.q), q_idx)
+            for name in st.kv:
+                _keep_rows(_linear(layer, name), kv_idx)
+            _keep_cols(_linear(layer, st.o), q_idx)
+            attn = _parent(layer, st.q)
+            if hasattr(attn, "num_key_value_groups"):
+                attn.num_key_value_groups = new_heads // new_kv
+            kept["heads"].append(q_heads)
+            kept["kv_heads"].append(kv_heads)
+        setattr(cfg, st.heads_key, new_heads)
+        setattr(cfg, st.kv_heads_key, new_kv)
+        setattr(cfg, st.head_dim_key, hd)  # hidden_size / num_attention_heads no longer gives it
+        stats["heads_ratio_effective"] = 1.0 - new_heads / n_heads
+
+    dropped: list[int] = []
+    if drop_layers > 0:
+        block = torch.as_tensor(importance["block"], dtype=torch.float64)
+        dropped = sorted(torch.argsort(block, stable=True)[:drop_layers].tolist())
+        keep = [i for i in range(n_layers) if i not in dropped]
+        path = arch_of(model).layers
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.ModuleList([layers[i] for i in keep]))
+        for j, i in enumerate(keep):
+            for module in layers[i].modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = j
+        setattr(cfg, st.layers_key, len(keep))
+        layer_types = getattr(cfg, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and len(layer_types) == n_layers:
+            cfg.layer_types = [layer_types[i] for i in keep]
+        kept["layers"] = keep
+    stats["dropped_layers"] = dropped
+    after = _shape(model, st)
+    stats["after"] = after
+    stats["param_reduction"] = 1.0 - after["n_params"] / before["n_params"]
+    stats["kept"] = kept
+    return stats
