@@ -16,7 +16,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from frugalflow.config import RecipeError, flatten, load_recipe
+from frugalflow.config import RecipeError, apply_override, flatten, parse_override, read_yaml, recipe_from_dict
 from frugalflow.report import build_report, to_markdown
 from frugalflow.stages import resolve_device
 from tasks import tracking as T
@@ -29,21 +29,43 @@ from tasks.promote import register_and_promote
 DVC_OWNED = ("base_model", "data")  # read by the DVC stages straight from params.yaml
 
 
-def check_overrides(overrides: list[str]) -> None:
+def project_root(params_path: Path) -> Path:
+    """The nearest folder at or above the recipe file that holds dvc.yaml."""
+    for folder in (params_path.parent, *params_path.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"no dvc.yaml at or above {params_path.parent}: run from a frugalflow project")
+
+
+def load_flow_recipe(params_path: Path, root: Path, overrides: list[str]):
+    """The recipe, with `base_model` and `data` from the project's params.yaml (DVC reads them
+    there): a recipe file may omit them, but may not contradict them, nor may overrides."""
     bad = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in DVC_OWNED]
     if bad:
         raise RecipeError("override", [f"{o}: {', '.join(DVC_OWNED)} are read by the DVC stages from "
                                        "params.yaml; edit the file instead of overriding" for o in bad])
+    data = read_yaml(params_path)
+    dvc_params = root / "params.yaml"
+    if isinstance(data, dict) and params_path != dvc_params and dvc_params.is_file():
+        shared = read_yaml(dvc_params)
+        for key in DVC_OWNED:
+            if key in data and data[key] != shared.get(key):
+                raise RecipeError(str(params_path), [f"{key}: differs from {dvc_params}, which the DVC stages "
+                                                     "read; remove it from the recipe or edit params.yaml"])
+            if key in shared:
+                data[key] = shared[key]
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return recipe_from_dict(data, str(params_path))
 
 
 @flow(name="frugalflow-nightly", log_prints=True)
 def compression_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     logger = get_run_logger()
     overrides = list(overrides or [])
-    check_overrides(overrides)
     params_path = Path(params).resolve()
-    root = params_path.parent
-    recipe = load_recipe(params_path, overrides)
+    root = project_root(params_path)
+    recipe = load_flow_recipe(params_path, root, overrides)
     device = resolve_device(recipe.device)
     uri = T.resolve_uri(recipe.tracking.uri, root)
     client = T.connect(uri)  # fail before any heavy work when the store is unreachable

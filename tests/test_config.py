@@ -81,3 +81,9 @@ def test_cli_validate_exit_codes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad)], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 2 and "stages.0.sparsity" in out.stderr and "3" in out.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert [s.kind for s in recipe.stages]

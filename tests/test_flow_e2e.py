@@ -167,3 +167,19 @@ def test_unreachable_tracking_server_fails_fast(harness, project):
         run_flow(project, ["tracking.uri=http://127.0.0.1:9"])
     with pytest.raises(RecipeError, match="DVC stages"):
         run_flow(project, ["data.window=32"])
+
+
+def test_recipe_files_take_dvc_owned_sections_from_params(project):
+    from flows.nightly import load_flow_recipe, project_root
+    from frugalflow.config import RecipeError
+
+    sub = project / "recipes"
+    sub.mkdir(exist_ok=True)
+    recipe_file = sub / "other.yaml"
+    recipe_file.write_text("name: other\nstages:\n  - method: rtn\n")
+    assert project_root(recipe_file) == project
+    recipe = load_flow_recipe(recipe_file, project, [])
+    assert recipe.base_model.source == "local" and recipe.data.window == 64  # from params.yaml
+    recipe_file.write_text("name: other\ndata: {window: 128}\nstages:\n  - method: rtn\n")
+    with pytest.raises(RecipeError, match="data: differs"):
+        load_flow_recipe(recipe_file, project, [])
