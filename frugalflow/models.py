@@ -1,9 +1,10 @@
 """Model I/O: load and save dense or packed-quantized causal LMs, and measure them.
 
 A dense directory is a plain Hugging Face one (config.json + safetensors). A quantized
-directory adds `quantization.json` (see quant.pack.quantization_meta) and holds ONE
-`model.safetensors` with each QuantLinear's packed buffers (qweight, scales, zeros, bias)
-and every other tensor (fp16 by default). Tied weights are stored once. Saving writes into
+directory adds `quantization.json` (see quant.pack.quantization_meta; int8 W8A8 modules,
+quant.int8, are entries of kind "int8") and holds ONE `model.safetensors` with each
+QuantLinear's packed buffers (qweight, scales, zeros, bias), each Int8Linear's (qweight,
+scales, act_scale, bias) and every other tensor (fp16 by default). Tied weights are stored once. Saving writes into
 a sibling temporary directory and renames it into place, so out_dir is either absent,
 the old model, or the complete new one.
 """
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from frugalflow.arch import compressible_linears
+from frugalflow.quant import int8
 from frugalflow.quant.pack import QuantLinear, quantization_meta, quantized_modules
 
 try:
@@ -144,9 +146,13 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
             raise ModelLoadError(f"{model_dir / QUANT_META}: module {name!r} does not exist in the model") from None
         try:
             shape = (spec["in_features"], spec["out_features"])
-            layer = QuantLinear(*shape, spec["bits"], spec["group_size"], bias=spec["bias"],
-                                scale_dtype=getattr(torch, spec.get("scale_dtype", "float16")),
-                                bias_dtype=dtype, symmetric=spec.get("symmetric"))
+            if spec.get("kind", "packed") == "int8":
+                layer = int8.Int8Linear(*shape, spec["mode"], bias=spec["bias"], bias_dtype=dtype,
+                                        scale_dtype=getattr(torch, spec["scale_dtype"]))
+            else:
+                layer = QuantLinear(*shape, spec["bits"], spec["group_size"], bias=spec["bias"],
+                                    scale_dtype=getattr(torch, spec.get("scale_dtype", "float16")),
+                                    bias_dtype=dtype, symmetric=spec.get("symmetric"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelLoadError(f"{model_dir / QUANT_META}: bad settings for {name!r}: {exc!r}") from None
         if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != shape:
@@ -170,11 +176,13 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
         raise ModelLoadError(f"{model_dir}: missing tensors: {_names(missing)}")
     if unexpected:
         raise ModelLoadError(f"{model_dir}: unexpected tensors: {_names(unexpected)}")
-    for name in modules:
-        for buf in ("qweight", "zeros"):
+    for name, spec in modules.items():
+        codes = {"qweight": torch.int8} if spec.get("kind") == "int8" else {"qweight": torch.uint8,
+                                                                            "zeros": torch.uint8}
+        for buf, code_dtype in codes.items():
             t = state[f"{name}.{buf}"]
-            if t.dtype != torch.uint8:
-                raise ModelLoadError(f"{model_dir}: {name}.{buf} is {t.dtype}, expected torch.uint8")
+            if t.dtype != code_dtype:
+                raise ModelLoadError(f"{model_dir}: {name}.{buf} is {t.dtype}, expected {code_dtype}")
     for name, t in state.items():
         if t.shape != expected[name].shape:
             raise ModelLoadError(f"{model_dir}: {name} has shape {tuple(t.shape)}, model expects "
@@ -217,7 +225,7 @@ def save_model(model: PreTrainedModel, out_dir: str | Path, tokenizer_dir: str |
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        if quantized_modules(model):
+        if quantized_modules(model) or int8.int8_modules(model):
             _save_quantized(model, tmp, float_dtype or torch.float16)
         else:
             state = None
@@ -242,9 +250,11 @@ def _save_quantized(model: PreTrainedModel, tmp: Path, float_dtype: torch.dtype)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(tmp)
     meta = quantization_meta(model)
+    meta["modules"].update(int8.int8_meta(model))
     meta["float_dtype"] = str(float_dtype).removeprefix("torch.")
     (tmp / QUANT_META).write_text(json.dumps(meta, indent=2) + "\n")
     packed = {f"{name}.{buf}" for name in quantized_modules(model) for buf in _PACKED_BUFFERS}
+    packed |= {f"{name}.{buf}" for name in int8.int8_modules(model) for buf in int8.BUFFERS}
     state, _ = _dedupe(model.state_dict())
     out = {}
     for name, t in state.items():
@@ -294,7 +304,8 @@ def model_stats(model: nn.Module) -> dict[str, float]:
     """sparsity: share of exactly-zero weights over the compressible linears (a QuantLinear
     code equal to its zero point counts as zero); bits_per_weight: stored bits per
     compressible-linear weight, scale/zero overhead included; n_params: logical parameters
-    (a QuantLinear counts out*in (+bias) however it is stored)."""
+    (a QuantLinear counts out*in (+bias) however it is stored). An Int8Linear counts like a
+    QuantLinear, code 0 being its zero."""
     zeros = bits = weights = 0
     for layer in compressible_linears(model).values():
         if isinstance(layer, QuantLinear):
@@ -303,13 +314,17 @@ def model_stats(model: nn.Module) -> dict[str, float]:
             zeros += int((layer.codes() == zero_point).sum())
             bits += layer.storage_bits()
             weights += layer.in_features * layer.out_features
+        elif isinstance(layer, int8.Int8Linear):
+            zeros += int((layer.qweight == 0).sum())
+            bits += layer.storage_bits()
+            weights += layer.in_features * layer.out_features
         else:
             W = layer.weight
             zeros += int((W == 0).sum())
             bits += W.numel() * W.element_size() * 8
             weights += W.numel()
     n_params = sum(p.numel() for p in model.parameters())
-    for layer in quantized_modules(model).values():
+    for layer in [*quantized_modules(model).values(), *int8.int8_modules(model).values()]:
         n_params += layer.in_features * layer.out_features + (layer.bias.numel() if layer.bias is not None else 0)
     return {"sparsity": zeros / max(weights, 1), "bits_per_weight": bits / max(weights, 1),
             "n_params": n_params, "n_compressible_weights": weights}

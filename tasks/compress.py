@@ -1,12 +1,13 @@
 """Prefect task: one compression stage as one MLflow child run.
 
 The output directory is named by a content key (input model key + stage config +
-data key), so running again with unchanged inputs reuses the finished directory
+data key + library source hash), so running again with unchanged inputs reuses the finished directory
 instead of recomputing it. A stage writes `stats.json` last: a directory without it
 is unfinished work and is redone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,8 +22,18 @@ SUMMARY_KEYS = ("seconds", "sparsity", "bits_per_weight", "n_params", "final_los
                 "ppl_before", "ppl_after")
 
 
+def library_hash() -> str:
+    """Content hash of the compression library's source: new code never reuses old outputs."""
+    import frugalflow
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(frugalflow.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def stage_key(input_key: str, stage, data_key: str) -> str:
-    return fingerprint(input_key, stage, data_key if stage.kind == "distill" else "")
+    return fingerprint(input_key, stage, data_key, library_hash())
 
 
 @task(name="compress-stage")
