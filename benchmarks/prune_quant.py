@@ -83,7 +83,7 @@ def main() -> None:
     if not (base / "config.json").is_file():
         fetch_model(C.BaseModelConfig(), base)
     if not (data / "eval.safetensors").is_file():
-        prepare_data(C.DataConfig(calib_windows=32, eval_windows=40, train_windows=0, path=str(data)), base)
+        prepare_data(C.DataConfig(calib_windows=32, train_windows=64, eval_windows=40, path=str(data)), base)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown:

@@ -1,0 +1,128 @@
+"""Distillation on SmolLM2-135M: how much of the compression's perplexity gap TSLD and KL win back.
+
+    python benchmarks/distill.py [--steps 300] [--structured-steps 200] [--out benchmarks/results]
+
+Same protocol and work folder as prune_quant.py (it reuses its base model, data and
+SparseGPT-50% output). Compressed = SparseGPT 50% -> AWQ w4 g64 asymmetric. Then TSLD and
+plain KL from the dense teacher, same steps and settings. Structured: 25% of MLP channels
+pruned, distilled with TSLD, decode tokens/s against dense (bf16, interleaved rounds, median).
+Writes distill.json and distill.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from frugalflow import config as C  # noqa: E402
+from frugalflow.data import load_windows, prepare_data  # noqa: E402
+from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
+from frugalflow.evaluate.speed import decode_speed  # noqa: E402
+from frugalflow.fetch_model import fetch_model  # noqa: E402
+from frugalflow.models import load_model, load_tokenizer  # noqa: E402
+from frugalflow.stages import run_stage  # noqa: E402
+
+
+def stage(spec: dict):
+    return C.Recipe.model_validate({"stages": [spec]}).stages[0]
+
+
+def compress(spec: dict, src: Path, out: Path, base: Path, data: Path, pruned: bool = False) -> dict:
+    stats_file = out.with_suffix(".stats.json")
+    if (out / "config.json").is_file() and stats_file.is_file():
+        return json.loads(stats_file.read_text())
+    print(f"{out.name}: {spec}", flush=True)
+
+    def report(message: str, metrics: dict) -> None:
+        if "step" in metrics and metrics["step"] % 25:
+            return
+        print(f"  {out.name}: {message}", flush=True)
+
+    stats = run_stage(stage(spec), src, out, data_dir=data, teacher_dir=base, pruned=pruned, report=report)
+    stats_file.write_text(json.dumps({k: v for k, v in stats.items() if not isinstance(v, dict)}))
+    return stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--structured-steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(args.work)
+    base, data = work / "base", work / "data"
+    if not (base / "config.json").is_file():
+        fetch_model(C.BaseModelConfig(), base)
+    if not (data / "train.safetensors").is_file() or len(load_windows(data, "train")) == 0:
+        prepare_data(C.DataConfig(calib_windows=32, train_windows=64, eval_windows=40, path=str(data)), base)
+    eval_windows = load_windows(data, "eval")[:40]
+
+    train = {"steps": args.steps, "lr": args.lr, "warmup_steps": 20, "batch_size": 2, "seq_len": 256}
+    sparse = work / "sparsegpt50"
+    compress({"method": "sparsegpt", "sparsity": 0.5}, base, sparse, base, data)
+    compressed = work / "sparsegpt50_awq"
+    compress({"method": "awq", "bits": 4, "group_size": 64}, sparse, compressed, base, data)
+    tsld = compress({"method": "tsld", **train}, compressed, work / f"distill_tsld_{args.steps}", base, data, True)
+    kl = compress({"method": "kl", **train}, compressed, work / f"distill_kl_{args.steps}", base, data, True)
+
+    dense_ppl = perplexity(load_model(base), eval_windows)
+    compressed_ppl = perplexity(load_model(compressed), eval_windows)
+    tsld_ppl = perplexity(load_model(work / f"distill_tsld_{args.steps}"), eval_windows)
+    kl_ppl = perplexity(load_model(work / f"distill_kl_{args.steps}"), eval_windows)
+    gap = compressed_ppl - dense_ppl
+
+    structured = work / "structured25"
+    compress({"method": "structured", "mlp_ratio": 0.25}, base, structured, base, data)
+    structured_tsld = work / f"structured25_tsld_{args.structured_steps}"
+    compress({"method": "tsld", **train, "steps": args.structured_steps}, structured, structured_tsld, base, data)
+    structured_ppl = perplexity(load_model(structured_tsld), eval_windows)
+    tokenizer = load_tokenizer(base)
+    models = {"dense": load_model(base, dtype=torch.bfloat16),
+              "structured": load_model(structured_tsld, dtype=torch.bfloat16)}
+    speeds: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(args.rounds):
+        for key, model in models.items():
+            speeds[key].append(decode_speed(model, tokenizer, "The Python language reference says that",
+                                            new_tokens=64, repeats=1)["decode_tps"])
+    dense_tps, structured_tps = statistics.median(speeds["dense"]), statistics.median(speeds["structured"])
+
+    result = {
+        "dense_ppl": round(dense_ppl, 3), "compressed_ppl": round(compressed_ppl, 3),
+        "tsld_ppl": round(tsld_ppl, 3), "kl_ppl": round(kl_ppl, 3), "steps": args.steps,
+        "recovered_share_tsld": round((compressed_ppl - tsld_ppl) / gap, 3),
+        "recovered_share_kl": round((compressed_ppl - kl_ppl) / gap, 3),
+        "seconds_per_step": round(tsld["seconds_per_step"], 2), "kl_seconds_per_step": round(kl["seconds_per_step"], 2),
+        "train_seconds_tsld": round(tsld["seconds"], 1),
+        "structured_ppl": round(structured_ppl, 3), "structured_steps": args.structured_steps,
+        "structured_decode_tps": round(structured_tps, 2), "dense_decode_tps": round(dense_tps, 2),
+        "structured_decode_ratio": round(structured_tps / dense_tps, 3),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distill.json").write_text(json.dumps(result, indent=1) + "\n")
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    lines = ["# Distillation, SmolLM2-135M-Instruct", "", f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
+             f"Compressed: SparseGPT 50% + AWQ w4 g64. Training: {args.steps} steps, batch 2 x 256 tokens, "
+             f"lr {args.lr}, 20 warmup steps, cosine decay, bf16 autocast, mask and grid kept.", "",
+             "| quantity | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in result.items()]
+    (out / "distill.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
