@@ -2,6 +2,7 @@
 
     frugalflow validate [FILE] [-s KEY=VALUE ...]   check a recipe, print a summary
     frugalflow run [-p FILE] [-s KEY=VALUE ...]      run the nightly flow once
+    frugalflow schedule [-p FILE] [--check]          serve the nightly deployment (needs PREFECT_API_URL)
     frugalflow runs [-n N]                           recent runs: recipe, verdict, ppl, size, speed
     frugalflow promote VERSION --reason TEXT         move `champion` by hand
     frugalflow rollback --reason TEXT                move `champion` back to the previous one
@@ -58,6 +59,17 @@ def cmd_run(args) -> int:
           f"decode {b['decode_tps']:.1f} -> {c['decode_tps']:.1f} tok/s")
     if promo["registered"]:
         print(f"  registered version {promo['version']}" + (" and promoted to champion" if promo["champion"] else ""))
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect starts
+    from flows.schedule import check_nightly, serve_nightly
+
+    if args.check:
+        print(check_nightly(args.params, args.set))
+        return 0
+    serve_nightly(args.params, args.set)
     return 0
 
 
@@ -122,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--params", default="params.yaml")
     p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("schedule", help="serve the nightly deployment (cron and time zone from params)")
+    p.add_argument("-p", "--params", default="params.yaml")
+    p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--check", action="store_true", help="validate the schedule, print the next runs, serve nothing")
+    p.set_defaults(func=cmd_schedule)
     p = with_store(sub.add_parser("runs", help="recent runs"))
     p.add_argument("-n", type=int, default=10)
     p.set_defaults(func=cmd_runs)
