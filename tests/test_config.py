@@ -25,7 +25,7 @@ def test_default_params_is_valid_and_frozen():
     with pytest.raises(ValidationError):
         recipe.seed = 3  # frozen
     flat = flatten(recipe)
-    assert flat["stages.0.method"] == "magnitude" and flat["registry.model_name"] == recipe.registry.model_name
+    assert flat["stages.0.method"] == recipe.stages[0].method and flat["registry.model_name"] == recipe.registry.model_name
 
 
 @pytest.mark.parametrize("text, expected", [
