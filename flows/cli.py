@@ -4,6 +4,7 @@
     frugalflow run [-p FILE] [-s KEY=VALUE ...]      run the nightly flow once
     frugalflow schedule [-p FILE] [--check]          serve the nightly deployment (needs PREFECT_API_URL)
     frugalflow runs [-n N]                           recent runs: recipe, verdict, ppl, size, speed
+    frugalflow compare RUN RUN ...                   runs side by side (ids or their first characters)
     frugalflow promote VERSION --reason TEXT         move `champion` by hand
     frugalflow rollback --reason TEXT                move `champion` back to the previous one
     frugalflow ui [--port 5000]                      the MLflow UI on the local store
@@ -89,6 +90,14 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from flows.compare import compare_runs, render_compare
+
+    client, recipe, _ = _client(args)
+    print(render_compare(compare_runs(client, args.runs, recipe.registry.model_name)))
+    return 0
+
+
 def cmd_promote(args) -> int:
     from tasks.registry import promote
 
@@ -142,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_store(sub.add_parser("runs", help="recent runs"))
     p.add_argument("-n", type=int, default=10)
     p.set_defaults(func=cmd_runs)
+    p = with_store(sub.add_parser("compare", help="runs side by side"))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or their first characters (frugalflow runs)")
+    p.set_defaults(func=cmd_compare)
     p = with_store(sub.add_parser("promote", help="move champion to a version"))
     p.add_argument("version")
     p.add_argument("--reason", required=True)

@@ -25,6 +25,7 @@ from tasks.evaluate import evaluate
 from tasks.gate import gate
 from tasks.lineage import update_data
 from tasks.promote import register_and_promote
+from tasks.pyfunc import log_pyfunc
 
 DVC_OWNED = ("base_model", "data")  # read by the DVC stages straight from params.yaml
 
@@ -109,10 +110,12 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
         verdict = gate(candidate, baseline, recipe.gates, recipe.registry.objective, recipe.registry.model_name,
                        tracking)
         client.log_artifacts(parent, current_dir, "model")
+        pyfunc = log_pyfunc(client, parent, current_dir) if verdict["passed"] else None  # servable model
         report = build_report(recipe.name, baseline, candidate, stages, verdict, lineage)
         T.log_json(client, parent, report, "report/evaluation.json")
         T.log_text(client, parent, to_markdown(report), "report/evaluation.md")
-        promotion = register_and_promote(verdict, recipe.registry.model_name, lineage_tags, tracking)
+        promotion = register_and_promote(verdict, recipe.registry.model_name, lineage_tags, tracking,
+                                         model_uri=pyfunc["model_uri"] if pyfunc else None)
         client.set_terminated(parent, "FINISHED")
     except BaseException:
         client.set_terminated(parent, "FAILED")

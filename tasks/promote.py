@@ -9,14 +9,15 @@ from tasks import tracking as T
 
 
 @task(name="register-and-promote")
-def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tracking: T.Tracking) -> dict:
+def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tracking: T.Tracking,
+                         model_uri: str | None = None) -> dict:
     logger = get_run_logger()
     client = T.connect(tracking.uri)
     run_id = tracking.parent_run_id
     if not verdict["passed"]:
         logger.warning("candidate failed its gates, not registered: %s", "; ".join(verdict["reasons"]))
         return {"registered": False, "version": None, "champion": False}
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    source = model_uri or f"{client.get_run(run_id).info.artifact_uri}/model"  # models:/<model_id>: the pyfunc
     tags = {"verdict": "pass", "objective": verdict["objective"], **lineage_tags}
     version = R.register_candidate(client, model_name, run_id, source, tags)
     logger.info("registered %s version %s as challenger", model_name, version)

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from tasks.pyfunc import create_version
+
 HISTORY_TAG = "champion_history"
 HISTORY_LEN = 25
 METRIC_KEYS = ("ppl", "size_mb", "decode_tps")
@@ -43,8 +45,7 @@ def register_candidate(client: MlflowClient, name: str, run_id: str, source: str
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Compressed models produced by frugalflow")
-    version = client.create_model_version(name, source=source, run_id=run_id,
-                                          tags={k: str(v)[:5000] for k, v in tags.items()})
+    version = create_version(client, name, source, run_id, tags)  # resolves models:/<model_id> on this store
     client.set_registered_model_alias(name, "challenger", str(version.version))
     return str(version.version)
 

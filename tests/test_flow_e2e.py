@@ -115,6 +115,15 @@ def test_first_run_records_everything(two_runs, project):
     assert str(version.version) == "1" and version.run_id == run.info.run_id
     assert first["promotion"] == {"registered": True, "version": "1", "champion": True}
     assert version.tags["verdict"] == "pass" and version.tags["git_commit"] == tags["git_commit"]
+    # the version is the pyfunc LoggedModel of the run, and it generates text
+    assert version.source.startswith("models:/m-")
+    assert [o.model_id for o in run.outputs.model_outputs] == [version.source.removeprefix("models:/")]
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(client.tracking_uri):
+        out = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(["def f(x):"], params={"max_new_tokens": 3})
+    assert len(out) == 1 and isinstance(out[0], str)
 
 
 def test_second_run_reuses_data_and_stages(two_runs, project):
@@ -158,6 +167,13 @@ def test_cli_promote_rollback_and_runs(two_runs, project):
     assert out.returncode != 0 and "99" in out.stderr
     table = cli("runs")
     assert table.returncode == 0 and table.stdout.count("tiny-e2e") >= 2 and "(champion)" in table.stdout
+    first, second = (r["run_id"][:8] for r in two_runs)
+    side = cli("compare", first, second)
+    assert side.returncode == 0, side.stderr
+    assert side.stdout.splitlines()[0].split() == [first, second] and "magnitude -> rtn -> kl" in side.stdout
+    assert "1 (champion)" in side.stdout
+    bad = cli("compare", "ffffffff")
+    assert bad.returncode == 2 and "ffffffff" in bad.stderr and first in bad.stderr
 
 
 def test_unreachable_tracking_server_fails_fast(harness, project):
