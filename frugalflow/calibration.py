@@ -126,8 +126,9 @@ def _activation_store(device: torch.device, windows: torch.Tensor, hidden: int, 
 class _Accumulator:
     """Running sums for one input group; `finish()` turns them into the standard stats."""
 
-    def __init__(self, in_features: int, needs, device: torch.device):
-        self.n = 0
+    def __init__(self, in_features: int, needs, device: torch.device, h_stride: int = 1):
+        self.n = self.n_h = 0
+        self.h_stride = h_stride
         self.sums = {}
         if "H" in needs:
             self.sums["H"] = torch.zeros(in_features, in_features, device=device)
@@ -140,7 +141,9 @@ class _Accumulator:
         X = x.reshape(-1, x.shape[-1]).float()
         self.n += X.shape[0]
         if "H" in self.sums:
-            self.sums["H"].addmm_(X.T, X)
+            Xh = X[::self.h_stride]
+            self.n_h += Xh.shape[0]
+            self.sums["H"].addmm_(Xh.T, Xh)
         if "x_norm" in self.sums:
             self.sums["x_norm"].add_((X * X).sum(0))
         if "x_abs_mean" in self.sums:
@@ -150,7 +153,7 @@ class _Accumulator:
         out = {"n": self.n}
         n = max(self.n, 1)
         if "H" in self.sums:
-            out["H"] = self.sums["H"].mul_(2.0 / n)
+            out["H"] = self.sums["H"].mul_(2.0 / max(self.n_h, 1))
         if "x_norm" in self.sums:
             out["x_norm"] = self.sums["x_norm"].sqrt_()
         if "x_abs_mean" in self.sums:
@@ -170,13 +173,14 @@ def _run_layer(layer: nn.Module, inputs, extras, device, store) -> list[torch.Te
 def run_sequential(model: nn.Module, windows: torch.Tensor, solve: Solve, needs=("H",),
                    accumulate: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
                    device: str | torch.device = "cpu", batch_size: int = 8, propagate: bool = True,
-                   on_progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
+                   on_progress: Callable[[int, int], None] | None = None, h_stride: int = 1) -> dict[str, dict]:
     """Calibrate `model` layer by layer on `windows` (LongTensor [N, L]).
 
     `needs`: standard stats to accumulate (subset of STANDARD_STATS). `solve(i, layer, stats)`
     gets `stats[linear name relative to the layer]` and returns per-linear dicts; the result
     maps full dotted names (as in `compressible_linears`) to them. `on_progress(i, n_layers)`
-    is called after layer i (0-based) is done.
+    is called after layer i (0-based) is done. `h_stride` > 1 builds H from every h_stride-th
+    token only: a cheap estimate for methods that use H as a diagnostic.
     """
     unknown = set(needs) - set(STANDARD_STATS)
     if unknown:
@@ -199,7 +203,7 @@ def run_sequential(model: nn.Module, windows: torch.Tensor, solve: Solve, needs=
             accs, handles = {}, []
             for group in groups:
                 first = layer.get_submodule(group[0])
-                acc = accs[group] = _Accumulator(first.in_features, needs, device)
+                acc = accs[group] = _Accumulator(first.in_features, needs, device, h_stride)
                 if needs:
                     handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add(inp[0])))
             if accumulate is not None:

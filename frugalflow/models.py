@@ -148,7 +148,8 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
             shape = (spec["in_features"], spec["out_features"])
             if spec.get("kind", "packed") == "int8":
                 layer = int8.Int8Linear(*shape, spec["mode"], bias=spec["bias"], bias_dtype=dtype,
-                                        scale_dtype=getattr(torch, spec["scale_dtype"]))
+                                        scale_dtype=getattr(torch, spec["scale_dtype"]),
+                                        smooth=spec.get("smooth", False))
             else:
                 layer = QuantLinear(*shape, spec["bits"], spec["group_size"], bias=spec["bias"],
                                     scale_dtype=getattr(torch, spec.get("scale_dtype", "float16")),

@@ -26,7 +26,8 @@ def plain_linear_inputs(model, ids):
     for i, layer in enumerate(decoder_layers(model)):
         for name in arch.linears:
             handles.append(layer.get_submodule(name).register_forward_hook(
-                lambda _m, inp, _o, key=(i, name): seen.setdefault(key, []).append(inp[0].reshape(-1, inp[0].shape[-1]))))
+                lambda _m, inp, _o, key=(i, name): seen.setdefault(key, []).append(
+                    inp[0].reshape(-1, inp[0].shape[-1]))))
     model.eval()
     with torch.no_grad():
         model(ids, use_cache=False)
@@ -138,3 +139,14 @@ def test_hessian_inverse_and_relative_error():
     W, W2 = torch.randn(3, 6), torch.randn(3, 6)
     direct = ((X @ (W2 - W).T) ** 2).sum() / ((X @ W.T) ** 2).sum()
     assert relative_error(W, W2, H) == pytest.approx(direct.item(), rel=1e-4)
+
+
+def test_h_stride_subsamples_tokens(tiny_model):
+    ids = windows(n=2)
+    X = plain_linear_inputs(tiny_model, ids)[(0, "mlp.down_proj")]
+    got = {}
+    run_sequential(tiny_model, ids, lambda i, _l, st: got.setdefault(i, st), needs=("H", "x_norm"), batch_size=1,
+                   h_stride=3)
+    Xs = torch.cat([X[:24][::3], X[24:][::3]])  # every 3rd token of each batch
+    torch.testing.assert_close(got[0]["mlp.down_proj"]["H"], 2 / Xs.shape[0] * Xs.T @ Xs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[0]["mlp.down_proj"]["x_norm"], X.norm(dim=0), rtol=1e-4, atol=1e-5)

@@ -153,3 +153,16 @@ def test_gptq_quantize_preserves_pruned_zeros(tiny_model):
     for lin in compressible_linears(tiny_model).values():
         assert (lin.weight.data[:, ::2] == 0).all()
         assert (lin.weight.data[:, 1::2] != 0).float().mean() > 0.7
+
+
+def test_qparams_pack_into_quant_linears(tiny_model):
+    """The (q, scale, zero) we return are what pack.quantize_model stores: same function as our weights."""
+    from frugalflow.quant.pack import quantize_model
+
+    ids = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0))
+    qparams, _ = gptq_quantize(tiny_model, ids, 3, 32, False, act_order=True)
+    with torch.no_grad():
+        expected = tiny_model(ids).logits
+    quantize_model(tiny_model, qparams, 3, 32, scale_dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -14,7 +14,7 @@ from frugalflow.arch import compressible_linears
 from frugalflow.models import load_model, model_stats, save_model
 from frugalflow.prune.magnitude import prune_magnitude
 from frugalflow.quant.int8 import (Int8Linear, dequantize_int8_model, int8_modules, int_matmul, observe,
-                                   quantize_dynamic_int8, quantize_static_int8, quantize_weight)
+                                   quantize_dynamic_int8, quantize_static_int8, quantize_weight, smoothing_factors)
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 200, 383, 7, 64, 128]])
 
@@ -46,13 +46,13 @@ def naive_tensor_codes(x, act_scale):
 
 def naive_forward(layer, x):
     """Fake-quant in float64: dequantized int8 activations times the dequantized int8 weight."""
-    x2 = x.reshape(-1, layer.in_features).double()
+    x2 = x.reshape(-1, layer.in_features).float()
     if layer.mode == "dynamic":
-        xq, s = naive_token_codes(x2)
+        xq, s = naive_token_codes(x2 if layer.smooth is None else x2 / layer.smooth)
     else:
         s = float(layer.act_scale)
-        xq = naive_tensor_codes(x2, layer.act_scale)
-    W = layer.qweight.double() * layer.scales.double()[:, None]
+        xq = naive_tensor_codes(x2, layer.act_scale if layer.smooth is None else layer.smooth * layer.act_scale)
+    W = layer.qweight.double() * layer.scales.double()[:, None]  # the codes of W * smooth
     y = (xq * s) @ W.T
     if layer.bias is not None:
         y = y + layer.bias.double()
@@ -86,13 +86,34 @@ def test_int_matmul_is_exact():
     assert out.dtype == torch.int32 and torch.equal(out.long(), a.long() @ b.long().T)
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_smoothing_moves_channel_outliers_into_the_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False)
+    x = torch.randn(256, 64)
+    x[:, [5, 40]] *= 60  # two outlier channels, in every token
+    exact = linear(x).detach()
+    m = smoothing_factors(x.abs().amax(0), linear.weight, 0.5)
+    expected = x.abs().amax(0).sqrt() / linear.weight.detach().abs().amax(0).sqrt()
+    assert torch.allclose(m, expected, rtol=1e-5)
+    plain = Int8Linear.from_linear(linear, "static", act_scale=x.abs().max() / 127)
+    smooth = Int8Linear.from_linear(linear, "static", act_scale=(x / m).abs().max() / 127, smooth=m)
+    assert torch.allclose(smooth.dequantize(), linear.weight, atol=float(smooth.scales.max() / m.min()))
+    err_plain = float((plain(x) - exact).norm() / exact.norm())
+    err_smooth = float((smooth(x) - exact).norm() / exact.norm())
+    assert err_smooth < 0.02 < err_plain and err_smooth < err_plain / 3
+    with pytest.raises(ValueError, match="smooth"):
+        Int8Linear.from_linear(linear, "static", act_scale=1.0, smooth=-m)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "smooth"])
 @pytest.mark.parametrize("rows", [1, 3, 33])
 def test_forward_matches_naive_fake_quant(mode, rows):
     torch.manual_seed(rows)
     linear = nn.Linear(96, 40, bias=True)
     x = torch.randn(rows, 2, 96) * 3
-    layer = Int8Linear.from_linear(linear, mode, act_scale=0.05 if mode == "static" else None)
+    smooth = torch.rand(96) + 0.5 if mode == "smooth" else None
+    mode = "static" if mode == "smooth" else mode
+    layer = Int8Linear.from_linear(linear, mode, act_scale=0.05 if mode == "static" else None, smooth=smooth)
     y = layer(x)
     ref = naive_forward(layer, x)
     assert y.shape == (rows, 2, 40) and y.dtype == torch.float32
@@ -102,7 +123,7 @@ def test_forward_matches_naive_fake_quant(mode, rows):
         ref_q, ref_s = naive_token_codes(x.reshape(-1, 96))
         assert torch.allclose(s.double(), ref_s, rtol=1e-6)
     else:
-        ref_q = naive_tensor_codes(x.reshape(-1, 96), layer.act_scale)
+        ref_q = naive_tensor_codes(x.reshape(-1, 96), layer.act_scale if smooth is None else smooth * layer.act_scale)
         assert (ref_q.abs() == 127).any()  # the test reaches the clipping
     assert torch.equal(xq.double(), ref_q)
     # and the result is close to the float layer (8-bit error, not a wrong formula)
@@ -226,6 +247,15 @@ def test_static_scales_come_from_calibration(tiny_model):
     assert len(changed) == 14
 
 
+def _inputs(model, windows, name):
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(lambda _m, inp, _o: seen.append(inp[0]))
+    with torch.no_grad():
+        model(windows, use_cache=False)
+    handle.remove()
+    return torch.cat(seen).reshape(-1, seen[0].shape[-1])
+
+
 def build_like(model):
     clone = type(model)(model.config).eval()
     clone.load_state_dict(model.state_dict())
@@ -235,6 +265,7 @@ def build_like(model):
 def test_percentile_observer_clips(tiny_model):
     windows = calib(3, n=8, length=32)
     first = "model.layers.0.mlp.gate_proj"
+    reference = build_like(tiny_model)
     amax = _input_amax(tiny_model, windows, [first])[first]
     stats = quantize_static_int8(tiny_model, windows, observer="percentile", percentile=90.0, batch_size=3)
     expected = float(torch.quantile(amax.double(), 0.9))
@@ -242,27 +273,35 @@ def test_percentile_observer_clips(tiny_model):
     assert stats[first]["act_scale"] * 127 == pytest.approx(expected, rel=1e-5)
     assert stats[first]["clipped"] == pytest.approx(float((amax > expected).float().mean()), abs=1 / amax.numel())
     assert 0.05 < stats[first]["clipped"] <= 0.11
+    # with smoothing: max over tokens and channels of |x_j| / m_j, m from the same inputs
+    smoothed = quantize_static_int8(build_like(reference), windows, smooth_alpha=0.5)
+    x = _inputs(reference, windows, first)
+    W = reference.get_submodule(first).weight
+    m = smoothing_factors(x.abs().amax(0), W, 0.5)
+    assert smoothed[first]["act_scale"] * 127 == pytest.approx(float((x.abs() / m).amax()), rel=1e-5)
+    assert torch.allclose(reference.get_submodule(first).weight, W)
     with pytest.raises(ValueError, match="observer"):
         quantize_static_int8(build_tiny_llama(), windows, observer="mse")
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("mode", ["dynamic", "static", "smooth"])
 def test_save_load_round_trip_is_bit_exact(tiny_model, tiny_model_dir, tmp_path, mode):
     if mode == "dynamic":
         quantize_dynamic_int8(tiny_model)
     else:
-        quantize_static_int8(tiny_model, calib(4))
+        quantize_static_int8(tiny_model, calib(4), smooth_alpha=0.5 if mode == "smooth" else None)
+    smooth, mode = mode == "smooth", "static" if mode == "smooth" else mode
     expected = logits(tiny_model)
     out = save_model(tiny_model, tmp_path / "q32", tokenizer_dir=tiny_model_dir, float_dtype=torch.float32)
     meta = json.loads((out / "quantization.json").read_text())
     assert len(meta["modules"]) == 14
-    assert all(v["kind"] == "int8" and v["mode"] == mode and v["scale_dtype"] == "float32"
+    assert all(v["kind"] == "int8" and v["mode"] == mode and v["scale_dtype"] == "float32" and v["smooth"] == smooth
                for v in meta["modules"].values())
     loaded = load_model(out)
     before, after = int8_modules(tiny_model), int8_modules(loaded)
     assert sorted(before) == sorted(after)
     for name, layer in before.items():
-        for buf in ("qweight", "scales", "act_scale"):
+        for buf in ("qweight", "scales", "act_scale", "smooth"):
             a, b = getattr(layer, buf), getattr(after[name], buf)
             assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), (name, buf)
         assert after[name].mode == mode
@@ -275,6 +314,8 @@ def test_save_load_round_trip_is_bit_exact(tiny_model, tiny_model_dir, tmp_path,
     assert stored["model.layers.0.mlp.up_proj.qweight"].dtype == torch.int8
     assert stored["model.layers.0.mlp.up_proj.scales"].dtype == torch.float32
     assert ("model.layers.0.mlp.up_proj.act_scale" in stored) == (mode == "static")
+    if smooth:
+        assert stored["model.layers.0.mlp.up_proj.smooth"].dtype == torch.float32
     first, second = load_model(half), load_model(save_model(load_model(half), tmp_path / "again"))
     assert torch.equal(logits(first), logits(second))
     assert (logits(first) - expected).abs().max() <= 1e-2 * expected.abs().max()

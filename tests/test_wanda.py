@@ -50,8 +50,8 @@ def test_n_m_pattern(n_m):
     n, m = n_m
     g = torch.Generator().manual_seed(2)
     W, x_norm = torch.randn(8, 32, generator=g), torch.rand(32, generator=g)
-    keep = wanda_mask(W, x_norm, 0.5, n_m=n_m)
-    assert ((~keep).reshape(8, -1, m).sum(-1) == n).all()
+    keep = wanda_mask(W, x_norm, 0.5, n_m=n_m)  # n kept of every m, as magnitude.py
+    assert (keep.reshape(8, -1, m).sum(-1) == n).all()
     score = (W.abs() * x_norm).reshape(8, -1, m)
     kept_min = torch.where(keep.reshape(8, -1, m), score, torch.inf).amin(-1)
     pruned_max = torch.where(~keep.reshape(8, -1, m), score, -torch.inf).amax(-1)
@@ -77,7 +77,7 @@ def linear_input_norms(model, ids, layer_index):
 def test_prune_wanda_model_uses_sequential_activations(tiny_model, n_m):
     ids = torch.randint(0, 384, (3, 32), generator=torch.Generator().manual_seed(0))
     original = copy.deepcopy(tiny_model)
-    stats = prune_wanda(tiny_model, ids, 0.5, n_m=n_m, batch_size=2)
+    stats = prune_wanda(tiny_model, ids, 0.5, n_m=n_m, batch_size=2, recon_stride=1)
     arch = arch_of(tiny_model)
     # layer 0 sees the dense model; layer 1 sees the pruned layer 0 and its own dense weights
     probe = copy.deepcopy(original)

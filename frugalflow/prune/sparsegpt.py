@@ -8,8 +8,8 @@ chosen adaptively per block from W^2 / diag(Hinv)^2 on the already-updated weigh
 Exact sparsity: within a block the reference keeps everything under one threshold (ties and
 an off-by-one make it inexact); here each block prunes exactly its share of the layer total
 round(out * in * sparsity) (cumulative rounding), picked as the lowest scores over the block,
-or per row with `per_row=True`. N:M (n of every m zeroed) is chosen per m columns when the
-first of them is reached. Dead inputs (H_ii = 0) get zero weights, pruned first.
+or per row with `per_row=True`. N:M (n of every m kept, as magnitude.py) is chosen per m
+columns when the first of them is reached. Dead inputs (H_ii = 0) get zero weights, pruned first.
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ def _prune_columns(W, Hinv, dead, sparsity, n_m, blocksize, splits, per_row):
     return W, ~pruned, losses
 
 
+@torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None,
                     blocksize: int = 128, percdamp: float = 0.01,
                     per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -1,8 +1,8 @@
 """Wanda pruning (Sun et al. 2023): drop the weights with the smallest |W_ij| * ||X_j||_2.
 
 Scores are compared within each output row (the paper's comparison group); N:M keeps
-the m - n best-scoring weights of every m consecutive inputs of a row (n of every m are
-zeroed, as `prune_n/prune_m` in the references). Unstructured sparsity is exact per layer:
+the n best-scoring weights of every m consecutive inputs of a row (as magnitude.py: 2:4
+keeps 2 of 4; `sparsity` is then ignored). Unstructured sparsity is exact per layer:
 round(out * in * sparsity) weights are zeroed, spread over rows by `prune_counts`.
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ def check_n_m(n_m: tuple[int, int] | None, cols: int) -> None:
 
 
 def nm_prune_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask, True where pruned: the n lowest scores of every m consecutive columns."""
+    """Bool mask, True where pruned: all but the n highest scores of every m consecutive columns."""
     rows, cols = score.shape
     grouped = score.reshape(rows, cols // m, m)
-    idx = torch.topk(grouped, n, dim=-1, largest=False).indices
+    idx = torch.topk(grouped, m - n, dim=-1, largest=False).indices
     pruned = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, idx, True)
     return pruned.reshape(rows, cols)
 
@@ -51,6 +51,7 @@ def row_prune_mask(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return rank < counts.unsqueeze(1)
 
 
+@torch.no_grad()
 def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, sparsity: float,
                n_m: tuple[int, int] | None = None) -> torch.Tensor:
     """Keep-mask (True = kept) from the Wanda score |W_ij| * ||X_j||_2."""
@@ -64,10 +65,12 @@ def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, sparsity: float,
 def prune_wanda(model: nn.Module, calib_windows: torch.Tensor, sparsity: float,
                 n_m: tuple[int, int] | None = None, device: str = "cpu",
                 on_progress: Callable[[int, int], None] | None = None,
-                batch_size: int = 8) -> dict[str, dict]:
+                batch_size: int = 8, recon_stride: int = 8) -> dict[str, dict]:
     """Prune every decoder linear in place; per linear {"sparsity", "recon_error"}.
 
-    recon_error = ||W X - W' X||^2 / ||W X||^2 over the calibration inputs (from H).
+    recon_error = ||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from H built on
+    every `recon_stride`-th token (1: exact; the default 8 makes it cheap next to the forward
+    passes, which are all Wanda needs).
     """
     arch = arch_of(model)
 
@@ -86,4 +89,4 @@ def prune_wanda(model: nn.Module, calib_windows: torch.Tensor, sparsity: float,
         return out
 
     return run_sequential(model, calib_windows, solve, needs=("H", "x_norm"), device=device,
-                          batch_size=batch_size, on_progress=on_progress)
+                          batch_size=batch_size, on_progress=on_progress, h_stride=recon_stride)

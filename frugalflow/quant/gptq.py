@@ -1,8 +1,9 @@
 """GPTQ (Frantar et al. 2022): column-by-column quantization with OBS error compensation.
 
-Columns are quantized in order (or by decreasing H_ii with `act_order`) in blocks of
-`blocksize`; the rounding error (w - q) / Hinv_ii of a column is spread over the columns not
-yet quantized, lazily across blocks. Grid: `rtn.compute_qparams` per group along the input
+Columns are quantized in order (or by decreasing H_ii with `act_order`); the rounding error
+(w - q) / Hinv_ii of a column is spread over the columns not yet quantized, immediately
+inside a lazy batch and with one matmul per batch beyond it (`calibration.lazy_step`: the
+batch width changes only the speed, not the result). Grid: `rtn.compute_qparams` per group along the input
 dimension, computed when the first column of the group is reached, on the weights as they
 are then (after the updates from every column quantized so far). Groups always follow the
 ORIGINAL column index (static groups under act_order), so codes/scale/zero are the standard
@@ -88,6 +89,7 @@ def _order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
     return torch.arange(H.shape[0], device=H.device)
 
 
+@torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                          act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01,
                          mask: torch.Tensor | None = None):

@@ -8,6 +8,10 @@ Activations, two modes:
     The observer records each calibration token's max |x| at the linear's input (forward hooks
     through calibration.run_sequential, layer by layer, later layers seeing the quantized
     earlier ones); s = (that maximum, or a percentile of it) / 127.
+Optional smoothing (SmoothQuant, Xiao et al. 2023), static mode: a calibrated per-input-channel
+vector m moves activation outliers into the weight, y = (x / m) @ (W * m)^T; the layer stores
+the codes of W * m and divides x by m * act_scale before rounding, so it costs nothing at run time.
+m_j = max|x_j|^alpha / max_i|W_ij|^(1 - alpha).
 y = (xq @ q^T) * s_x * scale (+ bias). On the CPU the GEMM is torch._int_mm (int8 x int8 ->
 int32, VNNI on x86; measured faster than fp32/bf16 F.linear and than the fbgemm/onednn
 `quantized::linear_dynamic`, which moreover quantizes activations per tensor, not per token).
@@ -22,13 +26,13 @@ import torch
 import torch.nn as nn
 
 from frugalflow.arch import arch_of, compressible_linears
-from frugalflow.calibration import run_sequential
+from frugalflow.calibration import input_groups, run_sequential
 from frugalflow.quant.pack import _set_submodule
 
 QMAX = 127
 MODES = ("dynamic", "static")
 OBSERVERS = ("max", "percentile")
-BUFFERS = ("qweight", "scales", "act_scale")  # stored as they are (never cast to the float dtype)
+BUFFERS = ("qweight", "scales", "act_scale", "smooth")  # stored as they are (never cast to the float dtype)
 _TINY = 1e-30  # an all-zero token quantizes to zeros instead of NaN
 
 
@@ -67,10 +71,12 @@ class Int8Linear(nn.Module):
     """y = x @ (qweight * scales[:, None])^T + bias with x quantized to int8 (see module doc).
 
     Buffers: qweight int8 [out, in]; scales [out] (float32 by default); act_scale [] float32
-    (static mode only); optional bias. `.to(dtype)` leaves the scales alone."""
+    (static mode only); smooth [in] float32 (optional: qweight holds W * smooth, x is divided by
+    it); optional bias. `.to(dtype)` leaves the scales alone."""
 
     def __init__(self, in_features: int, out_features: int, mode: str = "dynamic", bias: bool = False,
-                 scale_dtype: torch.dtype = torch.float32, bias_dtype: torch.dtype = torch.float32, device=None):
+                 scale_dtype: torch.dtype = torch.float32, bias_dtype: torch.dtype = torch.float32, device=None,
+                 smooth: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -79,20 +85,30 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, dtype=scale_dtype, device=device))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device)
                              if mode == "static" else None)
+        self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device)
+                             if smooth else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         self._cache: dict = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "dynamic", act_scale: float | torch.Tensor | None = None,
-                    scale_dtype: torch.dtype = torch.float32) -> "Int8Linear":
+                    scale_dtype: torch.dtype = torch.float32, smooth: torch.Tensor | None = None) -> "Int8Linear":
+        """`smooth` [in] (positive): quantize W * smooth and divide the inputs by it."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"expected an nn.Linear, got {type(linear).__name__}")
-        q, scale = quantize_weight(linear.weight, scale_dtype)
-        return cls.from_codes(q, scale, mode, act_scale=act_scale, bias=linear.bias)
+        W = linear.weight.detach().float()
+        if smooth is not None:
+            smooth = smooth.detach().float().to(W.device)
+            if tuple(smooth.shape) != (linear.in_features,) or not bool((smooth > 0).all() & smooth.isfinite().all()):
+                raise ValueError(f"smooth must be a positive finite [{linear.in_features}] vector")
+            W = W * smooth
+        q, scale = quantize_weight(W, scale_dtype)
+        return cls.from_codes(q, scale, mode, act_scale=act_scale, bias=linear.bias, smooth=smooth)
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, mode: str = "dynamic",
-                   act_scale: float | torch.Tensor | None = None, bias: torch.Tensor | None = None) -> "Int8Linear":
+                   act_scale: float | torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   smooth: torch.Tensor | None = None) -> "Int8Linear":
         out_features, in_features = q.shape
         if q.dtype != torch.int8 or tuple(scale.shape) != (out_features,):
             raise ValueError(f"expected int8 codes [out, in] and scales [out], got {q.dtype} {tuple(q.shape)}, "
@@ -100,8 +116,11 @@ class Int8Linear(nn.Module):
         if (mode == "static") != (act_scale is not None):
             raise ValueError("act_scale is required in static mode and meaningless in dynamic mode")
         layer = cls(in_features, out_features, mode, bias=bias is not None, scale_dtype=scale.dtype,
-                    bias_dtype=bias.dtype if bias is not None else torch.float32, device=q.device)
+                    bias_dtype=bias.dtype if bias is not None else torch.float32, device=q.device,
+                    smooth=smooth is not None)
         with torch.no_grad():
+            if smooth is not None:
+                layer.smooth.copy_(smooth)
             layer.qweight.copy_(q)
             layer.scales.copy_(scale)
             if bias is not None:
@@ -120,21 +139,30 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         extra = f", act_scale={float(self.act_scale):.4g}" if self.mode == "static" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
-                f"bias={self.bias is not None}{extra}")
+                f"bias={self.bias is not None}, smooth={self.smooth is not None}{extra}")
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+        """The weight the layer applies to x (smoothing undone)."""
+        W = self.qweight.float() * self.scales.float()[:, None]
+        return (W if self.smooth is None else W / self.smooth).to(dtype)
 
     def storage_bits(self) -> int:
-        return sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.act_scale)
+        return sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.act_scale, self.smooth)
                    if t is not None)
 
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [M, in] -> (int8 codes, float32 scale: [M, 1] per token or [] per tensor)."""
+        """x [M, in] -> (int8 codes, float32 scale: [M, 1] per token or [] per tensor); with
+        smoothing the codes are those of x / smooth."""
         if self.mode == "dynamic":
-            xq, amax = quantize_per_token(x2)
+            xq, amax = quantize_per_token(x2 if self.smooth is None else x2.float() / self.smooth)
             return xq, amax / QMAX
-        return quantize_per_tensor(x2, self.act_scale), self.act_scale
+        return quantize_per_tensor(x2, self._in_scale()), self.act_scale
+
+    def _in_scale(self) -> torch.Tensor:
+        """Static: what x is divided by before rounding, act_scale or smooth * act_scale."""
+        if "in" not in self._cache:
+            self._cache["in"] = self.act_scale if self.smooth is None else self.smooth * self.act_scale
+        return self._cache["in"]
 
     def _out_scale(self) -> torch.Tensor:
         """float32 [out]: scales / 127 (dynamic; times the token's max |x| at run time) or
@@ -148,17 +176,17 @@ class Int8Linear(nn.Module):
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "dynamic":
-            xq, amax = quantize_per_token(x2)
+            xq, amax = quantize_per_token(x2 if self.smooth is None else x2.float() / self.smooth)
             y = torch.mul(int_matmul(xq, self.qweight), amax).mul_(self._out_scale())
         else:
-            y = int_matmul(quantize_per_tensor(x2, self.act_scale), self.qweight) * self._out_scale()
+            y = int_matmul(quantize_per_tensor(x2, self._in_scale()), self.qweight) * self._out_scale()
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.to(dtype).reshape(*lead, self.out_features)
 
     # ---------------------------------------------------------------- keep scales and cache honest
     def _apply(self, fn, recurse=True):
-        kept = {k: self._buffers[k] for k in ("scales", "act_scale")}
+        kept = {k: self._buffers[k] for k in ("scales", "act_scale", "smooth")}
         for k in kept:
             self._buffers[k] = None  # .to(dtype) must not round the stored scales
         try:
@@ -183,7 +211,7 @@ def int8_meta(model: nn.Module) -> dict[str, dict]:
     """quantization.json entries for the Int8Linear modules (kind 'int8')."""
     return {name: {"kind": "int8", "mode": m.mode, "bits": 8, "in_features": m.in_features,
                    "out_features": m.out_features, "bias": m.bias is not None,
-                   "scale_dtype": str(m.scales.dtype).removeprefix("torch.")}
+                   "scale_dtype": str(m.scales.dtype).removeprefix("torch."), "smooth": m.smooth is not None}
             for name, m in int8_modules(model).items()}
 
 
@@ -226,33 +254,62 @@ def observe(token_amax: torch.Tensor, observer: str = "max", percentile: float =
     raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
 
 
+def smoothing_factors(x_amax: torch.Tensor, W: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's m_j = max|x_j|^alpha / max_i|W_ij|^(1 - alpha) (1 for dead channels)."""
+    x_amax = x_amax.float()
+    w_amax = W.detach().float().abs().amax(0).clamp(min=1e-5).to(x_amax.device)
+    m = x_amax.clamp(min=1e-5).pow(alpha) / w_amax.pow(1 - alpha)
+    return torch.where(x_amax > 0, m, torch.ones_like(m))
+
+
 @torch.no_grad()
 def quantize_static_int8(model: nn.Module, calib_windows: torch.Tensor, device: str | torch.device = "cpu",
                          on_progress: Callable[[int, int], None] | None = None, observer: str = "max",
-                         percentile: float = 99.9, batch_size: int = 8,
+                         percentile: float = 99.9, smooth_alpha: float | None = None, batch_size: int = 8,
                          scale_dtype: torch.dtype = torch.float32) -> dict[str, dict]:
     """In place: every compressible linear becomes a static Int8Linear whose act_scale is
     observe(max |x| of each calibration token at its input) / 127, layer by layer through
-    calibration.run_sequential. Returns {name: {"rel_error", "act_scale", "clipped"}}, clipped
-    being the share of calibration tokens whose max |x| exceeds 127 * act_scale."""
+    calibration.run_sequential (later layers calibrated on the outputs of the quantized ones).
+    smooth_alpha (e.g. 0.5): SmoothQuant smoothing per linear, x read as x / m; the inputs of
+    one layer are then kept on the CPU while it is calibrated (n_tokens x width floats per
+    input group). Returns {name: {"rel_error", "act_scale", "clipped"}}, rel_error of the
+    applied weight (smoothing undone), clipped the share of calibration tokens whose max |x|
+    exceeds 127 * act_scale."""
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if smooth_alpha is not None and not 0 <= smooth_alpha <= 1:
+        raise ValueError(f"smooth_alpha must be in [0, 1], got {smooth_alpha}")
     arch = arch_of(model)
     _float_linears(model)
+    head = {name: group[0] for group in input_groups(arch) for name in group}  # linears sharing an input
     token_amax: dict[str, list[torch.Tensor]] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}
 
     def accumulate(name: str, inp: torch.Tensor, _out) -> None:
-        token_amax.setdefault(name, []).append(inp.detach().reshape(-1, inp.shape[-1]).abs().amax(-1).float().cpu())
+        if head[name] != name:
+            return  # the same tensor as its group's first linear: recorded once
+        x = inp.detach().reshape(-1, inp.shape[-1])
+        token_amax.setdefault(name, []).append(x.abs().amax(-1).float().cpu())
+        if smooth_alpha is not None:
+            inputs.setdefault(name, []).append(x.float().cpu())
 
     def solve(_i: int, layer: nn.Module, _stats: dict) -> dict:
         result = {}
+        amaxes = {name: torch.cat(parts) for name, parts in token_amax.items()}
+        X = {name: torch.cat(parts) for name, parts in inputs.items()}
+        token_amax.clear()
+        inputs.clear()
         for name in arch.linears:
-            amax = torch.cat(token_amax.pop(name))
+            linear, smooth, amax = layer.get_submodule(name), None, amaxes[head[name]]
+            if smooth_alpha is not None:
+                x = X[head[name]]
+                smooth = smoothing_factors(x.abs().amax(0), linear.weight, smooth_alpha)
+                amax = (x.abs() / smooth).amax(-1)
             act_range = max(observe(amax, observer, percentile), _TINY)
-            linear = layer.get_submodule(name)
-            q_layer = Int8Linear.from_linear(linear, "static", act_scale=act_range / QMAX, scale_dtype=scale_dtype)
+            q_layer = Int8Linear.from_linear(linear, "static", act_scale=act_range / QMAX, scale_dtype=scale_dtype,
+                                             smooth=smooth)
             limit = float(q_layer.act_scale) * QMAX
             result[name] = {"rel_error": _rel_error(linear.weight, q_layer), "act_scale": float(q_layer.act_scale),
                             "clipped": float((amax > limit).float().mean())}
