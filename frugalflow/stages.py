@@ -33,6 +33,9 @@ def float_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:
     grids = {name: (m.scales.float(), m.zeros.float(), m.bits, m.group_size)
              for name, m in pack.quantized_modules(model).items()}
     pack.dequantize_model(model)
+    from frugalflow.quant.int8 import dequantize_int8_model
+
+    dequantize_int8_model(model)  # a stage after int8 works on float weights again
     return model, grids
 
 

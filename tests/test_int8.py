@@ -228,7 +228,8 @@ def test_static_scales_come_from_calibration(tiny_model):
     float_amax = _input_amax(tiny_model, windows, [first])[first]
     other = build_like(tiny_model)
     progress = []
-    stats = quantize_static_int8(tiny_model, windows, on_progress=lambda i, n: progress.append((i, n)))
+    stats = quantize_static_int8(tiny_model, windows, on_progress=lambda i, n: progress.append((i, n)),
+                                 observer="max", smooth_alpha=None)
     assert progress == [(0, 2), (1, 2)]
     layers = int8_modules(tiny_model)
     assert len(layers) == 14 and all(m.mode == "static" for m in layers.values())
@@ -242,7 +243,7 @@ def test_static_scales_come_from_calibration(tiny_model):
     for name in qkv:
         assert float(layers[name].act_scale) * 127 == pytest.approx(float(seen[name].max()), rel=1e-4)
     # different calibration data (other tokens), different scales
-    quantize_static_int8(other, calib(2, low=192))
+    quantize_static_int8(other, calib(2, low=192), observer="max", smooth_alpha=None)
     changed = [n for n in layers if float(layers[n].act_scale) != float(int8_modules(other)[n].act_scale)]
     assert len(changed) == 14
 
@@ -267,14 +268,15 @@ def test_percentile_observer_clips(tiny_model):
     first = "model.layers.0.mlp.gate_proj"
     reference = build_like(tiny_model)
     amax = _input_amax(tiny_model, windows, [first])[first]
-    stats = quantize_static_int8(tiny_model, windows, observer="percentile", percentile=90.0, batch_size=3)
+    stats = quantize_static_int8(tiny_model, windows, observer="percentile", percentile=90.0, batch_size=3,
+                                 smooth_alpha=None)
     expected = float(torch.quantile(amax.double(), 0.9))
     assert observe(amax, "percentile", 90.0) == pytest.approx(expected)
     assert stats[first]["act_scale"] * 127 == pytest.approx(expected, rel=1e-5)
     assert stats[first]["clipped"] == pytest.approx(float((amax > expected).float().mean()), abs=1 / amax.numel())
     assert 0.05 < stats[first]["clipped"] <= 0.11
     # with smoothing: max over tokens and channels of |x_j| / m_j, m from the same inputs
-    smoothed = quantize_static_int8(build_like(reference), windows, smooth_alpha=0.5)
+    smoothed = quantize_static_int8(build_like(reference), windows, observer="max", smooth_alpha=0.5)
     x = _inputs(reference, windows, first)
     W = reference.get_submodule(first).weight
     m = smoothing_factors(x.abs().amax(0), W, 0.5)
@@ -289,7 +291,7 @@ def test_save_load_round_trip_is_bit_exact(tiny_model, tiny_model_dir, tmp_path,
     if mode == "dynamic":
         quantize_dynamic_int8(tiny_model)
     else:
-        quantize_static_int8(tiny_model, calib(4), smooth_alpha=0.5 if mode == "smooth" else None)
+        quantize_static_int8(tiny_model, calib(4), smooth_alpha=0.5 if mode == "smooth" else None)  # percentile
     smooth, mode = mode == "smooth", "static" if mode == "smooth" else mode
     expected = logits(tiny_model)
     out = save_model(tiny_model, tmp_path / "q32", tokenizer_dir=tiny_model_dir, float_dtype=torch.float32)
@@ -344,5 +346,6 @@ def test_pruned_zeros_stay_zero(tiny_model, tmp_path):
     loaded = load_model(save_model(tiny_model, tmp_path / "p"))
     assert model_stats(loaded) == in_memory
     for name, layer in int8_modules(loaded).items():
+        assert layer.smooth is not None  # the default: percentile observer with smoothing
         assert (layer.qweight[pruned[name]] == 0).all(), name
         assert (layer.dequantize()[pruned[name]] == 0).all()
