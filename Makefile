@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test validate runs ui clean-runs
+.PHONY: install browser demo test validate runs ui clean-runs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ install: $(STAMP)
 demo: $(STAMP)          ## the nightly flow once on the default recipe (SmolLM2-135M)
 	$(BIN)/frugalflow run
 
-test: $(STAMP)          ## the test suite (CPU only, no servers needed)
+# Headless Chromium for tests/test_ui.py (the MLflow UI seen in a browser): Debian's package,
+# installed with apt-get when missing and we are root; otherwise that one test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	else \
+		echo "browser: no chromium and not root with apt-get; tests/test_ui.py will be skipped"; \
+	fi
+
+test: $(STAMP) browser  ## the test suite (CPU only; starts its own local servers and a headless browser)
 	$(BIN)/python -m pytest -q
 
 validate: $(STAMP)

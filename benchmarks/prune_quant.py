@@ -44,7 +44,7 @@ METHODS: dict[str, dict | None] = {
     "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt24": {"method": "sparsegpt", "pattern": "2:4"},
     "rtn_w4g64": {"method": "rtn", **W4},
-    "gptq_w4g64": {"method": "gptq", **W4},
+    "gptq_w4g64": {"method": "gptq", **W4, "act_order": True},  # as llm-compressor's default (static) order
     "awq_w4g64": {"method": "awq", **W4},
     "dynamic_int8": {"method": "dynamic_int8"},
     "static_int8": {"method": "static_int8"},
@@ -60,11 +60,12 @@ def compress_one(name: str, base: Path, data: Path, work: Path) -> dict:
     spec = METHODS[name]
     stage = C.Recipe.model_validate({"stages": [spec]}).stages[0]
     out = work / name
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     run_stage(stage, base, out, data_dir=data, teacher_dir=base, device="cpu")
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": name, "compress_s": round(seconds, 1), "peak_mem_mb": round(peak)}
+    return {"method": name, "compress_s": round(seconds, 1), "peak_mem_mb": round(peak),
+            "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def main() -> None:
@@ -133,7 +134,7 @@ def main() -> None:
         records[name]["decode_tps"] = round(tps, 2)
         records[name]["decode_ratio_bf16"] = round(tps / bf16, 3)
 
-    fields = ("method", "ppl", "compress_s", "peak_mem_mb", "size_mb", "decode_tps", "decode_ratio_bf16")
+    fields = ("method", "ppl", "compress_s", "peak_mem_mb", "size_mb", "decode_tps", "decode_ratio_bf16", "load_avg")
     rows = [{f: records[n].get(f) for f in fields} for n in names]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,13 +148,13 @@ def main() -> None:
              f"median of {args.rounds} interleaved rounds; bf16 dense: {bf16:.2f} tok/s.",
              "Perplexity: the evaluation windows (24 of 512 tokens). Reference: llm-compressor 0.14.0.1, same protocol.",
              "", "| method | ppl | vs dense | reference ppl | compress s | reference s | peak MB | size MB | "
-             "decode tok/s | vs bf16 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "decode tok/s | vs bf16 | load avg during compress |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref_ppl, ref_s = REFERENCE.get(r["method"], (None, None))
         change = f"{(r['ppl'] / dense_ppl - 1) * 100:+.1f}%" if dense_ppl and r["method"] != "dense" else "-"
         lines.append(f"| {r['method']} | {r['ppl']:.2f} | {change} | {ref_ppl or '-'} | {r['compress_s']} | "
                      f"{ref_s or '-'} | {r['peak_mem_mb'] or '-'} | {r['size_mb']} | {r['decode_tps']} | "
-                     f"{r['decode_ratio_bf16']} |")
+                     f"{r['decode_ratio_bf16']} | {'-' if not r.get('load_avg') else ' -> '.join(map(str, r['load_avg']))} |")
     (out / "prune_quant.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

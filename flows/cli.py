@@ -2,12 +2,14 @@
 
     frugalflow validate [FILE] [-s KEY=VALUE ...]   check a recipe, print a summary
     frugalflow run [-p FILE] [-s KEY=VALUE ...]      run the nightly flow once
+    frugalflow sweep [-p FILE] -g KEY=V1,V2 ...      candidates over a grid; the Pareto-best passing one promoted
     frugalflow schedule [-p FILE] [--check]          serve the nightly deployment (needs PREFECT_API_URL)
     frugalflow runs [-n N]                           recent runs: recipe, verdict, ppl, size, speed
     frugalflow compare RUN RUN ...                   runs side by side (ids or their first characters)
     frugalflow promote VERSION --reason TEXT         move `champion` by hand
     frugalflow rollback --reason TEXT                move `champion` back to the previous one
     frugalflow ui [--port 5000]                      the MLflow UI on the local store
+    frugalflow export DIR --format F --out PATH      a packed model as GGUF (llama.cpp) or compressed-tensors (vLLM)
 
 Exit codes: 0 ok, 2 invalid recipe or arguments, 1 anything else.
 """
@@ -58,6 +60,35 @@ def cmd_run(args) -> int:
     c, b = result["candidate"], result["baseline"]
     print(f"  ppl {b['ppl']:.3f} -> {c['ppl']:.3f}; size {b['size_mb']:.1f} -> {c['size_mb']:.1f} MB; "
           f"decode {b['decode_tps']:.1f} -> {c['decode_tps']:.1f} tok/s")
+    if promo["registered"]:
+        print(f"  registered version {promo['version']}" + (" and promoted to champion" if promo["champion"] else ""))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    recipe = _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.sweep import candidate_recipes, sweep_flow
+
+    try:
+        candidates = candidate_recipes(args.params, args.grid, args.set)  # every grid point, before any work
+    except RecipeError as exc:
+        print(f"invalid sweep {exc}", file=sys.stderr)
+        return 2
+    print(f"sweep: {len(candidates)} candidates: {', '.join(c[0] for c in candidates)}")
+    workers = args.parallel or recipe.sweep.max_parallel
+    result = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(
+        params=args.params, grid=args.grid, overrides=args.set)
+    print(f"\nsweep {result['run_id']}: {len(result['candidates'])} candidates, selected: {result['selected'] or 'none'}")
+    for c in result["candidates"]:
+        m = c["metrics"] or {}
+        mark = "*" if c["selected"] else ("P" if c["pareto"] else " ")
+        state = c["error"] or ("pass" if c["passed"] else "fail")
+        print(f"  {mark} {c['label']:<32} ppl {m.get('ppl', float('nan')):8.3f}  {m.get('size_mb', float('nan')):7.1f} MB  "
+              f"{m.get('decode_tps', float('nan')):6.1f} tok/s  {state}")
+    print("  (* selected, P on the Pareto front)")
+    promo = result["promotion"]
     if promo["registered"]:
         print(f"  registered version {promo['version']}" + (" and promoted to champion" if promo["champion"] else ""))
     return 0
@@ -126,6 +157,38 @@ def cmd_ui(args) -> int:
     return subprocess.call(cmd, env=os.environ.copy())
 
 
+def cmd_export(args) -> int:
+    from frugalflow.export import ExportError
+
+    try:
+        if args.format == "gguf":
+            from frugalflow.export.gguf import export_gguf
+
+            summary = export_gguf(args.model_dir, args.out, float_type=args.float_type,
+                                  require_exact=args.require_exact, overwrite=args.overwrite)
+        else:
+            from frugalflow.export.compressed_tensors import export_compressed_tensors
+
+            summary = export_compressed_tensors(args.model_dir, args.out, require_exact=args.require_exact,
+                                                overwrite=args.overwrite)
+    except (ExportError, FileExistsError) as exc:
+        print(f"frugalflow export: {exc}", file=sys.stderr)
+        return 2
+    kinds = summary.get("linears") or summary.get("formats")
+    print(f"wrote {summary['path']} ({summary['format']}, {summary['bytes'] / 1e6:.1f} MB): linears {kinds}")
+    if summary["format"] == "gguf":
+        print(f"  file type {summary['file_type']}; other floats {summary['float_type']}; max |GGUF - ours| "
+              f"{summary['max_abs_err']:.3g}; tokenizer pre {summary['tokenizer']['pre']}")
+        if "warning" in summary["tokenizer"]:
+            print(f"  warning: {summary['tokenizer']['warning']}")
+    reasons: dict[str, int] = {}
+    for why in summary["fallback"].values():
+        reasons[why] = reasons.get(why, 0) + 1
+    for why, n in reasons.items():
+        print(f"  {n} quantized layer(s) written dense: {why}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frugalflow", description="Model compression flows with tracking.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--params", default="params.yaml")
     p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("sweep", help="run a grid of candidates; promote the Pareto-best passing one")
+    p.add_argument("-p", "--params", default="params.yaml")
+    p.add_argument("-g", "--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values of one recipe key (repeat for more keys; adds to sweep.grid)")
+    p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--parallel", type=int, default=None, help="candidates at once (default sweep.max_parallel)")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("schedule", help="serve the nightly deployment (cron and time zone from params)")
     p.add_argument("-p", "--params", default="params.yaml")
     p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
@@ -161,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_store(sub.add_parser("rollback", help="move champion back"))
     p.add_argument("--reason", required=True)
     p.set_defaults(func=cmd_rollback)
+    p = sub.add_parser("export", help="write a model as GGUF or compressed-tensors for serving")
+    p.add_argument("model_dir", help="a dense or packed model directory (with its tokenizer)")
+    p.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"))
+    p.add_argument("--out", required=True, help="the .gguf file, or the compressed-tensors directory")
+    p.add_argument("--float-type", default="f16", choices=("f16", "f32"),
+                   help="GGUF type of embeddings and of layers without a quantized GGUF type")
+    p.add_argument("--require-exact", action="store_true",
+                   help="refuse instead of writing a quantized layer dequantized")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
     p = with_store(sub.add_parser("ui", help="open the MLflow UI on the store"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

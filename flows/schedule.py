@@ -85,7 +85,8 @@ def nightly_deployment(params_path: str | Path = "params.yaml", overrides: Itera
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.nightly import compression_flow, load_flow_recipe, project_root
+    from flows.nightly import compression_flow
+    from flows.project import load_flow_recipe, project_root
 
     path = Path(params_path).resolve()
     overrides = list(overrides)

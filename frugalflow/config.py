@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -204,25 +205,100 @@ METHODS = {"magnitude": "prune", "wanda": "prune", "sparsegpt": "prune", "struct
 
 
 # --------------------------------------------------------------------------- outputs
+SET_NAME = r"^[A-Za-z0-9_-]+$"
+
+
+class EvalSetConfig(Strict):
+    """One named perplexity set: a split of the prepared data directory, or local text files
+    (paths or glob patterns relative to the project root, one document per file) tokenized with
+    the evaluated model's tokenizer into windows of `window` tokens (default: data.window)."""
+
+    split: Literal["calib", "train", "eval"] | None = None
+    text_files: list[str] | None = None
+    max_windows: int | None = Field(None, ge=1, description="cap on windows; null = all")
+    window: int | None = Field(None, ge=2, le=8192, description="text_files only; default data.window")
+
+    @field_validator("text_files", mode="before")
+    @classmethod
+    def _one_pattern(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self):
+        if (self.split is None) == (self.text_files is None):
+            raise ValueError("give exactly one of split (calib|train|eval) or text_files (paths or globs)")
+        if self.text_files is not None and not self.text_files:
+            raise ValueError("text_files must list at least one path or glob pattern")
+        if self.split is not None and self.window is not None:
+            raise ValueError("window applies to text_files only (a split keeps its prepared windows)")
+        return self
+
+
+class LMEvalConfig(Strict):
+    """Downstream accuracy through lm-evaluation-harness on the loaded (compressed) model."""
+
+    tasks: list[str] = Field(min_length=1, description="task, group or tag names")
+    include_path: str | None = Field(None, description="folder of task YAMLs, relative to the project root")
+    limit: int | None = Field(None, ge=1, description="at most this many documents per task; null = all")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1, le=1024)
+
+
 class EvaluationConfig(Strict):
     decode_tokens: int = Field(64, ge=1, le=4096)
     decode_repeats: int = Field(3, ge=1, le=50)
     prompt: str = "The Python language reference says that"
+    prefill_tokens: int = Field(0, ge=0, le=32768,
+                                description="prefill timed on this many tokens (the prompt repeated); 0 = the prompt")
     max_eval_windows: int | None = Field(None, ge=1, description="cap on eval windows; null = all")
+    sets: dict[str, EvalSetConfig] = Field(default_factory=dict,
+                                           description="named perplexity sets -> metric ppl.<name>")
+    lm_eval: LMEvalConfig | None = None
+
+    @field_validator("sets")
+    @classmethod
+    def _set_names(cls, v: dict) -> dict:
+        bad = [name for name in v if not re.match(SET_NAME, name)]
+        if bad:
+            raise ValueError(f"set names may hold letters, digits, '_' and '-' only; got {bad}")
+        return v
 
 
 class GatesConfig(Strict):
-    """Thresholds a candidate must meet; relative ones compare with the base model."""
+    """Thresholds a candidate must meet: vs the base model, vs the current champion (skipped when
+    there is none) and absolute limits. null turns a gate off."""
 
+    # vs the base model
     max_ppl_increase_pct: float | None = Field(25.0, ge=0.0)
     min_size_reduction: float | None = Field(2.0, ge=1.0, description="base size / candidate size")
     min_decode_speedup: float | None = Field(None, gt=0.0, description="candidate tok/s / base tok/s")
+    # vs the current champion
+    max_ppl_increase_vs_champion_pct: float | None = Field(None, ge=-100.0,
+                                                           description="may be negative: must improve")
+    min_decode_speedup_vs_champion: float | None = Field(None, gt=0.0)
+    max_size_ratio_vs_champion: float | None = Field(None, gt=0.0, description="candidate size / champion size")
+    # absolute
     max_ppl: float | None = Field(None, gt=0.0)
+    max_size_mb: float | None = Field(None, gt=0.0)
+    min_decode_tps: float | None = Field(None, gt=0.0)
+    min_metrics: dict[str, float] | None = Field(None, description="metric -> minimum, e.g. lm_eval.pydoc_mc.acc: 0.3")
+    max_metrics: dict[str, float] | None = Field(None, description="metric -> maximum, e.g. ppl.notes: 40")
+
+
+OBJECTIVE_NAMES = ("ppl", "size_mb", "decode_tps", "prefill_tps", "latency_p50_ms", "latency_p95_ms", "peak_mem_mb")
 
 
 class RegistryConfig(Strict):
     model_name: str = Field("smollm2-frugal", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    objective: Literal["ppl", "size_mb", "decode_tps"] = "ppl"
+    objective: str = Field("ppl", description="ppl | size_mb | decode_tps | ppl.<set> | lm_eval.<task>.<metric> | ...")
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str) -> str:
+        if v in OBJECTIVE_NAMES or re.match(r"^ppl\.[A-Za-z0-9_-]+$", v) or re.match(r"^lm_eval\.[^.\s]+\.\S+$", v):
+            return v
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVE_NAMES)}, ppl.<set> or "
+                         f"lm_eval.<task>.<metric>; got {v!r}")
 
 
 class ScheduleConfig(Strict):
@@ -242,6 +318,24 @@ class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="default: the recipe name")
 
 
+class SweepConfig(Strict):
+    """A grid over recipe keys for `frugalflow sweep`: every combination is one candidate."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict,
+                                       description="dotted recipe key -> values, e.g. stages.0.sparsity: [0.1, 0.3]")
+    max_parallel: int = Field(2, ge=1, le=64, description="candidates compressed at once")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict) -> dict:
+        for key, values in v.items():
+            if key.split(".")[0] in ("sweep", "base_model", "data"):
+                raise ValueError(f"grid key {key!r}: sweep, base_model and data cannot be swept")
+            if not values:
+                raise ValueError(f"grid key {key!r}: needs at least one value")
+        return v
+
+
 class Recipe(Strict):
     name: str = Field("smollm2-frugal", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -255,6 +349,7 @@ class Recipe(Strict):
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _one_of_each_kind(self):
@@ -310,12 +405,19 @@ def _describe(err: dict) -> str:
     return f"{loc}: {msg} (given: {shown})"
 
 
+def parse_scalar(raw: str) -> Any:
+    """A command-line value as YAML reads it, except that `2:4` stays the string "2:4"
+    (YAML 1.1 would read it as the base-60 integer 124)."""
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return raw.strip() if isinstance(value, int) and ":" in raw else value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.0.c=value` -> (['a','b','0','c'], yaml-parsed value)."""
+    """`a.b.0.c=value` -> (['a','b','0','c'], parsed value)."""
     if "=" not in text:
         raise RecipeError("override", [f"{text!r}: expected KEY=VALUE, e.g. stages.0.sparsity=0.3"])
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), parse_scalar(raw)
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:

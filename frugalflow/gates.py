@@ -1,55 +1,154 @@
-"""Verdicts: a candidate's metrics against the base model, absolute limits and the champion.
+"""Verdicts: a candidate's metrics against the base model, the current champion and absolute
+limits; ranking candidates on a named objective.
 
-Metrics are plain dicts with at least `ppl`, `size_mb` and `decode_tps`. The verdict
-lists every gate with its value, threshold and result, so a failing candidate carries
-its reasons.
+Metrics are plain dicts (`ppl`, `size_mb`, `decode_tps`, `ppl.<set>`, `lm_eval.<task>.<metric>`,
+...). The verdict lists every configured gate with its kind (baseline | champion | absolute),
+value, threshold, rule and status: `pass`, `fail`, or `skipped` with the reason (a champion
+gate when there is no champion, or the champion lacks the metric). Skipped gates do not fail
+the verdict; a gate whose metric the candidate lacks fails, since the recipe asked for it.
 """
 from __future__ import annotations
 
+import math
+
 from frugalflow.config import GatesConfig
 
-# objective -> True when lower is better
-OBJECTIVES = {"ppl": True, "size_mb": True, "decode_tps": False}
+# objective -> True when lower is better (the named ones; see lower_is_better for the rest)
+OBJECTIVES = {"ppl": True, "size_mb": True, "decode_tps": False, "prefill_tps": False, "latency_p50_ms": True,
+              "latency_p95_ms": True, "peak_mem_mb": True}
 
 
-def _gate(name: str, value: float, threshold: float, ok: bool, rule: str) -> dict:
-    return {"name": name, "value": round(value, 4), "threshold": threshold, "passed": ok, "rule": rule}
+def lower_is_better(metric: str) -> bool:
+    """Direction of a metric: the named ones, `ppl.<set>` (lower), `lm_eval.<task>.<metric>`
+    (higher, except perplexities, bits per byte and TER)."""
+    if metric in OBJECTIVES:
+        return OBJECTIVES[metric]
+    if metric.startswith("ppl."):
+        return True
+    if metric.startswith("lm_eval."):
+        name = metric.split(".")[2] if metric.count(".") >= 2 else metric
+        return name in ("bits_per_byte", "ter") or name.endswith("perplexity")
+    raise ValueError(f"unknown objective {metric!r}: use one of {', '.join(OBJECTIVES)}, ppl.<set> or "
+                     "lm_eval.<task>.<metric>")
 
 
-def check_gates(candidate: dict, baseline: dict, gates: GatesConfig) -> list[dict]:
-    out = []
-    if gates.max_ppl_increase_pct is not None:
-        inc = (candidate["ppl"] / baseline["ppl"] - 1.0) * 100.0
-        out.append(_gate("ppl_increase_pct", inc, gates.max_ppl_increase_pct,
-                         inc <= gates.max_ppl_increase_pct, "<="))
-    if gates.min_size_reduction is not None:
-        red = baseline["size_mb"] / candidate["size_mb"]
-        out.append(_gate("size_reduction", red, gates.min_size_reduction, red >= gates.min_size_reduction, ">="))
-    if gates.min_decode_speedup is not None:
-        spd = candidate["decode_tps"] / baseline["decode_tps"]
-        out.append(_gate("decode_speedup", spd, gates.min_decode_speedup, spd >= gates.min_decode_speedup, ">="))
-    if gates.max_ppl is not None:
-        out.append(_gate("ppl", candidate["ppl"], gates.max_ppl, candidate["ppl"] <= gates.max_ppl, "<="))
-    return out
+def objective_value(metrics: dict | None, objective: str) -> float | None:
+    """The metric as a float, or None when it is missing or not a finite number."""
+    value = (metrics or {}).get(objective)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def rank(candidates: list[dict], objective: str) -> list[dict]:
+    """The candidates (metric dicts, extra keys kept) best first on `objective`; ties keep their
+    order, candidates without the metric come last in their input order."""
+    lower = lower_is_better(objective)
+    have = [c for c in candidates if objective_value(c, objective) is not None]
+    lacking = [c for c in candidates if objective_value(c, objective) is None]
+    have.sort(key=lambda c: objective_value(c, objective) * (1 if lower else -1))
+    return have + lacking
 
 
 def beats(candidate: dict, champion: dict | None, objective: str) -> bool:
-    """True when there is no champion or the candidate is strictly better on the objective."""
-    if champion is None or objective not in champion:
+    """True when there is no champion (or it lacks the objective) or the candidate is strictly
+    better on it; False when the candidate lacks it."""
+    mine, theirs = objective_value(candidate, objective), objective_value(champion, objective)
+    if champion is None or theirs is None:
         return True
-    lower_better = OBJECTIVES[objective]
-    return candidate[objective] < champion[objective] if lower_better else candidate[objective] > champion[objective]
+    if mine is None:
+        return False
+    return mine < theirs if lower_is_better(objective) else mine > theirs
+
+
+# --------------------------------------------------------------------------- gates
+def _record(name: str, kind: str, metric: str, value: float | None, threshold: float, rule: str,
+            reason: str | None = None, skip: bool = False) -> dict:
+    if skip:
+        status, passed = "skipped", None
+    elif value is None:
+        status, passed = "fail", False
+    else:
+        passed = value <= threshold if rule == "<=" else value >= threshold
+        status = "pass" if passed else "fail"
+    return {"name": name, "kind": kind, "metric": metric, "value": None if value is None else round(value, 4),
+            "threshold": threshold, "rule": rule, "passed": passed, "status": status, "reason": reason}
+
+
+def _relative(name: str, kind: str, metric: str, candidate: dict, ref: dict | None, threshold: float, rule: str,
+              how: str) -> dict:
+    """A gate on candidate vs reference: how = 'increase_pct' | 'ratio' | 'inverse_ratio'."""
+    mine, theirs = objective_value(candidate, metric), objective_value(ref, metric)
+    if ref is None:
+        return _record(name, kind, metric, None, threshold, rule, f"no {kind} to compare with", skip=True)
+    if theirs is None or theirs == 0:
+        return _record(name, kind, metric, None, threshold, rule, f"the {kind} has no {metric}", skip=True)
+    if mine is None:
+        return _record(name, kind, metric, None, threshold, rule, f"the candidate has no {metric}")
+    value = {"increase_pct": (mine / theirs - 1.0) * 100.0, "ratio": mine / theirs,
+             "inverse_ratio": theirs / mine if mine else math.inf}[how]
+    return _record(name, kind, metric, value, threshold, rule)
+
+
+def _absolute(name: str, metric: str, candidate: dict, threshold: float, rule: str) -> dict:
+    value = objective_value(candidate, metric)
+    reason = None if value is not None else f"the candidate has no {metric} (is it evaluated?)"
+    return _record(name, "absolute", metric, value, threshold, rule, reason)
+
+
+def check_gates(candidate: dict, baseline: dict, gates: GatesConfig, champion: dict | None = None) -> list[dict]:
+    """Every configured gate, in a fixed order: baseline, champion, absolute."""
+    g, out = gates, []
+    if g.max_ppl_increase_pct is not None:
+        out.append(_relative("ppl_increase_pct", "baseline", "ppl", candidate, baseline, g.max_ppl_increase_pct,
+                             "<=", "increase_pct"))
+    if g.min_size_reduction is not None:
+        out.append(_relative("size_reduction", "baseline", "size_mb", candidate, baseline, g.min_size_reduction,
+                             ">=", "inverse_ratio"))
+    if g.min_decode_speedup is not None:
+        out.append(_relative("decode_speedup", "baseline", "decode_tps", candidate, baseline, g.min_decode_speedup,
+                             ">=", "ratio"))
+    if g.max_ppl_increase_vs_champion_pct is not None:
+        out.append(_relative("ppl_increase_vs_champion_pct", "champion", "ppl", candidate, champion,
+                             g.max_ppl_increase_vs_champion_pct, "<=", "increase_pct"))
+    if g.min_decode_speedup_vs_champion is not None:
+        out.append(_relative("decode_speedup_vs_champion", "champion", "decode_tps", candidate, champion,
+                             g.min_decode_speedup_vs_champion, ">=", "ratio"))
+    if g.max_size_ratio_vs_champion is not None:
+        out.append(_relative("size_ratio_vs_champion", "champion", "size_mb", candidate, champion,
+                             g.max_size_ratio_vs_champion, "<=", "ratio"))
+    if g.max_ppl is not None:
+        out.append(_absolute("ppl", "ppl", candidate, g.max_ppl, "<="))
+    if g.max_size_mb is not None:
+        out.append(_absolute("size_mb", "size_mb", candidate, g.max_size_mb, "<="))
+    if g.min_decode_tps is not None:
+        out.append(_absolute("decode_tps", "decode_tps", candidate, g.min_decode_tps, ">="))
+    for metric, threshold in sorted((g.min_metrics or {}).items()):
+        out.append(_absolute(f"min.{metric}", metric, candidate, threshold, ">="))
+    for metric, threshold in sorted((g.max_metrics or {}).items()):
+        out.append(_absolute(f"max.{metric}", metric, candidate, threshold, "<="))
+    return out
+
+
+def describe(gate: dict) -> str:
+    """One line: `name = value <rule> threshold: PASS|FAIL|skipped (reason)`."""
+    value = "-" if gate["value"] is None else f"{gate['value']:.4g}"
+    line = f"{gate['name']} = {value} {gate['rule']} {gate['threshold']:g}: {gate['status'].upper()}"
+    return line + (f" ({gate['reason']})" if gate.get("reason") else "")
 
 
 def verdict(candidate: dict, baseline: dict, gates: GatesConfig, champion: dict | None, objective: str) -> dict:
-    results = check_gates(candidate, baseline, gates)
-    failed = [g for g in results if not g["passed"]]
-    reasons = [f"{g['name']} = {g['value']} fails {g['rule']} {g['threshold']}" for g in failed]
+    results = check_gates(candidate, baseline, gates, champion)
+    failed = [g for g in results if g["status"] == "fail"]
+    reasons = [f"{g['name']} = {g['value']} fails {g['rule']} {g['threshold']}" if g["value"] is not None
+               else f"{g['name']}: {g['reason']}" for g in failed]
     return {
         "passed": not failed,
         "gates": results,
         "reasons": reasons,
+        "skipped": [f"{g['name']}: {g['reason']}" for g in results if g["status"] == "skipped"],
         "objective": objective,
+        "objective_value": objective_value(candidate, objective),
         "beats_champion": beats(candidate, champion, objective),
         "champion": champion,
     }

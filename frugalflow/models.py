@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import uuid
 from pathlib import Path
 
@@ -97,15 +98,21 @@ def _names(names, limit: int = 8) -> str:
 
 
 # --------------------------------------------------------------------------- loading
+# transformers builds models under process-wide patches (meta-device init): two threads loading at
+# once (sweep candidates in a thread-pool task runner) corrupt each other's parameters.
+_LOADING = threading.Lock()
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A dense or packed-quantized model from `model_dir`, in eval mode."""
     model_dir = Path(model_dir)
     weights = _check_dir(model_dir)
-    if (model_dir / QUANT_META).is_file():
-        model = _load_quantized(model_dir, weights, dtype)
-    else:
-        model = _load_dense(model_dir, dtype)
+    with _LOADING:
+        if (model_dir / QUANT_META).is_file():
+            model = _load_quantized(model_dir, weights, dtype)
+        else:
+            model = _load_dense(model_dir, dtype)
     return model.to(device).eval()
 
 

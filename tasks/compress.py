@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
 from prefect import get_run_logger, task
 
 from frugalflow.config import fingerprint
@@ -50,7 +51,10 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
                                "frugalflow.input_key": input_key, "frugalflow.key": key})
     T.log_params(client, run_id, {f"stage.{k}": v for k, v in stage.model_dump(mode="json").items()})
     stats_file = out_dir / "stats.json"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out_dir) + ".lock")  # two sweep candidates sharing this stage compute it once
     try:
+        lock.acquire()
         cached = stats_file.is_file()
         if cached:
             logger.info("stage %d %s: reusing %s (inputs unchanged)", index, stage.method, out_dir)
@@ -76,6 +80,8 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        lock.release()
     summary = ", ".join(f"{k}={stats[k]:.4g}" for k in SUMMARY_KEYS if isinstance(stats.get(k), (int, float)))
     logger.info("stage %d %s done%s: %s", index, stage.method, " (cached)" if cached else "", summary)
     return {"dir": str(out_dir), "key": key, "run_id": run_id, "cached": cached,

@@ -50,3 +50,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     build_tiny_llama().save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """Prefect's test harness (a temporary API with its own sqlite database) for one test module,
+    so flows run for real; the tiny project and flow-run helpers are in tests/helpers.py."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

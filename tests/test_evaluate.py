@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -113,3 +114,48 @@ def test_decode_speed_exact_tokens_on_custom_linears(tiny_model, tiny_tokenizer)
 def test_decode_speed_single_token(tiny_model, tiny_tokenizer):
     result = decode_speed(tiny_model, tiny_tokenizer, PROMPT, new_tokens=1, repeats=1)
     assert result["new_tokens"] == 1 and result["decode_tps"] > 0 and result["latency_p50_ms"] > 0
+
+
+def _forward_lengths(model):
+    lengths = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            lengths.append(ids.shape[1])
+
+    return lengths, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_prefill_tokens_latency_and_memory(tiny_model, tiny_tokenizer):
+    prompt_len = tiny_tokenizer(PROMPT, return_tensors="pt")["input_ids"].shape[1]
+    lengths, handle = _forward_lengths(tiny_model)
+    result = decode_speed(tiny_model, tiny_tokenizer, PROMPT, new_tokens=6, repeats=2, prefill_tokens=40)
+    handle.remove()
+    # prefill: one warm-up + one per repeat, each over exactly 40 tokens (the prompt repeated)
+    assert lengths.count(40) == 3 and result["prefill_tokens"] == 40 and result["prompt_tokens"] == prompt_len
+    # generate: 3 calls, each one prompt forward then 5 single-token steps
+    assert lengths.count(prompt_len) == 3 and lengths.count(1) == 3 * 5
+    assert result["prefill_tps"] == pytest.approx(40 / (result["prefill_ms"] / 1e3), rel=1e-9)
+    assert 0 < result["latency_p50_ms"] <= result["latency_p95_ms"]
+    n_bytes = sum(p.numel() * p.element_size() for p in tiny_model.parameters())  # tied lm_head counted once
+    n_bytes += sum(b.numel() * b.element_size() for b in tiny_model.buffers())
+    assert result["weights_mem_mb"] == pytest.approx(n_bytes / 2**20, rel=1e-12)
+    assert result["work_mem_mb"] >= 0
+    assert result["peak_mem_mb"] == pytest.approx(result["weights_mem_mb"] + result["work_mem_mb"])
+    short = decode_speed(tiny_model, tiny_tokenizer, PROMPT, new_tokens=2, repeats=1)
+    assert short["prefill_tokens"] == prompt_len  # 0: the prompt itself
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_code_path_on_cuda(tiny_model, tiny_tokenizer):
+    windows = _windows()
+    cpu_ppl = perplexity(tiny_model, windows)
+    model = tiny_model.to("cuda")
+    assert math.isclose(perplexity(model, windows), cpu_ppl, rel_tol=1e-4)
+    result = decode_speed(model, tiny_tokenizer, PROMPT, new_tokens=8, repeats=2, prefill_tokens=64)
+    assert result["new_tokens"] == 8 and result["prefill_tokens"] == 64 and result["decode_tps"] > 0
+    assert 0 < result["latency_p50_ms"] <= result["latency_p95_ms"]
+    # CUDA: max_memory_allocated, weights included
+    assert result["peak_mem_mb"] >= result["weights_mem_mb"] > 0 and result["work_mem_mb"] >= 0

@@ -3,81 +3,27 @@ harness, a real MLflow sqlite store and registry, checked through MlflowClient."
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
+from helpers import ROOT, client_for, make_project, run_flow, tiny_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-frugal"
-
-
-def recipe_dict(tiny_model_dir: Path) -> dict:
-    return {
-        "name": "tiny-e2e",
-        "base_model": {"source": "local", "local_dir": str(tiny_model_dir), "path": "models/base"},
-        "data": {"corpus": "pydoc_topics", "window": 64, "calib_windows": 8, "train_windows": 16,
-                 "eval_windows": 6, "path": "data"},
-        "stages": [
-            {"method": "magnitude", "sparsity": 0.5},
-            {"method": "rtn", "bits": 4, "group_size": 32},
-            {"method": "kl", "steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-4},
-        ],
-        "evaluation": {"decode_tokens": 8, "decode_repeats": 1},
-        "gates": {"max_ppl_increase_pct": 1000.0, "min_size_reduction": 2.0},
-        "registry": {"model_name": MODEL, "objective": "ppl"},
-        "tracking": {"uri": "sqlite:///mlflow.db"},
-    }
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
-                   capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir) -> Path:
-    proj = tmp_path_factory.mktemp("project")
-    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
-    (proj / "frugalflow").mkdir()
-    for name in ("fetch_model.py", "data.py"):  # the DVC stages' code deps
-        shutil.copy(ROOT / "frugalflow" / name, proj / "frugalflow" / name)
-    (proj / "params.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_model_dir), sort_keys=False))
-    (proj / ".gitignore").write_text("/models\n/data\n/artifacts\n/mlartifacts\nmlflow.db\n")
-    git(proj, "init", "-q")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)
-    git(proj, "add", "-A")
-    git(proj, "commit", "-qm", "init")
-    return proj
-
-
-def run_flow(project: Path, overrides: list[str] | None = None) -> dict:
-    from flows.nightly import compression_flow
-
-    return compression_flow(params=str(project / "params.yaml"), overrides=overrides or [])
+    recipe = tiny_recipe(tiny_model_dir, "tiny-e2e", registry={"model_name": MODEL})
+    return make_project(tmp_path_factory.mktemp("project"), recipe)
 
 
 @pytest.fixture(scope="module")
-def two_runs(harness, project):
+def two_runs(prefect_harness, project):
     first = run_flow(project)
     second = run_flow(project)
     return first, second
-
-
-def client_for(project: Path) -> MlflowClient:
-    uri = f"sqlite:///{project / 'mlflow.db'}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def test_first_run_records_everything(two_runs, project):
@@ -176,7 +122,7 @@ def test_cli_promote_rollback_and_runs(two_runs, project):
     assert bad.returncode == 2 and "ffffffff" in bad.stderr and first in bad.stderr
 
 
-def test_unreachable_tracking_server_fails_fast(harness, project):
+def test_unreachable_tracking_server_fails_fast(prefect_harness, project):
     from frugalflow.config import RecipeError
 
     with pytest.raises(ConnectionError, match="127.0.0.1:9"):

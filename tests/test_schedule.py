@@ -10,9 +10,7 @@ for real once SQLAlchemy is pinned below 2.1."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy
-import yaml
-from mlflow import MlflowClient
+from helpers import ROOT, client_for, free_port, make_project, stop, tail, tiny_recipe, wait_for
 from packaging.version import Version
 
 from frugalflow.config import RecipeError, ScheduleConfig, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_S, RUN_S = 90, 240
 TINY_SCHEDULE = {"cron": "30 3 * * *", "timezone": "Asia/Kolkata"}  # UTC+05:30 all year: no DST edge
 SQLALCHEMY_BREAKS_SCHEDULER = Version(sqlalchemy.__version__) >= Version("2.1")
@@ -36,49 +32,10 @@ pytestmark = pytest.mark.slow
 
 
 # --------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen, first: int = signal.SIGINT, wait_s: float = 20) -> None:
-    """Stop a process started here (own session): `first` to it, then SIGKILL to its group."""
-    if proc.poll() is None:
-        proc.send_signal(first)
-        try:
-            proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # children it left behind (uvicorn, flow-run processes)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-
-
-def tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
-
-
 def scheduler_errors(log: Path) -> list[str]:
     """ERROR lines of the server's scheduler task (`schedule_deployments`) in its log."""
     text = log.read_text(errors="replace") if log.exists() else ""
     return [line for line in text.splitlines() if "ERROR" in line and "schedule_deployments" in line]
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
-                   capture_output=True)
-
-
-def wait_for(predicate, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -127,33 +84,12 @@ def api(server):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir) -> Path:
-    """A tiny frugalflow project (as tests/test_flow_e2e.py): local tiny Llama, pydoc windows of
+    """A tiny frugalflow project (tests/helpers.py): local tiny Llama, pydoc windows of
     64 tokens, magnitude -> rtn -> 3 KL steps, sqlite MLflow store; its own schedule."""
-    proj = tmp_path_factory.mktemp("project")
-    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
-    (proj / "frugalflow").mkdir()
-    for name in ("fetch_model.py", "data.py"):  # the DVC stages' code deps
-        shutil.copy(ROOT / "frugalflow" / name, proj / "frugalflow" / name)
-    recipe = {
-        "name": "tiny-sched",
-        "base_model": {"source": "local", "local_dir": str(tiny_model_dir), "path": "models/base"},
-        "data": {"corpus": "pydoc_topics", "window": 64, "calib_windows": 4, "train_windows": 8,
-                 "eval_windows": 4, "path": "data"},
-        "stages": [{"method": "magnitude", "sparsity": 0.5}, {"method": "rtn", "bits": 4, "group_size": 32},
-                   {"method": "kl", "steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-4}],
-        "evaluation": {"decode_tokens": 4, "decode_repeats": 1},
-        "gates": {"max_ppl_increase_pct": 1000.0, "min_size_reduction": 1.0},
-        "registry": {"model_name": "tiny-sched", "objective": "ppl"},
-        "schedule": TINY_SCHEDULE,
-        "tracking": {"uri": "sqlite:///mlflow.db"},
-    }
-    (proj / "params.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    (proj / ".gitignore").write_text("/models\n/data\n/artifacts\n/mlartifacts\nmlflow.db\n")
-    git(proj, "init", "-q")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)
-    git(proj, "add", "-A")
-    git(proj, "commit", "-qm", "init")
-    return proj
+    recipe = tiny_recipe(tiny_model_dir, "tiny-sched", schedule=TINY_SCHEDULE,
+                         data={"calib_windows": 4, "train_windows": 8, "eval_windows": 4},
+                         evaluation={"decode_tokens": 4}, gates={"min_size_reduction": 1.0})
+    return make_project(tmp_path_factory.mktemp("project"), recipe)
 
 
 def read_deployment(deployment_id):
@@ -297,8 +233,7 @@ def test_served_deployment_runs_the_flow_to_completed(api, project, tmp_path):
     finally:
         stop(serve, signal.SIGINT, 30)
     # the run did the work: an MLflow parent run tagged with this flow run, a registered champion
-    uri = f"sqlite:///{project / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = client_for(project)
     experiment = client.get_experiment_by_name("tiny-sched")
     runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -4,10 +4,18 @@
 `new_tokens` tokens are produced every time (checked). A stopping criterion that never
 stops timestamps each generated token: the first stamp closes prefill + first token, the
 gaps between later stamps are the per-token decode latencies. Prefill is timed separately
-as one forward of the prompt. Only the model's forward is used, so models whose linears
-are custom (packed) modules work. Memory: CUDA max allocated above the starting point,
-else the peak resident-set increase seen while generating (RSS sampled at every token,
-plus the process high-water mark).
+as one forward of the prompt (or of `prefill_tokens` tokens: the prompt repeated), giving
+prefill tokens/s. Only the model's forward is used, so models whose linears are custom
+(packed) modules work, on the CPU or on CUDA.
+
+Memory (`peak_mem_mb`, MB = 2**20 bytes) is what the model needs at its peak while decoding:
+- CUDA: torch.cuda.max_memory_allocated over the timed runs (weights, KV cache, activations;
+  exact for tensors allocated through torch's caching allocator).
+- CPU: the bytes of the model's parameters and buffers (exact) plus the peak increase of the
+  process's resident set while generating (`work_mem_mb`: KV cache, activations, allocator
+  slack), sampled at every generated token from /proc/self/statm and also taken from the
+  process high-water mark (getrusage). The increase is a lower bound: memory the allocator
+  reuses from earlier work does not show up in RSS. Both parts are reported as well.
 """
 from __future__ import annotations
 
@@ -59,12 +67,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 64, repeats: int = 3) -> dict:
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (tied weights counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def prefill_ids(tokenizer, prompt: str, n_tokens: int) -> torch.Tensor:
+    """[1, n] ids: the prompt's, or (n_tokens > 0) the prompt's repeated and cut to n_tokens."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if n_tokens > 0 and ids.shape[1] > 0:
+        reps = -(-n_tokens // ids.shape[1])
+        ids = ids.repeat(1, reps)[:, :n_tokens]
+    return ids
+
+
+def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 64, repeats: int = 3,
+                 prefill_tokens: int = 0) -> dict:
     """Greedy-decode `new_tokens` tokens after `prompt`, `repeats` times after one warm-up.
 
     Returns {'decode_tps': median over repeats of (new_tokens - 1) / decode time,
-    'prefill_ms': median prompt-forward latency, 'latency_p50_ms' / 'latency_p95_ms':
-    per-token decode latency over all repeats, 'peak_mem_mb', 'new_tokens', 'prompt_tokens'}.
+    'prefill_ms': median latency of one forward over the prefill ids (the prompt, or
+    `prefill_tokens` tokens), 'prefill_tps': prefill tokens / that latency, 'latency_p50_ms' /
+    'latency_p95_ms': per-token decode latency over all repeats, 'peak_mem_mb', 'weights_mem_mb',
+    'work_mem_mb' (see the module docstring), 'new_tokens', 'prompt_tokens', 'prefill_tokens'}.
     With new_tokens == 1 there is no decode gap: tps and latency use the whole generate call."""
     if new_tokens < 1 or repeats < 1:
         raise ValueError(f"new_tokens and repeats must be >= 1, got {new_tokens}, {repeats}")
@@ -76,6 +107,7 @@ def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 64,
     attention_mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"])).to(device)
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt encodes to zero tokens")
+    pre_ids = prefill_ids(tokenizer, prompt, prefill_tokens).to(device)
     model_gen = getattr(model, "generation_config", None)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(model_gen, "eos_token_id", None)
     bos = getattr(model_gen, "bos_token_id", None)
@@ -90,21 +122,26 @@ def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 64,
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                               stopping_criteria=StoppingCriteriaList([clock]))
 
-    tps, prefill_ms, latencies_ms, peak = [], [], [], 0.0
+    def prefill() -> None:
+        model(input_ids=pre_ids, attention_mask=torch.ones_like(pre_ids), use_cache=True)
+
+    weights_mb = model_bytes(model) / 2**20
+    tps, prefill_s, latencies_ms, work = [], [], [], 0.0
     try:
         with torch.inference_mode():
             generate(_TokenClock(device))  # warm-up
+            prefill()
+            _sync(device)
             if device.type == "cuda":
-                _sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 base_alloc = torch.cuda.memory_allocated(device)
             base_rss, base_maxrss = _rss_mb(), _maxrss_mb()
             for _ in range(repeats):
                 _sync(device)
                 t = time.perf_counter()
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+                prefill()
                 _sync(device)
-                prefill_ms.append((time.perf_counter() - t) * 1e3)
+                prefill_s.append(time.perf_counter() - t)
 
                 clock = _TokenClock(device)
                 t_start = time.perf_counter()
@@ -122,20 +159,27 @@ def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 64,
                     tps.append(1.0 / total)
                     latencies_ms.append(total * 1e3)
                 if base_rss is not None and clock.rss:
-                    peak = max(peak, max(clock.rss) - base_rss)
+                    work = max(work, max(clock.rss) - base_rss)
             if device.type == "cuda":
-                peak = (torch.cuda.max_memory_allocated(device) - base_alloc) / 2**20
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
+                work = peak - base_alloc / 2**20
             else:
-                peak = max(peak, _maxrss_mb() - base_maxrss, 0.0)
+                work = max(work, _maxrss_mb() - base_maxrss, 0.0)
+                peak = weights_mb + work
     finally:
         model.train(was_training)
     lat = np.asarray(latencies_ms)
+    prefill_med = float(statistics.median(prefill_s))
     return {
         "decode_tps": float(statistics.median(tps)),
-        "prefill_ms": float(statistics.median(prefill_ms)),
+        "prefill_ms": prefill_med * 1e3,
+        "prefill_tps": pre_ids.shape[1] / prefill_med,
         "latency_p50_ms": float(np.percentile(lat, 50)),
         "latency_p95_ms": float(np.percentile(lat, 95)),
         "peak_mem_mb": float(peak),
+        "weights_mem_mb": float(weights_mb),
+        "work_mem_mb": float(work),
         "new_tokens": new_tokens,
         "prompt_tokens": int(input_ids.shape[1]),
+        "prefill_tokens": int(pre_ids.shape[1]),
     }

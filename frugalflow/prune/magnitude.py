@@ -35,8 +35,12 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None
     k = int(round(sparsity * W.numel()))
     keep = torch.ones(W.numel(), dtype=torch.bool, device=W.device)
     if k:
-        order = torch.argsort(score.flatten(), stable=True)
-        keep[order[:k]] = False
+        flat = score.flatten()  # exactly k pruned: all below the k-th value, then its ties in flat order
+        threshold = torch.kthvalue(flat, k).values
+        below = flat < threshold
+        ties = (flat == threshold).nonzero().squeeze(1)[: k - int(below.sum())]
+        keep[below] = False
+        keep[ties] = False
     return keep.reshape(W.shape)
 
 

@@ -1,0 +1,80 @@
+"""One candidate's life in a flow: its stages, its evaluation, its gates and its publication.
+
+The nightly flow runs one candidate; the sweep flow runs many (stages in parallel through
+the task runner, evaluations one at a time so that speed figures are not measured while
+another candidate computes). Both record a candidate the same way: metrics `ppl`,
+`size_mb`, `decode_tps`, ... (also as `candidate.*`) and the tag `frugalflow.candidate` on
+its MLflow run, the gate verdict on the same run, the model directory as `model/`.
+"""
+from __future__ import annotations
+
+from prefect import task
+
+from flows.project import Project
+from frugalflow.config import Recipe
+from frugalflow.report import build_report, to_markdown
+from tasks import tracking as T
+from tasks.compress import compress_stage
+from tasks.evaluate import evaluate
+from tasks.gate import gate
+from tasks.promote import register_and_promote
+from tasks.pyfunc import log_pyfunc
+
+HEADLINE = ("ppl", "size_mb", "decode_tps", "sparsity", "bits_per_weight")
+
+
+def run_stages(project: Project, recipe: Recipe, tracking: T.Tracking) -> list[dict]:
+    """Every stage of `recipe` in order from the base model; each is a child run of the tracking run."""
+    current_dir, current_key, stages = str(project.base_dir), project.base_key, []
+    for index, stage in enumerate(recipe.stages):
+        result = compress_stage(stage, index, current_dir, current_key, data_dir=str(project.data_dir),
+                                data_key=project.data_key, teacher_dir=str(project.base_dir),
+                                artifacts_dir=str(project.artifacts), device=project.device, seed=recipe.seed,
+                                pruned=any(s.kind == "prune" for s in recipe.stages[:index]), tracking=tracking)
+        stages.append({"method": stage.method, "kind": stage.kind, **result})
+        current_dir, current_key = result["dir"], result["key"]
+    return stages
+
+
+@task(name="candidate-stages")
+def candidate_stages(project: Project, recipe: Recipe, tracking: T.Tracking) -> list[dict]:
+    """`run_stages` as one task, so a sweep can submit candidates to the flow's task runner."""
+    return run_stages(project, recipe, tracking)
+
+
+def evaluate_baseline(project: Project) -> dict:
+    return evaluate(str(project.base_dir), str(project.data_dir), project.recipe.evaluation,
+                    str(project.artifacts), project.device, "base model")
+
+
+def evaluate_candidate(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracking,
+                       label: str = "candidate") -> dict:
+    """Evaluate the candidate and record its metrics on its run."""
+    metrics = evaluate(model_dir, str(project.data_dir), recipe.evaluation, str(project.artifacts),
+                       project.device, label)
+    client = T.connect(tracking.uri)
+    run = tracking.parent_run_id
+    T.log_metrics(client, run, {f"candidate.{k}": v for k, v in metrics.items()})
+    T.log_metrics(client, run, {k: metrics[k] for k in HEADLINE if k in metrics})
+    T.set_tags(client, run, {"frugalflow.candidate": label})
+    return metrics
+
+
+def judge(project: Project, recipe: Recipe, candidate: dict, baseline: dict, tracking: T.Tracking) -> dict:
+    return gate(candidate, baseline, recipe.gates, recipe.registry.objective, recipe.registry.model_name,
+                tracking)
+
+
+def publish(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracking, *, baseline: dict,
+            candidate: dict, stages: list[dict], verdict: dict) -> dict:
+    """Log the model (and, when it passed, the servable pyfunc) and the report, then register and
+    promote a passing candidate. Returns the promotion record."""
+    client = T.connect(tracking.uri)
+    run = tracking.parent_run_id
+    client.log_artifacts(run, model_dir, "model")
+    pyfunc = log_pyfunc(client, run, model_dir) if verdict["passed"] else None
+    report = build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage)
+    T.log_json(client, run, report, "report/evaluation.json")
+    T.log_text(client, run, to_markdown(report), "report/evaluation.md")
+    return register_and_promote(verdict, recipe.registry.model_name, project.lineage_tags, tracking,
+                                model_uri=pyfunc["model_uri"] if pyfunc else None)

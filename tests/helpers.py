@@ -1,0 +1,112 @@
+"""Helpers shared by the flow tests (end-to-end, schedule, UI): a tiny frugalflow project on
+disk (git + DVC, the real dvc.yaml, a local tiny Llama, pydoc windows, sqlite MLflow store),
+running the real flow on it, and starting/stopping/waiting on server subprocesses."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(tiny_model_dir: Path, name: str, **sections) -> dict:
+    """magnitude 0.5 -> rtn 4-bit -> 3 KL steps on windows of 64 tokens; registered model `name`.
+    Each keyword replaces a section (dict sections are updated key by key)."""
+    recipe = {
+        "name": name,
+        "base_model": {"source": "local", "local_dir": str(tiny_model_dir), "path": "models/base"},
+        "data": {"corpus": "pydoc_topics", "window": 64, "calib_windows": 8, "train_windows": 16,
+                 "eval_windows": 6, "path": "data"},
+        "stages": [
+            {"method": "magnitude", "sparsity": 0.5},
+            {"method": "rtn", "bits": 4, "group_size": 32},
+            {"method": "kl", "steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-4},
+        ],
+        "evaluation": {"decode_tokens": 8, "decode_repeats": 1},
+        "gates": {"max_ppl_increase_pct": 1000.0, "min_size_reduction": 2.0},
+        "registry": {"model_name": name, "objective": "ppl"},
+        "tracking": {"uri": "sqlite:///mlflow.db"},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and key in recipe else value
+    return recipe
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def make_project(proj: Path, recipe: dict) -> Path:
+    """A git + DVC project in `proj` with the repo's dvc.yaml, its stages' code and `recipe` as
+    params.yaml, committed."""
+    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    (proj / "frugalflow").mkdir()
+    for name in ("fetch_model.py", "data.py"):  # the DVC stages' code deps
+        shutil.copy(ROOT / "frugalflow" / name, proj / "frugalflow" / name)
+    (proj / "params.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (proj / ".gitignore").write_text("/models\n/data\n/artifacts\n/mlartifacts\nmlflow.db\n")
+    git(proj, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)
+    git(proj, "add", "-A")
+    git(proj, "commit", "-qm", "init")
+    return proj
+
+
+def run_flow(project: Path, overrides: list[str] | None = None) -> dict:
+    """The real compression_flow on the project (needs a Prefect API: the `prefect_harness` fixture)."""
+    from flows.nightly import compression_flow
+
+    return compression_flow(params=str(project / "params.yaml"), overrides=overrides or [])
+
+
+def store_uri(project: Path) -> str:
+    return f"sqlite:///{project / 'mlflow.db'}"
+
+
+def client_for(project: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=store_uri(project), registry_uri=store_uri(project))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen, first: int = signal.SIGINT, wait_s: float = 20) -> None:
+    """Stop a process started here (own session): `first` to it, then SIGKILL to its group."""
+    if proc.poll() is None:
+        proc.send_signal(first)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children it left behind (uvicorn, flow-run processes)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+def wait_for(predicate, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)

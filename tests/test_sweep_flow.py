@@ -1,0 +1,76 @@
+"""The sweep flow end to end on a tiny model: a 2 x 2 grid through Prefect's thread-pool task
+runner, real DVC, a sqlite MLflow store; the Pareto-best passing candidate is promoted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.cli import main as cli
+from frugalflow.pareto import pareto_front
+from tests.helpers import client_for, make_project, tiny_recipe
+
+MODEL = "tiny-sweep"
+GRID = ["stages.0.sparsity=0.2,0.6", "stages.1.bits=4,8"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    recipe = tiny_recipe(tiny_model_dir, MODEL, gates={"max_ppl_increase_pct": 1000.0, "min_size_reduction": 4.0})
+    return make_project(tmp_path_factory.mktemp("sweep"), recipe)
+
+
+@pytest.fixture(scope="module")
+def sweep(prefect_harness, project):
+    from flows.sweep import sweep_flow
+
+    return sweep_flow(params=str(project / "params.yaml"), grid=GRID)
+
+
+def test_every_grid_point_is_a_child_run_with_metrics(sweep, project):
+    client = client_for(project)
+    runs = client.search_runs([client.get_experiment_by_name(MODEL).experiment_id],
+                              f"tags.`frugalflow.sweep_run` = '{sweep['run_id']}'")
+    assert sorted(r.info.run_name for r in runs) == sorted(
+        ["sparsity=0.2,bits=4", "sparsity=0.2,bits=8", "sparsity=0.6,bits=4", "sparsity=0.6,bits=8"])
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == sweep["run_id"]
+        assert {"ppl", "size_mb", "decode_tps"} <= set(r.data.metrics)
+        point = json.loads(r.data.tags["frugalflow.assignment"])
+        assert r.data.params["sweep.stages.1.bits"] == str(point["stages.1.bits"])
+        stage_runs = client.search_runs([r.info.experiment_id], f"tags.`mlflow.parentRunId` = '{r.info.run_id}'")
+        assert len(stage_runs) == 3  # magnitude, rtn, kl under each candidate
+    # 8-bit weights are bigger than 4-bit ones, whatever the sparsity
+    size = {r.info.run_name: r.data.metrics["size_mb"] for r in runs}
+    assert size["sparsity=0.2,bits=8"] > size["sparsity=0.2,bits=4"]
+
+
+def test_the_pareto_best_passing_candidate_is_registered_and_champion(sweep, project):
+    table = sweep["candidates"]
+    metrics = [c["metrics"] for c in table]
+    front = set(pareto_front(metrics, minimize=("ppl", "size_mb"), maximize=("decode_tps",)))
+    assert [c["pareto"] for c in table] == [i in front for i in range(len(table))]
+    # 8-bit candidates are about 3x smaller than the fp32 base model: the size gate (4x) fails them
+    assert [c["passed"] for c in table] == [c["label"].endswith("bits=4") for c in table]
+    eligible = [c for c in table if c["pareto"] and c["passed"]]
+    best = min(eligible, key=lambda c: c["metrics"]["ppl"])
+    assert sweep["selected"] == best["label"] and [c["selected"] for c in table].count(True) == 1
+
+    client = client_for(project)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.run_id == best["run_id"]
+    assert sweep["promotion"] == {"registered": True, "version": str(champion.version), "champion": True}
+    sweep_run = client.get_run(sweep["run_id"])
+    assert sweep_run.data.tags["frugalflow.selected_run"] == best["run_id"]
+    assert {"sweep/candidates.json", "sweep/summary.md", "sweep/grid.json"} <= {
+        a.path for d in ("sweep",) for a in client.list_artifacts(sweep["run_id"], d)}
+
+
+def test_invalid_grid_point_is_refused_before_any_work(project, capsys):
+    code = cli(["sweep", "-p", str(project / "params.yaml"), "-g", "stages.0.sparsity=0.5,1.5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "sweep candidate sparsity=1.5" in err and "stages.0.sparsity" in err
+    assert cli(["sweep", "-p", str(project / "params.yaml")]) == 2
+    assert "no grid" in capsys.readouterr().err
