@@ -12,12 +12,13 @@ from prefect import task
 
 from flows.project import Project
 from frugalflow.config import Recipe
-from frugalflow.report import build_report, to_markdown
+from frugalflow.report import build_report
 from tasks import tracking as T
 from tasks.compress import compress_stage
 from tasks.evaluate import evaluate
 from tasks.gate import gate
 from tasks.promote import register_and_promote
+from tasks.report import publish_report
 from tasks.pyfunc import log_pyfunc
 
 HEADLINE = ("ppl", "size_mb", "decode_tps", "sparsity", "bits_per_weight")
@@ -67,14 +68,13 @@ def judge(project: Project, recipe: Recipe, candidate: dict, baseline: dict, tra
 
 def publish(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracking, *, baseline: dict,
             candidate: dict, stages: list[dict], verdict: dict) -> dict:
-    """Log the model (and, when it passed, the servable pyfunc) and the report, then register and
+    """Log the model (and, when it passed, the servable pyfunc) and the report with its plots
+    (also a Prefect artifact on the flow run), then register and
     promote a passing candidate. Returns the promotion record."""
     client = T.connect(tracking.uri)
     run = tracking.parent_run_id
     client.log_artifacts(run, model_dir, "model")
     pyfunc = log_pyfunc(client, run, model_dir) if verdict["passed"] else None
-    report = build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage)
-    T.log_json(client, run, report, "report/evaluation.json")
-    T.log_text(client, run, to_markdown(report), "report/evaluation.md")
+    publish_report(build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage), tracking)
     return register_and_promote(verdict, recipe.registry.model_name, project.lineage_tags, tracking,
                                 model_uri=pyfunc["model_uri"] if pyfunc else None)

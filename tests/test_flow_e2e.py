@@ -46,7 +46,10 @@ def test_first_run_records_everything(two_runs, project):
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"recipe.yaml", "verdict.json", "report", "model"} <= top
     report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-    assert report == {"report/evaluation.json", "report/evaluation.md"}
+    assert {"report/report.json", "report/report.md", "report/report.html", "report/plots"} <= report
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "report/plots")}
+    assert {"report/plots/ppl_vs_size.png", "report/plots/ppl_vs_speed.png", "report/plots/layer_errors.png",
+            "report/plots/training-2.png"} <= plots, plots
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/quantization.json" in model_files and "model/model.safetensors" in model_files
     # one child run per stage, in order, with per-stage metrics

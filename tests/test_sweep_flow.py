@@ -61,6 +61,8 @@ def test_the_pareto_best_passing_candidate_is_registered_and_champion(sweep, pro
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.run_id == best["run_id"]
     assert sweep["promotion"] == {"registered": True, "version": str(champion.version), "champion": True}
+    report = {a.path for a in client.list_artifacts(best["run_id"], "report")}
+    assert "report/report.html" in report  # with the sweep's candidates in its Pareto plots
     sweep_run = client.get_run(sweep["run_id"])
     assert sweep_run.data.tags["frugalflow.selected_run"] == best["run_id"]
     assert {"sweep/candidates.json", "sweep/summary.md", "sweep/grid.json"} <= {
