@@ -110,3 +110,24 @@ def wait_for(predicate, timeout: float, every: float = 1.0):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(every)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, what: str, timeout: float) -> float:
+    """Wait until GET `url` answers 200 and return the seconds it took; fail the test with the end
+    of the server's `log` if the process exits or the time runs out."""
+    import httpx
+    import pytest
+
+    started = time.monotonic()
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{tail(log)}")
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_for(healthy, timeout, 0.5):
+        pytest.fail(f"{what} not answering within {timeout} s:\n{tail(log)}")
+    return time.monotonic() - started

@@ -17,10 +17,9 @@ import time
 from datetime import timezone
 from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy
-from helpers import ROOT, client_for, free_port, make_project, stop, tail, tiny_recipe, wait_for
+from helpers import ROOT, client_for, free_port, make_project, stop, tail, tiny_recipe, wait_for, wait_healthy
 from packaging.version import Version
 
 from frugalflow.config import RecipeError, ScheduleConfig, load_recipe
@@ -53,20 +52,9 @@ def server(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                  "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 cwd=home, start_new_session=True)
-    started = time.monotonic()
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"prefect server exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        if not wait_for(healthy, SERVER_START_S, 0.5):
-            pytest.fail(f"prefect server not healthy within {SERVER_START_S} s:\n{tail(log)}")
-        print(f"prefect server healthy after {time.monotonic() - started:.1f} s on {url}")
+        seconds = wait_healthy(proc, f"{url}/health", log, "prefect server", SERVER_START_S)
+        print(f"prefect server healthy after {seconds:.1f} s on {url}")
         yield {"url": url, "home": home, "env": {**env, "PREFECT_API_URL": url}}
     finally:
         stop(proc, signal.SIGTERM)

@@ -8,7 +8,7 @@ import pytest
 
 from flows.cli import main as cli
 from frugalflow.pareto import pareto_front
-from tests.helpers import client_for, make_project, tiny_recipe
+from helpers import client_for, make_project, tiny_recipe
 
 MODEL = "tiny-sweep"
 GRID = ["stages.0.sparsity=0.2,0.6", "stages.1.bits=4,8"]

@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from helpers import ROOT, client_for, free_port, make_project, run_flow, stop, tail, tiny_recipe, wait_for
+from helpers import ROOT, client_for, free_port, make_project, run_flow, stop, tiny_recipe, wait_healthy
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -58,20 +57,9 @@ def ui(project, tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "-p", str(project / "params.yaml"),
                                  "--port", str(port)], cwd=project, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    started = time.monotonic()
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"frugalflow ui exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        if not wait_for(healthy, SERVER_START_S, 0.5):
-            pytest.fail(f"MLflow UI not answering within {SERVER_START_S} s:\n{tail(log)}")
-        print(f"MLflow UI up after {time.monotonic() - started:.1f} s on {url}")
+        seconds = wait_healthy(proc, f"{url}/health", log, "frugalflow ui", SERVER_START_S)
+        print(f"MLflow UI up after {seconds:.1f} s on {url}")
         yield url
     finally:
         stop(proc, signal.SIGTERM, 15)
