@@ -7,7 +7,9 @@ MLflow: one sweep run; under it one run per candidate (params, metrics `ppl`, `s
 `decode_tps`, verdict, tags `frugalflow.pareto` / `frugalflow.selected`), and under each of
 those its stage runs. Stages of different candidates run at once through the flow's task
 runner (`sweep.max_parallel` threads; a stage shared by two candidates is computed once, the
-other waits for it); evaluations run one at a time so that decode speeds are comparable.
+other waits for it). In one process the stages' compute takes turns (tasks/compress.py: model
+construction in transformers is not thread-safe); evaluations start when every candidate is
+compressed and run one at a time, so that decode speeds are comparable.
 """
 from __future__ import annotations
 
@@ -92,13 +94,15 @@ def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
             rows.append({"label": name, "assignment": assignment, "recipe": cand, "tracking": tracking,
                          "future": candidate_stages.with_options(task_run_name=f"stages[{name}]")
                          .submit(project, cand, tracking)})
-        for row in rows:  # evaluate one at a time, in grid order, as each candidate's stages finish
+        for row in rows:
             try:
                 row["stages"] = row.pop("future").result()
             except Exception as exc:  # one broken candidate does not sink the sweep
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 logger.error("candidate %s failed: %s", row["label"], row["error"])
                 client.set_terminated(row["tracking"].parent_run_id, "FAILED")
+        for row in rows:  # once every stage is done: one at a time, in grid order
+            if "error" in row:
                 continue
             row["dir"] = row["stages"][-1]["dir"]
             row["metrics"] = evaluate_candidate(project, row["recipe"], row["dir"], row["tracking"], row["label"])

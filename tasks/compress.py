@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 from filelock import FileLock
@@ -19,6 +20,11 @@ from frugalflow.config import fingerprint
 from frugalflow.stages import run_stage
 from tasks import tracking as T
 
+# transformers builds modules under process-wide patches (meta-device init), so two stages in
+# threads of one process corrupt each other's parameters: stages of a sweep's candidates are
+# submitted together but compute one at a time here. Parallel compute needs process or
+# distributed workers (team mode), where each stage runs alone in its process.
+_COMPUTE = threading.Lock()
 SUMMARY_KEYS = ("seconds", "sparsity", "bits_per_weight", "n_params", "final_loss", "seconds_per_step", "steps",
                 "ppl_before", "ppl_after")
 
@@ -68,9 +74,10 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
                 step = int(metrics.pop("step", 0))
                 T.log_metrics(client, run_id, metrics, step=step)
 
-            stats = run_stage(stage, input_dir, out_dir, data_dir=data_dir, teacher_dir=teacher_dir,
-                              device=device, seed=seed, checkpoint_dir=str(out_dir) + ".ckpt", pruned=pruned,
-                              report=report)
+            with _COMPUTE:
+                stats = run_stage(stage, input_dir, out_dir, data_dir=data_dir, teacher_dir=teacher_dir,
+                                  device=device, seed=seed, checkpoint_dir=str(out_dir) + ".ckpt", pruned=pruned,
+                                  report=report)
             stats_file.write_text(json.dumps(stats, indent=1, default=float) + "\n")
             shutil.rmtree(str(out_dir) + ".ckpt", ignore_errors=True)
         T.log_metrics(client, run_id, {k: stats[k] for k in SUMMARY_KEYS if k in stats})
