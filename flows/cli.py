@@ -67,9 +67,7 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     recipe = _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    from flows.sweep import candidate_recipes, sweep_flow
+    from flows.sweep import candidate_recipes, sweep_flow, sweep_runner
 
     try:
         candidates = candidate_recipes(args.params, args.grid, args.set)  # every grid point, before any work
@@ -78,7 +76,7 @@ def cmd_sweep(args) -> int:
         return 2
     print(f"sweep: {len(candidates)} candidates: {', '.join(c[0] for c in candidates)}")
     workers = args.parallel or recipe.sweep.max_parallel
-    result = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(
+    result = sweep_flow.with_options(task_runner=sweep_runner(workers))(
         params=args.params, grid=args.grid, overrides=args.set)
     print(f"\nsweep {result['run_id']}: {len(result['candidates'])} candidates, selected: {result['selected'] or 'none'}")
     for c in result["candidates"]:

@@ -6,18 +6,21 @@ passing candidate gated, registered and promoted.
 MLflow: one sweep run; under it one run per candidate (params, metrics `ppl`, `size_mb`,
 `decode_tps`, verdict, tags `frugalflow.pareto` / `frugalflow.selected`), and under each of
 those its stage runs. Stages of different candidates run at once through the flow's task
-runner (`sweep.max_parallel` threads; a stage shared by two candidates is computed once, the
-other waits for it). In one process the stages' compute takes turns (tasks/compress.py: model
-construction in transformers is not thread-safe); evaluations start when every candidate is
-compressed and run one at a time, so that decode speeds are comparable.
+runner: `sweep.max_parallel` worker processes (Prefect's ProcessPoolTaskRunner), which share
+the machine's cores; a stage shared by two candidates is computed once under a file lock, the
+other waits for it. Processes, not threads: transformers builds models under process-wide
+patches, so two threads of one process cannot compute at once (tasks/compress.py). Evaluations
+start when every candidate is compressed and run one at a time in the flow's process, so that
+decode speeds are comparable.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.candidate import candidate_stages, evaluate_baseline, evaluate_candidate, judge, publish
 from flows.nightly import start_parent_run
@@ -55,6 +58,19 @@ def candidate_recipes(params: str, grid_options: list[str], overrides: list[str]
     return out
 
 
+def share_cores(workers: int) -> None:
+    """Worker initializer: each of `workers` processes gets its share of the cores, so that
+    parallel candidates do not oversubscribe the machine."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def sweep_runner(workers: int) -> ProcessPoolTaskRunner:
+    """The task runner that computes `workers` candidates at once, one per process."""
+    return ProcessPoolTaskRunner(max_workers=workers, initializer=share_cores, initargs=(workers,))
+
+
 def summary_markdown(rows: list[dict], objective: str) -> str:
     lines = [f"# Sweep: {len(rows)} candidates (objective {objective})", "",
              "| candidate | ppl | size MB | decode tok/s | gates | Pareto front | selected |",
@@ -68,7 +84,7 @@ def summary_markdown(rows: list[dict], objective: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@flow(name="frugalflow-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="frugalflow-sweep", log_prints=True, task_runner=sweep_runner(2))
 def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
                overrides: list[str] | None = None) -> dict:
     logger = get_run_logger()

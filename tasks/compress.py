@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -21,9 +23,8 @@ from frugalflow.stages import run_stage
 from tasks import tracking as T
 
 # transformers builds modules under process-wide patches (meta-device init), so two stages in
-# threads of one process corrupt each other's parameters: stages of a sweep's candidates are
-# submitted together but compute one at a time here. Parallel compute needs process or
-# distributed workers (team mode), where each stage runs alone in its process.
+# threads of one process corrupt each other's parameters: in one process stages compute one at
+# a time. The sweep flow runs candidates in worker processes (flows/sweep.py) for parallel compute.
 _COMPUTE = threading.Lock()
 SUMMARY_KEYS = ("seconds", "sparsity", "bits_per_weight", "n_params", "final_loss", "seconds_per_step", "steps",
                 "ppl_before", "ppl_after")
@@ -82,7 +83,8 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
             shutil.rmtree(str(out_dir) + ".ckpt", ignore_errors=True)
         T.log_metrics(client, run_id, {k: stats[k] for k in SUMMARY_KEYS if k in stats})
         T.log_json(client, run_id, stats, "stats.json")
-        T.set_tags(client, run_id, {"frugalflow.cached": cached, "frugalflow.output_dir": out_dir})
+        T.set_tags(client, run_id, {"frugalflow.cached": cached, "frugalflow.output_dir": out_dir,
+                                    "frugalflow.worker": f"{socket.gethostname()}:{os.getpid()}"})
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")

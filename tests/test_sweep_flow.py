@@ -1,8 +1,10 @@
-"""The sweep flow end to end on a tiny model: a 2 x 2 grid through Prefect's thread-pool task
+"""The sweep flow end to end on a tiny model: a 2 x 2 grid through Prefect's process-pool task
 runner, real DVC, a sqlite MLflow store; the Pareto-best passing candidate is promoted."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
 
@@ -44,6 +46,22 @@ def test_every_grid_point_is_a_child_run_with_metrics(sweep, project):
     # 8-bit weights are bigger than 4-bit ones, whatever the sparsity
     size = {r.info.run_name: r.data.metrics["size_mb"] for r in runs}
     assert size["sparsity=0.2,bits=8"] > size["sparsity=0.2,bits=4"]
+
+
+def test_candidates_compute_in_parallel_worker_processes(sweep, project):
+    client = client_for(project)
+    experiment = client.get_experiment_by_name(MODEL).experiment_id
+    candidates = {r.info.run_id for r in client.search_runs(
+        [experiment], f"tags.`frugalflow.sweep_run` = '{sweep['run_id']}'")}
+    stage_runs = [r for r in client.search_runs([experiment], "tags.`frugalflow.stage` != ''")
+                  if r.data.tags.get("mlflow.parentRunId") in candidates]
+    workers = {r.data.tags["frugalflow.worker"] for r in stage_runs}
+    assert f"{socket.gethostname()}:{os.getpid()}" not in workers  # not computed in the flow's process
+    assert len(workers) == 2  # sweep.max_parallel (2) worker processes
+    # each prune stage is shared by two candidates (same sparsity, different bits): computed once
+    prune = [r for r in stage_runs if r.data.tags["frugalflow.stage"] == "prune"]
+    assert len(prune) == 4 and sorted(r.data.tags["frugalflow.cached"] for r in prune) == ["False", "False",
+                                                                                          "True", "True"]
 
 
 def test_the_pareto_best_passing_candidate_is_registered_and_champion(sweep, project):
