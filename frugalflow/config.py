@@ -179,6 +179,8 @@ class _Distill(Strict):
     grad_clip: float = Field(1.0, gt=0.0)
     ce_weight: float = Field(0.0, ge=0.0, description="weight of the ground-truth cross-entropy term")
     hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE term")
+    train_splits: list[Literal["train", "calib"]] = Field(
+        ["train", "calib"], min_length=1, description="prepared splits trained on (never the eval split)")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
 
 

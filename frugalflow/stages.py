@@ -152,9 +152,10 @@ def run_distill(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
     masks = {name: (m.weight.data != 0) for name, m in compressible_linears(student).items()
              if bool((m.weight.data == 0).any())} if ctx["pruned"] else {}
     teacher = load_model(ctx["teacher_dir"], device=device)
-    windows = load_windows(ctx["data_dir"], "train")
+    windows = torch.cat([load_windows(ctx["data_dir"], split) for split in stage.train_splits])
     if len(windows) == 0:
-        raise ValueError("distillation needs training windows: data.train_windows is 0")
+        raise ValueError(f"distillation needs training windows: the splits {stage.train_splits} are empty "
+                         "(data.train_windows / data.calib_windows)")
     report = ctx.get("report", _quiet)
     eval_windows = load_windows(ctx["data_dir"], "eval")
     ppl_before = perplexity(student, eval_windows)
@@ -173,6 +174,7 @@ def run_distill(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
                     seed=ctx.get("seed", 0), on_step=on_step, device=device)
     del teacher
     stats["ppl_before"], stats["ppl_after"] = ppl_before, perplexity(student, eval_windows)
+    stats["train_windows"] = len(windows)
     report(f"perplexity after distillation {stats['ppl_after']:.3f}", {"ppl_after": stats["ppl_after"]})
     if grids:
         quantize_with_grids(student, grids)

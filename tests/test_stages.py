@@ -86,6 +86,17 @@ def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, data_dir, me
     assert stats["steps"] == 3 and stats["sparsity"] >= 0.5 - 1e-3
 
 
+def test_distillation_trains_on_the_chosen_splits_only(tmp_path, tiny_model_dir, data_dir):
+    kw = dict(steps=1, batch_size=1, seq_len=16)
+    both = run_stage(stage("kl", **kw), tiny_model_dir, tmp_path / "both", data_dir=data_dir,
+                     teacher_dir=tiny_model_dir)
+    train = run_stage(stage("kl", train_splits=["train"], **kw), tiny_model_dir, tmp_path / "train",
+                      data_dir=data_dir, teacher_dir=tiny_model_dir)
+    assert (both["train_windows"], train["train_windows"]) == (8 + 8, 8)
+    with pytest.raises(ValueError, match="train_splits"):  # never the evaluation windows
+        stage("kl", train_splits=["eval"])
+
+
 def test_structured_pruning_gives_a_smaller_plain_model(tmp_path, tiny_model_dir, data_dir):
     from transformers import AutoModelForCausalLM
 
