@@ -23,7 +23,8 @@ class Smooth:
 class Structure:
     """What structured (width/depth) pruning slices, relative to one decoder layer, and the config
     keys the sizes live in. Attention fields stay empty where heads cannot be pruned without
-    custom code (OPT derives head_dim from hidden_size / num_attention_heads)."""
+    custom code (OPT derives head_dim from hidden_size / num_attention_heads); `norms` stays
+    empty where embedding channels (hidden size) cannot be pruned."""
 
     mlp_in: tuple[str, ...]  # linears whose output rows are the MLP channels (gate, up)
     mlp_out: str  # linear whose input columns are the MLP channels (down)
@@ -35,6 +36,8 @@ class Structure:
     kv_heads_key: str = "num_key_value_heads"
     head_dim_key: str = "head_dim"
     layers_key: str = "num_hidden_layers"
+    norms: tuple[str, ...] = ()  # norms whose outputs feed a block (hidden-channel importance; sliced with it)
+    hidden_key: str = "hidden_size"
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ _LLAMA = Arch(
     pre_layers=("model.rotary_emb",),
     structure=Structure(mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
                         intermediate_key="intermediate_size", q="self_attn.q_proj",
-                        kv=("self_attn.k_proj", "self_attn.v_proj"), o="self_attn.o_proj"),
+                        kv=("self_attn.k_proj", "self_attn.v_proj"), o="self_attn.o_proj",
+                        norms=("input_layernorm", "post_attention_layernorm")),
 )
 
 _OPT = Arch(

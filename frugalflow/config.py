@@ -102,14 +102,16 @@ class SparseGPTPrune(_Prune):
 
 
 class StructuredPrune(Strict):
-    """Minitron-style width (MLP channels, attention heads) and depth (whole layers) pruning
-    from calibration activations: a smaller dense model that transformers loads as it is."""
+    """Minitron-style width (MLP channels, attention heads, embedding channels) and depth (whole
+    layers) pruning from calibration activations: a smaller dense model that transformers loads
+    as it is."""
 
     kind: Literal["prune"] = "prune"
     method: Literal["structured"]
     mlp_ratio: float = Field(0.25, ge=0.0, lt=1.0, description="share of MLP channels removed")
     heads_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="share of attention heads removed")
     heads_mode: Literal["groups", "query"] = "groups"
+    hidden_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="share of embedding channels (hidden size) removed")
     drop_layers: int = Field(0, ge=0, le=1000, description="whole decoder layers removed")
 
 

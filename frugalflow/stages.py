@@ -86,7 +86,8 @@ def run_structured(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
     importance = structured_importance(model, ctx["calib"](), device=ctx["device"],
                                        on_progress=_layer_progress(ctx, "structured importance"))
     stats = prune_structured(model, importance, mlp_ratio=stage.mlp_ratio, heads_ratio=stage.heads_ratio,
-                             drop_layers=stage.drop_layers, heads_mode=stage.heads_mode)
+                             hidden_ratio=stage.hidden_ratio, drop_layers=stage.drop_layers,
+                             heads_mode=stage.heads_mode)
     save_model(model, out_dir, tokenizer_dir=model_dir)
     return {"structure": stats}
 

@@ -1,6 +1,6 @@
 """Structured (Minitron) pruning: importance against a plain-forward reference, pruning equal to
 masking, shapes and config, the save/from_pretrained round trip, constructed rankings and the
-parameter arithmetic."""
+parameter arithmetic; embedding channels (hidden size) alone and with every other axis."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +9,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from frugalflow.config import StructuredPrune
 from frugalflow.models import load_model
-from frugalflow.prune.structured import (head_counts, mlp_keep_count, prune_structured,
+from frugalflow.prune.structured import (head_counts, hidden_keep_count, mlp_keep_count, prune_structured,
                                          structured_importance)
 
 V, H, I, NH, NKV, HD = 384, 64, 128, 4, 2, 16
@@ -54,6 +56,9 @@ def reference_importance(model, ids):
             lambda m, a, _o, i=i: seen.__setitem__(("mlp", i), m.act_fn(m.gate_proj(a[0])) * m.up_proj(a[0]))))
         handles.append(layer.self_attn.o_proj.register_forward_hook(
             lambda _m, a, _o, i=i: seen.__setitem__(("heads", i), a[0])))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            handles.append(getattr(layer, norm).register_forward_hook(
+                lambda _m, _a, out, i=i, norm=norm: seen.__setitem__((norm, i), out)))
     logits(model, ids)
     for h in handles:
         h.remove()
@@ -66,6 +71,7 @@ def reference_importance(model, ids):
         "mlp": [agg(seen["mlp", i]) for i in range(n)],
         "heads": [agg(seen["heads", i]).reshape(NH, HD).norm(dim=1) for i in range(n)],
         "block": [1 - F.cosine_similarity(*seen["block", i], dim=-1).mean().item() for i in range(n)],
+        "hidden": sum(agg(seen[norm, i]) for i in range(n) for norm in ("input_layernorm", "post_attention_layernorm")),
     }
 
 
@@ -87,9 +93,35 @@ def masked_copy(model, stats):
     return m
 
 
-def n_params_formula(layers, inter, heads, kv):
-    attn = H * heads * HD + 2 * H * kv * HD + heads * HD * H
-    return V * H + layers * (attn + 3 * H * inter + 2 * H) + H  # tied embeddings, final norm
+def n_params_formula(layers, inter, heads, kv, h=H):
+    attn = h * heads * HD + 2 * h * kv * HD + heads * HD * h
+    return V * h + layers * (attn + 3 * h * inter + 2 * h) + h  # tied embeddings, final norm
+
+
+def dead_hidden_channels(model, n=16, seed=7):
+    """Silence n embedding channels of the residual stream: embedding columns and every o/down row
+    that writes them are zeroed, so they stay 0 and every norm outputs 0 there. RMSNorm eps is made
+    negligible so that removing zero channels only rescales each norm by sqrt(H / H_kept)."""
+    dead = sorted(torch.randperm(H, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, dead] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[dead] = 0
+    for m in model.modules():
+        if hasattr(m, "variance_epsilon"):
+            m.variance_epsilon = 1e-12
+    return dead
+
+
+def norms_rescaled(model, factor):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.input_layernorm.weight.mul_(factor)
+            layer.post_attention_layernorm.weight.mul_(factor)
+        m.model.norm.weight.mul_(factor)
+    return m
 
 
 # --------------------------------------------------------------------------- importance
@@ -100,6 +132,8 @@ def test_importance_matches_plain_forward_reference():
     ref = reference_importance(model, ids)
     assert progress == [(0, 3), (1, 3), (2, 3)]
     assert (imp["n_layers"], imp["intermediate_size"], imp["num_attention_heads"], imp["head_dim"]) == (3, I, NH, HD)
+    assert imp["hidden_size"] == H and len(imp["hidden"]) == H
+    torch.testing.assert_close(torch.tensor(imp["hidden"]), ref["hidden"], rtol=1e-5, atol=1e-6)
     assert imp["n_tokens"] == ids.numel() and imp["n_windows"] == 5
     for i in range(3):
         torch.testing.assert_close(torch.tensor(imp["mlp"][i]), ref["mlp"][i], rtol=1e-5, atol=1e-7)
@@ -109,7 +143,8 @@ def test_importance_matches_plain_forward_reference():
     # serialisable, and the JSON copy prunes the same way
     loaded = json.loads(json.dumps(imp))
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    assert prune_structured(a, imp, 0.25, 0.5, 1)["kept"] == prune_structured(b, loaded, 0.25, 0.5, 1)["kept"]
+    assert (prune_structured(a, imp, 0.25, 0.5, 1, hidden_ratio=0.25)["kept"]
+            == prune_structured(b, loaded, 0.25, 0.5, 1, hidden_ratio=0.25)["kept"])
 
 
 def test_zeroed_mlp_channels_rank_lowest_and_go_first():
@@ -171,7 +206,7 @@ def test_pruning_equals_masking_and_shapes(heads_mode):
     cfg = model.config
     assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
             cfg.num_hidden_layers) == (96, heads, kv, HD, 2)
-    assert stats["after"] == {"n_params": n_params_formula(2, 96, heads, kv), "num_hidden_layers": 2,
+    assert stats["after"] == {"n_params": n_params_formula(2, 96, heads, kv), "hidden_size": H, "num_hidden_layers": 2,
                               "intermediate_size": 96, "num_attention_heads": heads, "num_key_value_heads": kv,
                               "head_dim": HD}
     for j, layer in enumerate(model.model.layers):
@@ -270,4 +305,123 @@ def test_opt_mlp_and_depth_round_trip(tmp_path):
     assert model.config.ffn_dim == 96 and model.config.num_hidden_layers == 2
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- hidden size
+def test_silent_hidden_channels_rank_lowest_and_go_first():
+    model, ids = build(), windows()
+    dead = dead_hidden_channels(model)
+    before = logits(model, ids)
+    imp = structured_importance(model, ids)
+    scores = torch.tensor(imp["hidden"])
+    assert torch.all(scores[dead] == 0) and scores[sorted(set(range(H)) - set(dead))].min() > 0
+    stats = prune_structured(model, imp, mlp_ratio=0.0, hidden_ratio=0.25)
+    keep = sorted(set(range(H)) - set(dead))
+    assert stats["kept"]["hidden"] == keep and stats["hidden_ratio_effective"] == 0.25
+    assert model.config.hidden_size == 48 and model.config.head_dim == HD
+    # only zeros went: the pruned model is the original up to each RMSNorm's sqrt(48 / 64)
+    torch.testing.assert_close(logits(norms_rescaled(model, (H / 48) ** 0.5), ids), before, rtol=0, atol=1e-5)
+    # past the silent ones, the next to go are the lowest scores
+    other = build()
+    imp = structured_importance(other, ids)
+    prune_structured(other, imp, mlp_ratio=0.0, hidden_ratio=0.5)
+    top = torch.argsort(torch.tensor(imp["hidden"]), descending=True)[:32].sort().values
+    torch.testing.assert_close(other.model.embed_tokens.weight, build().model.embed_tokens.weight[:, top])
+
+
+@pytest.mark.parametrize("heads_mode", ["groups", "query"])
+def test_hidden_with_every_axis_equals_masking(heads_mode):
+    model, ids = build(), windows()
+    dead_hidden_channels(model)
+    original = copy.deepcopy(model)
+    stats = prune_structured(model, structured_importance(model, ids), mlp_ratio=0.25, heads_ratio=0.5,
+                             drop_layers=1, heads_mode=heads_mode, hidden_ratio=0.25)
+    heads, kv = (2, 1) if heads_mode == "groups" else (2, 2)
+    assert stats["after"] == {"n_params": n_params_formula(2, 96, heads, kv, h=48), "hidden_size": 48,
+                              "num_hidden_layers": 2, "intermediate_size": 96, "num_attention_heads": heads,
+                              "num_key_value_heads": kv, "head_dim": HD}
+    assert sum(p.numel() for p in model.parameters()) == stats["after"]["n_params"]
+    expected = logits(masked_copy(original, stats), ids)
+    got = logits(norms_rescaled(model, (H / 48) ** 0.5), ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("heads_mode", ["groups", "query"])
+def test_hidden_pruned_model_round_trip(tmp_path, heads_mode):
+    model, ids = build(), windows()
+    stats = prune_structured(model, structured_importance(model, ids), mlp_ratio=0.25, heads_ratio=0.5,
+                             drop_layers=1, heads_mode=heads_mode, hidden_ratio=0.25)
+    heads, kv = (2, 1) if heads_mode == "groups" else (2, 2)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
+    expected = logits(model, ids)
+    assert torch.isfinite(expected).all()
+    with torch.no_grad():  # KV-cache decoding matches the full forward
+        past = model(ids[:, :20], use_cache=True).past_key_values
+        step = model(ids[:, 20:21], past_key_values=past, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, expected[:, 20], rtol=0, atol=2e-5)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in ("hidden_size", "head_dim", "intermediate_size", "num_attention_heads",
+                                  "num_key_value_heads", "num_hidden_layers", "tie_word_embeddings")} == {
+        "hidden_size": 48, "head_dim": HD, "intermediate_size": 96, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "num_hidden_layers": 2, "tie_word_embeddings": True}
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    loaded.eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.model.embed_tokens.weight.shape == (V, 48) and loaded.model.norm.weight.shape == (48,)
+    for layer in loaded.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        assert a.head_dim == HD
+        assert a.q_proj.weight.shape == (heads * HD, 48) and a.o_proj.weight.shape == (48, heads * HD)
+        assert a.k_proj.weight.shape == a.v_proj.weight.shape == (kv * HD, 48)
+        assert m.gate_proj.weight.shape == m.up_proj.weight.shape == (96, 48) and m.down_proj.weight.shape == (48, 96)
+        assert layer.input_layernorm.weight.shape == layer.post_attention_layernorm.weight.shape == (48,)
+    assert sum(p.numel() for p in loaded.parameters()) == stats["after"]["n_params"]
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(load_model(tmp_path), ids), expected, rtol=0, atol=1e-6)
+
+
+def test_hidden_counts_and_validation():
+    assert hidden_keep_count(576, 0.25) == 432 and hidden_keep_count(64, 0.25) == 48
+    assert hidden_keep_count(64, 0.99) == 16 and hidden_keep_count(576, 0.3) == 400
+    with pytest.raises(ValueError, match="hidden_ratio"):
+        hidden_keep_count(64, 1.0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValidationError, match="hidden_ratio"):
+            StructuredPrune(method="structured", hidden_ratio=bad)
+    assert StructuredPrune(method="structured").hidden_ratio == 0.0
+    model, ids = build(), windows()
+    imp = structured_importance(model, ids)
+    with pytest.raises(ValueError, match="keeps all"):
+        prune_structured(copy.deepcopy(model), imp, mlp_ratio=0.0, hidden_ratio=0.05)
+    with pytest.raises(ValueError, match="KV groups"):  # refused before any weight is sliced
+        prune_structured(model, imp, mlp_ratio=0.25, heads_ratio=0.2, hidden_ratio=0.25)
+    assert model.config.hidden_size == H and model.model.layers[0].mlp.down_proj.weight.shape == (H, I)
+    prune_structured(model, imp, mlp_ratio=0.0, hidden_ratio=0.25)
+    with pytest.raises(ValueError, match="another shape"):
+        prune_structured(model, imp, mlp_ratio=0.0, hidden_ratio=0.25)
+    opt = build_opt()
+    imp = structured_importance(opt, ids)
+    assert imp["hidden"] is None
+    with pytest.raises(ValueError, match="hidden"):
+        prune_structured(opt, imp, hidden_ratio=0.25)
+
+
+def test_hidden_untied_lm_head_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
+                                         num_attention_heads=NH, num_key_value_heads=NKV, tie_word_embeddings=False,
+                                         max_position_embeddings=512, bos_token_id=0, eos_token_id=0)).eval()
+    ids = windows()
+    full = model.lm_head.weight.detach().clone()
+    stats = prune_structured(model, structured_importance(model, ids), mlp_ratio=0.0, hidden_ratio=0.5)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, full[:, stats["kept"]["hidden"]])
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight.shape == (V, 32) and not loaded.config.tie_word_embeddings
     torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=1e-6)

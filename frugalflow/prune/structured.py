@@ -11,10 +11,14 @@ Two steps, so the search is separate from the apply and its result is a small JS
   "heads"  importance of each query head: the same per channel on the input of the attention
            output projection, then the L2 norm over the head's head_dim channels;
   "block"  block importance BI = 1 - mean over tokens of cos(layer input, layer output)
-           (Men et al. 2024, ShortGPT).
+           (Men et al. 2024, ShortGPT);
+and model-wide
+  "hidden" importance of embedding channel c: the same per channel on the output of every norm
+           that feeds a block (input_layernorm, post_attention_layernorm), summed over all of them.
 Why the driver: it moves one layer at a time to `device` and feeds each layer the output of
 the one before (propagate=False: no weight changes, so the first run's outputs are exactly a
-plain forward's), and its `accumulate` hook hands over the down/o projection inputs.
+plain forward's), and its `accumulate` hook hands over the down/o projection inputs; forward
+hooks on the norms see their outputs as each layer runs.
 
 `prune_structured(model, importance, ...)` slices weights in place and rewrites the config, so
 the result is a plain Hugging Face model (save_pretrained / AutoModelForCausalLM.from_pretrained,
@@ -28,8 +32,16 @@ no custom code):
          keeps the same counts and num_attention_heads stays a multiple of num_key_value_heads.
   depth  the `drop_layers` layers with the lowest BI go (one-shot ranking, as ShortGPT); the
          kept modules get their new layer_idx; num_hidden_layers and layer_types are rewritten.
-Not done: embedding-channel (hidden size) pruning, Minitron's head-residual trick, and the
-distillation that must follow. Names and config keys come from `arch_of(model).structure`.
+  hidden the same top channels go everywhere (the residual stream is one space): embedding and
+         lm_head columns (a tied lm_head stays tied), q/k/v/gate/up input columns, o/down output
+         rows, every norm weight including the final one; hidden_size is rounded as the MLP
+         width is (`hidden_keep_count`); head_dim is written to the config (no longer
+         hidden_size / num_attention_heads).
+         RMSNorm then averages over the kept channels only; nothing compensates (as Minitron:
+         distillation follows).
+The axes slice different dimensions, so any combination gives consistent shapes.
+Not done: Minitron's head-residual trick and the distillation that must follow. Names and config
+keys come from `arch_of(model).structure`.
 """
 from __future__ import annotations
 
@@ -44,7 +56,8 @@ from frugalflow.arch import Structure, arch_of, decoder_layers
 from frugalflow.calibration import run_sequential
 
 HEADS_MODES = ("groups", "query")
-AGGREGATION = "mean |x| over each window's tokens, L2 over windows; heads: L2 over head_dim"
+AGGREGATION = ("mean |x| over each window's tokens, L2 over windows; heads: L2 over head_dim; "
+               "hidden: sum over the block-input norms")
 
 
 def _structure(model: nn.Module) -> Structure:
@@ -61,6 +74,7 @@ def _head_dim(config, st: Structure) -> int:
 def _shape(model: nn.Module, st: Structure) -> dict:
     cfg = model.config
     out = {"n_params": sum(p.numel() for p in model.parameters()),
+           "hidden_size": getattr(cfg, st.hidden_key),
            "num_hidden_layers": getattr(cfg, st.layers_key),
            "intermediate_size": getattr(cfg, st.intermediate_key)}
     if st.q:
@@ -87,14 +101,16 @@ class _ChannelScore:
 @torch.no_grad()
 def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device: str | torch.device = "cpu",
                           on_progress: Callable[[int, int], None] | None = None, batch_size: int = 8) -> dict:
-    """Per-layer MLP channel, head and block importance on `calib_windows` (LongTensor [N, L]),
-    as plain lists (json.dumps-able). Weights are not changed."""
+    """Per-layer MLP channel, head and block importance and model-wide embedding-channel
+    ("hidden") importance on `calib_windows` (LongTensor [N, L]), as plain lists
+    (json.dumps-able). Weights are not changed."""
     st = _structure(model)
     cfg = model.config
     layers = decoder_layers(model)
     shape = _shape(model, st)
     current: dict = {}
     per_layer: list[dict] = []
+    model_wide: dict = {}  # "hidden": running sum over layers and norms of the channel scores
 
     def accumulate(name, inp, _out):
         if name == st.mlp_out:
@@ -109,9 +125,15 @@ def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device:
         current["cos"] = current.get("cos", 0.0) + float(cos.double().sum())
         current["tokens"] = current.get("tokens", 0) + cos.numel()
 
+    def norm_out(name):
+        return lambda _module, _args, out: current.setdefault(("norm", name), _ChannelScore()).add(out)
+
     def solve(i, _layer, _stats):
         if len(per_layer) != i:
             raise RuntimeError(f"layer {i} finished out of order")
+        if st.norms:
+            scores = sum(current[("norm", name)].finish() for name in st.norms)
+            model_wide["hidden"] = model_wide.get("hidden", 0) + scores
         row = {"mlp": current["mlp"].finish().tolist(), "block": 1.0 - current["cos"] / current["tokens"]}
         if st.o:
             ch = current["heads"].finish()
@@ -121,6 +143,8 @@ def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device:
         return {}
 
     handles = [layer.register_forward_hook(block, with_kwargs=True) for layer in layers]
+    handles += [layer.get_submodule(name).register_forward_hook(norm_out(name)) for layer in layers
+                for name in st.norms]
     try:
         run_sequential(model, calib_windows, solve, needs=(), accumulate=accumulate, device=device,
                        batch_size=batch_size, propagate=False, on_progress=on_progress)
@@ -129,13 +153,15 @@ def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device:
             h.remove()
     return {
         "method": "minitron-activation", "aggregation": AGGREGATION, "model_type": cfg.model_type,
-        "n_layers": shape["num_hidden_layers"], "intermediate_size": shape["intermediate_size"],
+        "hidden_size": shape["hidden_size"], "n_layers": shape["num_hidden_layers"],
+        "intermediate_size": shape["intermediate_size"],
         "num_attention_heads": shape.get("num_attention_heads"), "num_key_value_heads": shape.get("num_key_value_heads"),
         "head_dim": shape.get("head_dim"),
         "n_windows": int(calib_windows.shape[0]), "n_tokens": int(calib_windows.numel()),
         "mlp": [r["mlp"] for r in per_layer],
         "heads": [r["heads"] for r in per_layer] if st.o else None,
         "block": [r["block"] for r in per_layer],
+        "hidden": model_wide["hidden"].tolist() if st.norms else None,
     }
 
 
@@ -144,16 +170,25 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def _keep_count(width: int, ratio: float, multiple_of: int, field: str) -> int:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{field} must be in [0, 1), got {ratio}")
+    target = width * (1.0 - ratio)
+    if multiple_of <= 1 or width < multiple_of:
+        return min(width, max(1, _round_half_up(target)))
+    return min(width, max(multiple_of, multiple_of * _round_half_up(target / multiple_of)))
+
+
 def mlp_keep_count(intermediate: int, ratio: float, multiple_of: int = 16) -> int:
     """Channels every layer keeps: intermediate * (1 - ratio) to the nearest multiple of
     `multiple_of`, at least one multiple, at most `intermediate` (plain rounding, at least 1,
     when intermediate < multiple_of)."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mlp_ratio must be in [0, 1), got {ratio}")
-    target = intermediate * (1.0 - ratio)
-    if multiple_of <= 1 or intermediate < multiple_of:
-        return min(intermediate, max(1, _round_half_up(target)))
-    return min(intermediate, max(multiple_of, multiple_of * _round_half_up(target / multiple_of)))
+    return _keep_count(intermediate, ratio, multiple_of, "mlp_ratio")
+
+
+def hidden_keep_count(hidden: int, ratio: float, multiple_of: int = 16) -> int:
+    """Embedding channels kept: the rule of `mlp_keep_count` applied to hidden_size."""
+    return _keep_count(hidden, ratio, multiple_of, "hidden_ratio")
 
 
 def head_counts(n_heads: int, n_kv: int, ratio: float, mode: str = "groups") -> tuple[int, int]:
@@ -193,11 +228,13 @@ def head_plan(scores, n_heads: int, n_kv: int, new_heads: int, new_kv: int) -> t
     return [g * rep + int(r) for g in range(n_kv) for r in top_indices(s[g], new_rep)], list(range(n_kv))
 
 
-def _check(model: nn.Module, importance: dict, st: Structure, heads: bool) -> None:
+def _check(model: nn.Module, importance: dict, st: Structure, heads: bool, hidden: bool) -> None:
     shape = _shape(model, st)
     want = {"n_layers": shape["num_hidden_layers"], "intermediate_size": shape["intermediate_size"]}
     if heads:
         want.update({k: shape[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim")})
+    if hidden:
+        want["hidden_size"] = shape["hidden_size"]
     wrong = {k: (importance.get(k), v) for k, v in want.items() if importance.get(k) != v}
     if wrong:
         raise ValueError(f"importance was computed for another shape (importance, model): {wrong}; "
@@ -226,6 +263,49 @@ def _keep_cols(lin: nn.Linear, idx: torch.Tensor) -> None:
     lin.in_features = len(idx)
 
 
+def _keep_norm(norm: nn.Module, idx: torch.Tensor) -> None:
+    """Slice a norm's per-channel weight (and bias) to the kept channels."""
+    for key in ("weight", "bias"):
+        p = getattr(norm, key, None)
+        if p is not None:
+            setattr(norm, key, nn.Parameter(p.data.index_select(0, idx.to(p.device)).clone(),
+                                            requires_grad=p.requires_grad))
+    if isinstance(getattr(norm, "normalized_shape", None), tuple):
+        norm.normalized_shape = (len(idx),)
+
+
+def _prune_hidden(model: nn.Module, st: Structure, idx: torch.Tensor) -> None:
+    """Keep embedding channels `idx` everywhere the residual stream is read or written."""
+    arch = arch_of(model)
+    old, n = getattr(model.config, st.hidden_key), len(idx)
+    emb = model.get_submodule(arch.embed)
+    if type(emb) is not nn.Embedding:
+        raise TypeError(f"{arch.embed} is {type(emb).__name__}, not nn.Embedding")
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    emb.weight = nn.Parameter(emb.weight.data.index_select(1, idx.to(emb.weight.device)).clone(),
+                              requires_grad=emb.weight.requires_grad)
+    emb.embedding_dim = n
+    if tied:
+        head.weight = emb.weight
+        head.in_features = n
+    elif head is not None:
+        if type(head) is not nn.Linear:
+            raise TypeError(f"lm_head is {type(head).__name__}, not nn.Linear")
+        _keep_cols(head, idx)
+    for layer in decoder_layers(model):
+        for name in (st.q, *st.kv, *st.mlp_in):
+            _keep_cols(_linear(layer, name), idx)
+        for name in (st.o, st.mlp_out):
+            _keep_rows(_linear(layer, name), idx)
+        for name in st.norms:
+            _keep_norm(layer.get_submodule(name), idx)
+        for module in layer.modules():  # informational copies of the width (LlamaMLP, decoder layer)
+            if getattr(module, "hidden_size", None) == old:
+                module.hidden_size = n
+    _keep_norm(model.get_submodule(arch.final_norm), idx)
+
+
 def _channels(heads: list[int], head_dim: int) -> torch.Tensor:
     return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
 
@@ -237,23 +317,36 @@ def _parent(layer: nn.Module, name: str) -> nn.Module:
 
 @torch.no_grad()
 def prune_structured(model: nn.Module, importance: dict, mlp_ratio: float = 0.25, heads_ratio: float = 0.0,
-                     drop_layers: int = 0, heads_mode: str = "groups", multiple_of: int = 16) -> dict:
+                     drop_layers: int = 0, heads_mode: str = "groups", multiple_of: int = 16,
+                     hidden_ratio: float = 0.0) -> dict:
     """Prune `model` in place from `importance` (see module docstring); returns
     {"before", "after": shapes and n_params, "param_reduction", "mlp_ratio_effective",
-    "heads_ratio_effective", "dropped_layers", "kept": per-layer kept MLP channels, query
-    heads, KV heads (original numbering) and kept layers}. A ratio > 0 that prunes nothing
-    after rounding is an error."""
+    "heads_ratio_effective", "hidden_ratio_effective", "dropped_layers", "kept": per-layer kept
+    MLP channels, query heads, KV heads (original numbering), kept layers and the kept embedding
+    channels}. A ratio > 0 that prunes nothing after rounding is an error; ratios and shapes
+    are checked before the first weight is sliced."""
     st = _structure(model)
     cfg = model.config
     if heads_ratio > 0 and not st.q:
         raise ValueError(f"head pruning is not supported for model_type {cfg.model_type!r} "
                          "(head_dim is not a config key there)")
-    _check(model, importance, st, heads=heads_ratio > 0)
+    if hidden_ratio > 0 and not (st.norms and st.q):
+        raise ValueError(f"hidden (embedding-channel) pruning is not supported for model_type {cfg.model_type!r}")
+    _check(model, importance, st, heads=heads_ratio > 0, hidden=hidden_ratio > 0)
     layers = decoder_layers(model)
     n_layers = len(layers)
     if not 0 <= drop_layers < n_layers:
         raise ValueError(f"drop_layers must be in [0, {n_layers - 1}], got {drop_layers}")
     before = _shape(model, st)
+    if heads_ratio > 0:
+        new_heads, new_kv = head_counts(before["num_attention_heads"], before["num_key_value_heads"],
+                                        heads_ratio, heads_mode)
+    if hidden_ratio > 0:
+        n_hidden = hidden_keep_count(before["hidden_size"], hidden_ratio, multiple_of)
+        if n_hidden == before["hidden_size"]:
+            raise ValueError(f"hidden_ratio={hidden_ratio} keeps all {n_hidden} channels after rounding "
+                             f"to {multiple_of}")
+        head_dim = _head_dim(cfg, st)  # before hidden_size changes
     kept: dict = {}
     stats = {"before": before, "heads_mode": heads_mode, "multiple_of": multiple_of}
 
@@ -277,7 +370,6 @@ def prune_structured(model: nn.Module, importance: dict, mlp_ratio: float = 0.25
 
     if heads_ratio > 0:
         n_heads, n_kv, hd = before["num_attention_heads"], before["num_key_value_heads"], before["head_dim"]
-        new_heads, new_kv = head_counts(n_heads, n_kv, heads_ratio, heads_mode)
         kept["heads"], kept["kv_heads"] = [], []
         for i, layer in enumerate(layers):
             q_heads, kv_heads = head_plan(importance["heads"][i], n_heads, n_kv, new_heads, new_kv)
@@ -314,6 +406,14 @@ def prune_structured(model: nn.Module, importance: dict, mlp_ratio: float = 0.25
             cfg.layer_types = [layer_types[i] for i in keep]
         kept["layers"] = keep
     stats["dropped_layers"] = dropped
+
+    if hidden_ratio > 0:  # after the drop: only kept layers are sliced
+        idx = top_indices(importance["hidden"], n_hidden)
+        _prune_hidden(model, st, idx)
+        setattr(cfg, st.hidden_key, n_hidden)
+        setattr(cfg, st.head_dim_key, head_dim)  # Llama would compute hidden_size // num_attention_heads
+        kept["hidden"] = idx.tolist()
+        stats["hidden_ratio_effective"] = 1.0 - n_hidden / before["hidden_size"]
     after = _shape(model, st)
     stats["after"] = after
     stats["param_reduction"] = 1.0 - after["n_params"] / before["n_params"]
