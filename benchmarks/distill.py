@@ -1,16 +1,19 @@
 """Distillation on SmolLM2-135M: how much of the compression's perplexity gap TSLD and KL win back.
 
-    python benchmarks/distill.py [--steps 300] [--structured-steps 200] [--out benchmarks/results]
+    python benchmarks/distill.py [--steps 300] [--lr 5e-4] [--structured-steps 150] [--out benchmarks/results]
 
 Same protocol and work folder as prune_quant.py (it reuses its base model, data and
 SparseGPT-50% output). Compressed = SparseGPT 50% -> AWQ w4 g64 asymmetric. Then TSLD and
-plain KL from the dense teacher, same steps and settings. Structured: 25% of MLP channels and
-of attention heads pruned, distilled with TSLD, decode tokens/s against dense (bf16, interleaved rounds, median).
+plain KL from the dense teacher, same steps and settings, on the train and calibration windows
+(the stage default; evaluation windows are never trained on). Structured: 25% of the width
+(MLP channels, attention heads as whole KV groups, embedding channels) pruned, distilled with
+TSLD, decode tokens/s against dense (bf16, interleaved rounds, median).
 Writes distill.json and distill.md.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -33,13 +36,21 @@ from frugalflow.models import load_model, load_tokenizer  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
 
 
-# 25% of the width: a quarter of the MLP channels and of the attention heads (one of the three KV
-# groups with its query heads), ranked by activation importance on the calibration windows.
-STRUCTURED = {"method": "structured", "mlp_ratio": 0.25, "heads_ratio": 0.25, "heads_mode": "groups"}
+# 25% of the width, Minitron's three width axes: a quarter of the MLP channels, of the attention
+# heads (one of the three KV groups with its query heads) and of the embedding channels, ranked by
+# activation importance on the calibration windows.
+STRUCTURED = {"method": "structured", "mlp_ratio": 0.25, "heads_ratio": 0.25, "heads_mode": "groups",
+              "hidden_ratio": 0.25}
 
 
 def stage(spec: dict):
     return C.Recipe.model_validate({"stages": [spec]}).stages[0]
+
+
+def named(work: Path, prefix: str, spec: dict, src: Path) -> Path:
+    """An output folder named by what it holds: a changed setting never reuses an old result."""
+    key = hashlib.sha1(json.dumps([spec, src.name], sort_keys=True).encode()).hexdigest()[:8]
+    return work / f"{prefix}_{key}"
 
 
 def compress(spec: dict, src: Path, out: Path, base: Path, data: Path, pruned: bool = False) -> dict:
@@ -60,12 +71,12 @@ def compress(spec: dict, src: Path, out: Path, base: Path, data: Path, pruned: b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--structured-steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     work = Path(args.work)
     base, data = work / "base", work / "data"
@@ -80,19 +91,22 @@ def main() -> None:
     compress({"method": "sparsegpt", "sparsity": 0.5}, base, sparse, base, data)
     compressed = work / "sparsegpt50_awq"
     compress({"method": "awq", "bits": 4, "group_size": 64}, sparse, compressed, base, data)
-    tsld = compress({"method": "tsld", **train}, compressed, work / f"distill_tsld_{args.steps}", base, data, True)
-    kl = compress({"method": "kl", **train}, compressed, work / f"distill_kl_{args.steps}", base, data, True)
+    tsld_dir = named(work, "distill_tsld", {"method": "tsld", **train}, compressed)
+    kl_dir = named(work, "distill_kl", {"method": "kl", **train}, compressed)
+    tsld = compress({"method": "tsld", **train}, compressed, tsld_dir, base, data, True)
+    kl = compress({"method": "kl", **train}, compressed, kl_dir, base, data, True)
 
     dense_ppl = perplexity(load_model(base), eval_windows)
     compressed_ppl = perplexity(load_model(compressed), eval_windows)
-    tsld_ppl = perplexity(load_model(work / f"distill_tsld_{args.steps}"), eval_windows)
-    kl_ppl = perplexity(load_model(work / f"distill_kl_{args.steps}"), eval_windows)
+    tsld_ppl = perplexity(load_model(tsld_dir), eval_windows)
+    kl_ppl = perplexity(load_model(kl_dir), eval_windows)
     gap = compressed_ppl - dense_ppl
 
-    structured = work / "structured25"
+    structured = named(work, "structured25", STRUCTURED, base)
     compress(STRUCTURED, base, structured, base, data)
-    structured_tsld = work / f"structured25_tsld_{args.structured_steps}"
-    compress({"method": "tsld", **train, "steps": args.structured_steps}, structured, structured_tsld, base, data)
+    structured_train = {"method": "tsld", **train, "steps": args.structured_steps}
+    structured_tsld = named(work, "structured25_tsld", structured_train, structured)
+    compress(structured_train, structured, structured_tsld, base, data)
     structured_ppl = perplexity(load_model(structured_tsld), eval_windows)
     tokenizer = load_tokenizer(base)
     models = {"dense": load_model(base, dtype=torch.bfloat16),
@@ -106,7 +120,8 @@ def main() -> None:
 
     result = {
         "dense_ppl": round(dense_ppl, 3), "compressed_ppl": round(compressed_ppl, 3),
-        "tsld_ppl": round(tsld_ppl, 3), "kl_ppl": round(kl_ppl, 3), "steps": args.steps,
+        "tsld_ppl": round(tsld_ppl, 3), "kl_ppl": round(kl_ppl, 3), "steps": args.steps, "lr": args.lr,
+        "train_windows": tsld.get("train_windows"),
         "recovered_share_tsld": round((compressed_ppl - tsld_ppl) / gap, 3),
         "recovered_share_kl": round((compressed_ppl - kl_ppl) / gap, 3),
         "seconds_per_step": round(tsld["seconds_per_step"], 2), "kl_seconds_per_step": round(kl["seconds_per_step"], 2),
@@ -122,7 +137,8 @@ def main() -> None:
                f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     lines = ["# Distillation, SmolLM2-135M-Instruct", "", f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
              f"Compressed: SparseGPT 50% + AWQ w4 g64. Training: {args.steps} steps, batch 2 x 256 tokens, "
-             f"lr {args.lr}, 20 warmup steps, cosine decay, bf16 autocast, mask and grid kept.",
+             f"lr {args.lr}, 20 warmup steps, cosine decay, bf16 autocast, mask and grid kept, "
+             f"{tsld.get('train_windows')} windows of 512 tokens (train + calibration splits).",
              f"Structured: {STRUCTURED} then TSLD for {args.structured_steps} steps; decode: bf16, 64 new tokens, "
              f"batch 1, median of {args.rounds} interleaved rounds against bf16 dense.", "",
              "| quantity | value |", "|---|---|"]
