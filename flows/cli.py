@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from frugalflow.config import RecipeError, load_recipe
+from frugalflow.config import RecipeError
+from frugalflow.recipe_io import load_recipe
 
 
 def _recipe_or_exit(path: str, overrides: list[str]):

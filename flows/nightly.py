@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from flows.candidate import evaluate_baseline, evaluate_candidate, judge, publish, run_stages
 from flows.project import Project, load_flow_recipe, open_project, project_root  # noqa: F401 (re-exported)
-from frugalflow.config import flatten
+from frugalflow.recipe_io import flatten
 from tasks import tracking as T
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from frugalflow.config import Recipe, RecipeError, apply_override, parse_override, read_yaml, recipe_from_dict
+from frugalflow.config import Recipe, RecipeError
+from frugalflow.recipe_io import apply_override, parse_override, read_yaml, recipe_from_dict
 from frugalflow.stages import resolve_device
 from tasks import tracking as T
 from tasks.lineage import update_data

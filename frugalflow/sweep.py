@@ -10,7 +10,8 @@ import itertools
 import json
 from typing import Any
 
-from frugalflow.config import RecipeError, parse_scalar
+from frugalflow.config import RecipeError
+from frugalflow.recipe_io import parse_scalar
 
 
 def parse_grid_option(text: str) -> tuple[str, list[Any]]:

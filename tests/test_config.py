@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from frugalflow.config import RecipeError, flatten, load_recipe
+from frugalflow.config import RecipeError
+from frugalflow.recipe_io import flatten, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

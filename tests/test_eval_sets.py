@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from frugalflow.config import EvaluationConfig, RecipeError, recipe_from_dict
+from frugalflow.config import EvaluationConfig, RecipeError
+from frugalflow.recipe_io import recipe_from_dict
 from frugalflow.evaluate.perplexity import perplexity
 from frugalflow.evaluate.sets import project_root_of
 from frugalflow.evaluate.suite import evaluate_model, evaluation_key

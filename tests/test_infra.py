@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from frugalflow.config import load_recipe
+from frugalflow.recipe_io import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"

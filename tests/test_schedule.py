@@ -22,7 +22,8 @@ import sqlalchemy
 from helpers import ROOT, client_for, free_port, make_project, stop, tail, tiny_recipe, wait_for, wait_healthy
 from packaging.version import Version
 
-from frugalflow.config import RecipeError, ScheduleConfig, load_recipe
+from frugalflow.config import RecipeError, ScheduleConfig
+from frugalflow.recipe_io import load_recipe
 
 SERVER_START_S, RUN_S = 90, 240
 TINY_SCHEDULE = {"cron": "30 3 * * *", "timezone": "Asia/Kolkata"}  # UTC+05:30 all year: no DST edge

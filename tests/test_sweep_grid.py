@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from frugalflow.config import RecipeError, load_recipe
+from frugalflow.config import RecipeError
+from frugalflow.recipe_io import load_recipe
 from frugalflow.sweep import as_overrides, expand_grid, label, parse_grid_option
 
 
