@@ -1,5 +1,6 @@
 """Flow runs side by side (for `frugalflow compare RUN RUN ...`): recipe, stages, verdict,
-baseline and candidate metrics, the ratios the gates use and the registered version.
+baseline and candidate metrics, the ratios the gates use, the registered version and the
+recipe keys whose values differ between the runs.
 
 Runs are named by full id or by a prefix such as the 8 characters `frugalflow runs` prints.
 """
@@ -105,12 +106,22 @@ def compare_runs(client: MlflowClient, refs: list[str], model_name: str | None =
             "baseline_size_mb": b_mb, "candidate_size_mb": c_mb, "size_reduction": _ratio(b_mb, c_mb),
             "baseline_tps": b_tps, "candidate_tps": c_tps, "speedup": _ratio(c_tps, b_tps),
             "version": version or "-",
+            "params": dict(run.data.params),
         })
     return rows
 
 
+def differing_params(rows: list[dict]) -> list[str]:
+    """Recipe keys (flat MLflow params) whose values are not the same in every row, in recipe
+    order with list indices compared as numbers (stages.2 before stages.10)."""
+    keys = {k for r in rows for k in r.get("params", {})}
+    differ = [k for k in keys if len({r.get("params", {}).get(k) for r in rows}) > 1]
+    return sorted(differ, key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")])
+
+
 def render_compare(rows: list[dict]) -> str:
-    """Fields down the side, one column per run (headed by its 8-character id)."""
+    """Fields down the side, one column per run (headed by its 8-character id), then the recipe
+    keys that differ between the runs."""
     if not rows:
         return "no runs to compare"
 
@@ -119,6 +130,7 @@ def render_compare(rows: list[dict]) -> str:
 
     table = [["", *(r["run"] for r in rows)]]
     table += [[label, *(cell(r.get(key)) for r in rows)] for label, key in FIELDS]
+    table += [[key, *(r.get("params", {}).get(key, "-") for r in rows)] for key in differing_params(rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

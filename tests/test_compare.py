@@ -36,7 +36,8 @@ def experiment(client, tmp_path):
     return client.create_experiment("cmp", artifact_location=(tmp_path / "artifacts").as_uri())
 
 
-def flow_run(client, experiment, recipe, methods, verdict, baseline=None, candidate=None, version=None):
+def flow_run(client, experiment, recipe, methods, verdict, baseline=None, candidate=None, version=None,
+             params=None):
     """A parent run as the nightly flow records it."""
     run = client.create_run(experiment, run_name=f"{recipe}-x", tags={"frugalflow.recipe": recipe,
                                                                      "frugalflow.verdict": verdict})
@@ -44,6 +45,8 @@ def flow_run(client, experiment, recipe, methods, verdict, baseline=None, candid
     for i, method in enumerate(methods):
         client.log_param(run_id, f"stages.{i}.method", method)
     client.log_param(run_id, "name", recipe)
+    for key, value in (params or {}).items():
+        client.log_param(run_id, key, value)
     for prefix, metrics in (("baseline", baseline or {}), ("candidate", candidate or {})):
         for key, value in metrics.items():
             client.log_metric(run_id, f"{prefix}.{key}", value)
@@ -111,12 +114,29 @@ def test_render_puts_runs_side_by_side(client, runs):
     assert row_cells(text, "candidate tok/s") == ["45.00", "60.00", "-"]
     assert row_cells(text, "speedup x") == ["1.50", "2.00", "-"]
     assert row_cells(text, "version") == ["1 (champion)", "-", "-"]
+    assert row_cells(text, "name") == ["magnitude-rtn-kl", "sparsegpt-awq", "broken"]  # a differing key
     # each run's cells start where its id does in the header
     for label, cells in (("recipe", ["magnitude-rtn-kl", "sparsegpt-awq", "broken"]),
                          ("version", ["1 (champion)"])):
         line = next(x for x in lines if x.startswith(label + "  "))
         for run_id, value in zip((a, b, c), cells):
             assert line.index(value) == lines[0].index(run_id[:8]), (label, value)
+
+
+def test_recipe_keys_that_differ_are_listed_in_recipe_order(client, experiment):
+    same = {"seed": "0", "stages.1.bits": "4"}
+    a = flow_run(client, experiment, "r", ["wanda", "gptq"], "pass",
+                 params=same | {"stages.0.sparsity": "0.1", "stages.10.x": "1", "stages.2.lr": "5e-05"})
+    b = flow_run(client, experiment, "r", ["wanda", "gptq"], "pass",
+                 params=same | {"stages.0.sparsity": "0.3", "stages.10.x": "2"})
+    text = render_compare(compare_runs(client, [a[:8], b[:8]]))
+    labels = [line.split()[0] for line in text.splitlines()[2 + 15:]]  # after the header and the 15 fields
+    assert labels == ["stages.0.sparsity", "stages.2.lr", "stages.10.x"], text
+    assert row_cells(text, "stages.0.sparsity") == ["0.1", "0.3"]
+    assert row_cells(text, "stages.2.lr") == ["5e-05", "-"]  # absent in one run
+    assert "seed" not in labels and "stages.1.bits" not in labels and "name" not in labels
+    single = render_compare(compare_runs(client, [a[:8]]))
+    assert single.splitlines()[-1].startswith("version")  # one run: nothing differs
 
 
 def test_stages_sort_by_index_not_text():
