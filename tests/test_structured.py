@@ -101,7 +101,7 @@ def n_params_formula(layers, inter, heads, kv, h=H):
 def dead_hidden_channels(model, n=16, seed=7):
     """Silence n embedding channels of the residual stream: embedding columns and every o/down row
     that writes them are zeroed, so they stay 0 and every norm outputs 0 there. RMSNorm eps is made
-    negligible so that removing zero channels only rescales each norm by sqrt(H / H_kept)."""
+    negligible so that removing zero channels changes each norm by exactly sqrt(H / H_kept)."""
     dead = sorted(torch.randperm(H, generator=torch.Generator().manual_seed(seed))[:n].tolist())
     with torch.no_grad():
         model.model.embed_tokens.weight[:, dead] = 0
@@ -112,16 +112,6 @@ def dead_hidden_channels(model, n=16, seed=7):
         if hasattr(m, "variance_epsilon"):
             m.variance_epsilon = 1e-12
     return dead
-
-
-def norms_rescaled(model, factor):
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer in m.model.layers:
-            layer.input_layernorm.weight.mul_(factor)
-            layer.post_attention_layernorm.weight.mul_(factor)
-        m.model.norm.weight.mul_(factor)
-    return m
 
 
 # --------------------------------------------------------------------------- importance
@@ -320,8 +310,10 @@ def test_silent_hidden_channels_rank_lowest_and_go_first():
     keep = sorted(set(range(H)) - set(dead))
     assert stats["kept"]["hidden"] == keep and stats["hidden_ratio_effective"] == 0.25
     assert model.config.hidden_size == 48 and model.config.head_dim == HD
-    # only zeros went: the pruned model is the original up to each RMSNorm's sqrt(48 / 64)
-    torch.testing.assert_close(logits(norms_rescaled(model, (H / 48) ** 0.5), ids), before, rtol=0, atol=1e-5)
+    # only zeros went and every RMSNorm was rescaled by sqrt(64 / 48): the pruned model is the original
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-5)
+    assert stats["norm_rescale"]["min"] == pytest.approx((H / 48) ** 0.5)
+    assert stats["norm_rescale"]["max"] == pytest.approx((H / 48) ** 0.5)
     # past the silent ones, the next to go are the lowest scores
     other = build()
     imp = structured_importance(other, ids)
@@ -343,8 +335,27 @@ def test_hidden_with_every_axis_equals_masking(heads_mode):
                               "num_key_value_heads": kv, "head_dim": HD}
     assert sum(p.numel() for p in model.parameters()) == stats["after"]["n_params"]
     expected = logits(masked_copy(original, stats), ids)
-    got = logits(norms_rescaled(model, (H / 48) ** 0.5), ids)
-    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=2e-5)
+
+
+def test_rmsnorm_rescale_is_the_mean_square_ratio_of_its_input():
+    """Layer 0's input norm reads the embeddings: its scale is computed here from them directly."""
+    model, ids = build(), windows()
+    original = copy.deepcopy(model)
+    imp = structured_importance(model, ids)
+    stats = prune_structured(model, imp, mlp_ratio=0.0, hidden_ratio=0.25)
+    keep = torch.tensor(stats["kept"]["hidden"])
+    energy = original.model.embed_tokens.weight[ids].double().pow(2).reshape(-1, H).sum(0)
+    scale = ((H * energy[keep].sum()) / (len(keep) * energy.sum())).sqrt().item()
+    assert scale > 1.0  # the kept channels are the energetic ones
+    torch.testing.assert_close(model.model.layers[0].input_layernorm.weight,
+                               original.model.layers[0].input_layernorm.weight[keep] * scale, rtol=1e-5, atol=0)
+    # importance from before the rescale existed (no norm_energy): plain slices
+    plain = copy.deepcopy(original)
+    stats = prune_structured(plain, {**imp, "norm_energy": None}, mlp_ratio=0.0, hidden_ratio=0.25)
+    assert "norm_rescale" not in stats
+    torch.testing.assert_close(plain.model.layers[0].input_layernorm.weight,
+                               original.model.layers[0].input_layernorm.weight[keep], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("heads_mode", ["groups", "query"])

@@ -14,7 +14,9 @@ Two steps, so the search is separate from the apply and its result is a small JS
            (Men et al. 2024, ShortGPT);
 and model-wide
   "hidden" importance of embedding channel c: the same per channel on the output of every norm
-           that feeds a block (input_layernorm, post_attention_layernorm), summed over all of them.
+           that feeds a block (input_layernorm, post_attention_layernorm), summed over all of them;
+  "norm_energy" per channel, the sum over tokens of x^2 at the input of every block norm and of
+           the final norm (the residual stream there), for the RMSNorm rescale below.
 Why the driver: it moves one layer at a time to `device` and feeds each layer the output of
 the one before (propagate=False: no weight changes, so the first run's outputs are exactly a
 plain forward's), and its `accumulate` hook hands over the down/o projection inputs; forward
@@ -22,7 +24,11 @@ hooks on the norms see their outputs as each layer runs.
 
 `prune_structured(model, importance, ...)` slices weights in place and rewrites the config, so
 the result is a plain Hugging Face model (save_pretrained / AutoModelForCausalLM.from_pretrained,
-no custom code):
+no custom code). Removing embedding channels changes what an RMSNorm divides by (the root mean
+square over the kept channels instead of all), so each RMSNorm weight is multiplied by
+sqrt(H * E_kept / (H_kept * E_all)) with E its input energy on the calibration windows: the
+ratio of the mean squares, kept channels to all. Where the removed channels carry no energy this
+restores the norm's output exactly. The axes:
   MLP    every layer keeps its own top channels, but all keep the same count (the config has
          one intermediate size): round(I * (1 - mlp_ratio)) to the nearest multiple of
          `multiple_of` (16, kernel-friendly), at least one multiple.
@@ -124,9 +130,18 @@ def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device:
         cos = F.cosine_similarity(x.float(), y.float(), dim=-1)
         current["cos"] = current.get("cos", 0.0) + float(cos.double().sum())
         current["tokens"] = current.get("tokens", 0) + cos.numel()
+        if st.norms and len(per_layer) == len(layers) - 1:  # the last layer's output enters the final norm
+            add_energy("final_energy", y)
 
     def norm_out(name):
         return lambda _module, _args, out: current.setdefault(("norm", name), _ChannelScore()).add(out)
+
+    def add_energy(key, x: torch.Tensor) -> None:
+        e = x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+        current[key] = current[key] + e if key in current else e
+
+    def norm_in(name):
+        return lambda _module, args: add_energy(("energy", name), args[0])
 
     def solve(i, _layer, _stats):
         if len(per_layer) != i:
@@ -134,6 +149,9 @@ def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device:
         if st.norms:
             scores = sum(current[("norm", name)].finish() for name in st.norms)
             model_wide["hidden"] = model_wide.get("hidden", 0) + scores
+            model_wide.setdefault("energy", []).append([current[("energy", name)].cpu().tolist() for name in st.norms])
+            if "final_energy" in current:
+                model_wide["final_energy"] = current["final_energy"].cpu().tolist()
         row = {"mlp": current["mlp"].finish().tolist(), "block": 1.0 - current["cos"] / current["tokens"]}
         if st.o:
             ch = current["heads"].finish()
@@ -144,6 +162,8 @@ def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device:
 
     handles = [layer.register_forward_hook(block, with_kwargs=True) for layer in layers]
     handles += [layer.get_submodule(name).register_forward_hook(norm_out(name)) for layer in layers
+                for name in st.norms]
+    handles += [layer.get_submodule(name).register_forward_pre_hook(norm_in(name)) for layer in layers
                 for name in st.norms]
     try:
         run_sequential(model, calib_windows, solve, needs=(), accumulate=accumulate, device=device,
@@ -162,6 +182,7 @@ def structured_importance(model: nn.Module, calib_windows: torch.Tensor, device:
         "heads": [r["heads"] for r in per_layer] if st.o else None,
         "block": [r["block"] for r in per_layer],
         "hidden": model_wide["hidden"].tolist() if st.norms else None,
+        "norm_energy": {"layers": model_wide["energy"], "final": model_wide["final_energy"]} if st.norms else None,
     }
 
 
@@ -274,8 +295,26 @@ def _keep_norm(norm: nn.Module, idx: torch.Tensor) -> None:
         norm.normalized_shape = (len(idx),)
 
 
-def _prune_hidden(model: nn.Module, st: Structure, idx: torch.Tensor) -> None:
-    """Keep embedding channels `idx` everywhere the residual stream is read or written."""
+def _rms_rescale(norm: nn.Module, energy: list[float] | None, idx: torch.Tensor) -> float | None:
+    """Multiply an RMSNorm's (already sliced) weight by sqrt(H * E[idx] / (H_kept * E)), the
+    ratio of its input's mean square over the kept channels to that over all (module docstring).
+    None (nothing done) for other norms, without energies or for a silent input."""
+    weight = getattr(norm, "weight", None)
+    if energy is None or weight is None or "RMSNorm" not in type(norm).__name__:
+        return None
+    e = torch.as_tensor(energy, dtype=torch.float64)
+    if e.sum() <= 0:
+        return None
+    scale = math.sqrt(len(e) * float(e[idx.cpu()].sum()) / (len(idx) * float(e.sum())))
+    weight.data.mul_(scale)
+    return scale
+
+
+def _prune_hidden(model: nn.Module, st: Structure, idx: torch.Tensor, energy: dict | None = None,
+                  layer_ids: list[int] | None = None) -> list[float]:
+    """Keep embedding channels `idx` everywhere the residual stream is read or written; with
+    `energy` (importance["norm_energy"]) rescale every RMSNorm. `layer_ids`: the original index of
+    each remaining layer (after a depth drop). Returns the scales applied."""
     arch = arch_of(model)
     old, n = getattr(model.config, st.hidden_key), len(idx)
     emb = model.get_submodule(arch.embed)
@@ -293,17 +332,22 @@ def _prune_hidden(model: nn.Module, st: Structure, idx: torch.Tensor) -> None:
         if type(head) is not nn.Linear:
             raise TypeError(f"lm_head is {type(head).__name__}, not nn.Linear")
         _keep_cols(head, idx)
-    for layer in decoder_layers(model):
+    scales = []
+    layers = decoder_layers(model)
+    for j, layer in zip(layer_ids or range(len(layers)), layers):
         for name in (st.q, *st.kv, *st.mlp_in):
             _keep_cols(_linear(layer, name), idx)
         for name in (st.o, st.mlp_out):
             _keep_rows(_linear(layer, name), idx)
-        for name in st.norms:
+        for k, name in enumerate(st.norms):
             _keep_norm(layer.get_submodule(name), idx)
+            scales.append(_rms_rescale(layer.get_submodule(name), energy and energy["layers"][j][k], idx))
         for module in layer.modules():  # informational copies of the width (LlamaMLP, decoder layer)
             if getattr(module, "hidden_size", None) == old:
                 module.hidden_size = n
     _keep_norm(model.get_submodule(arch.final_norm), idx)
+    scales.append(_rms_rescale(model.get_submodule(arch.final_norm), energy and energy["final"], idx))
+    return [x for x in scales if x is not None]
 
 
 def _channels(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -409,7 +453,9 @@ def prune_structured(model: nn.Module, importance: dict, mlp_ratio: float = 0.25
 
     if hidden_ratio > 0:  # after the drop: only kept layers are sliced
         idx = top_indices(importance["hidden"], n_hidden)
-        _prune_hidden(model, st, idx)
+        scales = _prune_hidden(model, st, idx, importance.get("norm_energy"), kept.get("layers"))
+        if scales:
+            stats["norm_rescale"] = {"min": min(scales), "mean": sum(scales) / len(scales), "max": max(scales)}
         setattr(cfg, st.hidden_key, n_hidden)
         setattr(cfg, st.head_dim_key, head_dim)  # Llama would compute hidden_size // num_attention_heads
         kept["hidden"] = idx.tolist()
