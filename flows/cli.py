@@ -1,6 +1,6 @@
 """`frugalflow`: the command line.
 
-    frugalflow validate [FILE] [-s KEY=VALUE ...]   check a recipe, print a summary
+    frugalflow validate [FILE | -p FILE] [-s K=V]   check a recipe, print a summary
     frugalflow run [-p FILE] [-s KEY=VALUE ...]      run the nightly flow once
     frugalflow sweep [-p FILE] -g KEY=V1,V2 ...      candidates over a grid; the Pareto-best passing one promoted
     frugalflow schedule [-p FILE] [--check]          serve the nightly deployment (needs PREFECT_API_URL)
@@ -45,7 +45,7 @@ def summary(recipe) -> str:
 
 
 def cmd_validate(args) -> int:
-    print(summary(_recipe_or_exit(args.file, args.set)))
+    print(summary(_recipe_or_exit(args.params or args.file, args.set)))
     return 0
 
 
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe file")
     p.add_argument("file", nargs="?", default="params.yaml")
+    p.add_argument("-p", "--params", default=None, help="the recipe file, as for run (instead of FILE)")
     p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("run", help="run the compression flow once")

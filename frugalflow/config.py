@@ -177,7 +177,8 @@ class _Distill(Strict):
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0.0)
-    ce_weight: float = Field(0.0, ge=0.0, description="weight of the ground-truth cross-entropy term")
+    ce_weight: float = Field(0.0, ge=0.0, description="weight of the ground-truth cross-entropy term (TSLD's "
+                             "authors train with it; benchmarks/distill.py: 0.5)")
     hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE term")
     train_splits: list[Literal["train", "calib"]] = Field(
         ["train", "calib"], min_length=1, description="prepared splits trained on (never the eval split)")

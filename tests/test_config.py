@@ -82,6 +82,9 @@ def test_cli_validate_exit_codes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad)], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 2 and "stages.0.sparsity" in out.stderr and "3" in out.stderr
+    as_run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "-p", str(bad)], capture_output=True,
+                            text=True, cwd=ROOT)  # -p FILE, as `run` takes it
+    assert as_run.returncode == 2 and "stages.0.sparsity" in as_run.stderr
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)

@@ -9,7 +9,10 @@ batch of input ids into next-token targets is `next_token_labels` (used by
 - `tsld_loss`: token-scaled logit distillation (Kim et al. 2023, arXiv:2308.06744): each
   token's soft cross-entropy is weighted by softmax_t(ce_teacher_t / tau) over the sequence,
   so tokens the teacher finds hard count more; weights are detached, sum over tokens,
-  mean over sequences.
+  mean over sequences. Its authors train it together with the ground-truth cross-entropy
+  (their `tsld` option: `gt + tsld`, the TSLD term summed over a batch of B sequences, the
+  cross-entropy averaged); with the mean over sequences here, `ce_weight` 1/B gives their
+  mix, 0.5 at our batch of 2.
 - `hidden_state_loss`: relative MSE ||h_s - h_t||^2 / ||h_t||^2, averaged over chosen layers.
 - `ce_loss`: ordinary next-token cross-entropy on the labels.
 """
