@@ -1,7 +1,7 @@
 """Distillation on SmolLM2-135M: how much of the compression's perplexity gap TSLD and KL win back.
 
     python benchmarks/distill.py [--steps 300] [--lr 5e-4] [--ce-weight 0.5] [--structured-steps 150]
-                                 [--no-ablation] [--out benchmarks/results]
+                                 [--ablation [kl_ce] [tsld_only]] [--out benchmarks/results]
 
 Same protocol and work folder as prune_quant.py (it reuses its base model, data and
 SparseGPT-50% output). Compressed = SparseGPT 50% -> AWQ w4 g64 asymmetric. Then, from the
@@ -11,7 +11,7 @@ default; evaluation windows are never trained on):
   token-scaled logit loss plus the ground-truth cross-entropy (`ce_weight`);
 - plain KL (their `logit` option: the logit loss alone);
 - the ablation that says where a difference comes from: KL + the same cross-entropy term,
-  and TSLD without it (`--no-ablation` skips these two).
+  and TSLD without it (`--ablation` alone skips both).
 Structured: 25% of the width (MLP channels, attention heads as whole KV groups, embedding
 channels) pruned, distilled with TSLD, decode tokens/s against dense (bf16, interleaved
 rounds, median). Writes distill.json and distill.md.
@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ce-weight", type=float, default=0.5,
                         help="weight of the ground-truth cross-entropy term trained with TSLD")
-    parser.add_argument("--no-ablation", action="store_true", help="skip KL + cross-entropy and TSLD alone")
+    parser.add_argument("--ablation", nargs="*", choices=["kl_ce", "tsld_only"], default=["kl_ce", "tsld_only"],
+                        help="extra runs: KL + the same cross-entropy term, TSLD without it (none: `--ablation`)")
     parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--rounds", type=int, default=9)
@@ -101,16 +102,27 @@ def main() -> None:
     compressed = work / "sparsegpt50_awq"
     compress({"method": "awq", "bits": 4, "group_size": 64}, sparse, compressed, base, data)
     runs = {"tsld": {"method": "tsld", **train, "ce_weight": args.ce_weight}, "kl": {"method": "kl", **train}}
-    if not args.no_ablation:
-        runs["kl_ce"] = {"method": "kl", **train, "ce_weight": args.ce_weight}
-        runs["tsld_only"] = {"method": "tsld", **train}
-    # structured first: the ablation runs below are the part a short session can drop (--no-ablation)
+    ablation = {"kl_ce": {"method": "kl", **train, "ce_weight": args.ce_weight}, "tsld_only": {"method": "tsld", **train}}
+    runs.update({k: ablation[k] for k in args.ablation})
+    # structured first: the ablation runs below are the part a short session can drop (--ablation)
     structured = named(work, "structured25", STRUCTURED, base)
     compress(STRUCTURED, base, structured, base, data)
     structured_train = {**runs["tsld"], "steps": args.structured_steps}
     structured_tsld = named(work, "structured25_tsld", structured_train, structured)
     compress(structured_train, structured, structured_tsld, base, data)
     structured_ppl = perplexity(load_model(structured_tsld), eval_windows)
+
+    dense_ppl = perplexity(load_model(base), eval_windows)
+    compressed_ppl = perplexity(load_model(compressed), eval_windows)
+    trained, ppl = {}, {}
+    for key, spec in runs.items():
+        out = named(work, f"distill_{key}", spec, compressed)
+        trained[key] = compress(spec, compressed, out, base, data, True)
+        ppl[key] = perplexity(load_model(out), eval_windows)
+        print(f"{key}: ppl {ppl[key]:.3f}", flush=True)
+    tsld, kl = trained["tsld"], trained["kl"]
+    gap = compressed_ppl - dense_ppl
+    # decode last, after all training, so that no training shares the cores with the timing
     tokenizer = load_tokenizer(base)
     models = {"dense": load_model(base, dtype=torch.bfloat16),
               "structured": load_model(structured_tsld, dtype=torch.bfloat16)}
@@ -123,17 +135,6 @@ def main() -> None:
     decode_load = os.getloadavg()[0]
     del models
     print(f"structured: ppl {structured_ppl:.3f}, decode {structured_tps:.2f} vs dense {dense_tps:.2f} tok/s", flush=True)
-
-    dense_ppl = perplexity(load_model(base), eval_windows)
-    compressed_ppl = perplexity(load_model(compressed), eval_windows)
-    trained, ppl = {}, {}
-    for key, spec in runs.items():
-        out = named(work, f"distill_{key}", spec, compressed)
-        trained[key] = compress(spec, compressed, out, base, data, True)
-        ppl[key] = perplexity(load_model(out), eval_windows)
-        print(f"{key}: ppl {ppl[key]:.3f}", flush=True)
-    tsld, kl = trained["tsld"], trained["kl"]
-    gap = compressed_ppl - dense_ppl
 
     result = {
         "dense_ppl": round(dense_ppl, 3), "compressed_ppl": round(compressed_ppl, 3),
