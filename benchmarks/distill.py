@@ -104,6 +104,9 @@ def main() -> None:
     runs = {"tsld": {"method": "tsld", **train, "ce_weight": args.ce_weight}, "kl": {"method": "kl", **train}}
     ablation = {"kl_ce": {"method": "kl", **train, "ce_weight": args.ce_weight}, "tsld_only": {"method": "tsld", **train}}
     runs.update({k: ablation[k] for k in args.ablation})
+    ce = f"{args.ce_weight} x ground-truth cross-entropy"
+    run_names = {"tsld": f"token-scaled logit loss (tau 10) + {ce}, as the TSLD authors train it",
+                 "kl": "the logit loss alone", "kl_ce": f"KL + {ce}", "tsld_only": "TSLD alone"}
     # structured first: the ablation runs below are the part a short session can drop (--ablation)
     structured = named(work, "structured25", STRUCTURED, base)
     compress(STRUCTURED, base, structured, base, data)
@@ -156,9 +159,7 @@ def main() -> None:
              f"Compressed: SparseGPT 50% + AWQ w4 g64. Training: {args.steps} steps, batch 2 x 256 tokens, "
              f"lr {args.lr}, 20 warmup steps, cosine decay, bf16 autocast, mask and grid kept, "
              f"{tsld.get('train_windows')} windows of 512 tokens (train + calibration splits).",
-             f"tsld: token-scaled logit loss (tau 10) + {args.ce_weight} x ground-truth cross-entropy, as the "
-             f"TSLD authors train it; kl: the logit loss alone; kl_ce: KL + the same cross-entropy term; "
-             f"tsld_only: TSLD without it.",
+             "; ".join(f"{k}: {run_names[k]}" for k in runs) + ".",
              f"Structured: {STRUCTURED} then TSLD for {args.structured_steps} steps; decode: bf16, 64 new tokens, "
              f"batch 1, median of {args.rounds} interleaved rounds against bf16 dense.", "",
              "| quantity | value |", "|---|---|"]

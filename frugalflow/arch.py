@@ -48,7 +48,7 @@ class Arch:
     linears: tuple[str, ...]  # compressible linears, relative to one decoder layer, in execution order
     smooth: tuple[Smooth, ...] = field(default=())
     pre_layers: tuple[str, ...] = ()  # modules that run before the first layer besides embed (e.g. OPT positions)
-    structure: Structure | None = None  # for prune/structured.py; None: not supported
+    structure: Structure | None = None  # for prune/importance.py and prune/structured.py; None: not supported
 
 
 _LLAMA = Arch(

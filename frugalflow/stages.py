@@ -80,7 +80,8 @@ def quantize_with_grids(model: torch.nn.Module, grids: dict) -> None:
 
 def run_structured(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
     """Importance search on calibration data, then slicing into a smaller dense model."""
-    from frugalflow.prune.structured import prune_structured, structured_importance
+    from frugalflow.prune.importance import structured_importance
+    from frugalflow.prune.structured import prune_structured
 
     model, _ = float_model(model_dir, ctx["device"])
     importance = structured_importance(model, ctx["calib"](), device=ctx["device"],

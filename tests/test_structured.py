@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OP
 
 from frugalflow.config import StructuredPrune
 from frugalflow.models import load_model
-from frugalflow.prune.structured import (head_counts, hidden_keep_count, mlp_keep_count, prune_structured,
-                                         structured_importance)
+from frugalflow.prune.importance import structured_importance
+from frugalflow.prune.structured import head_counts, hidden_keep_count, mlp_keep_count, prune_structured
 
 V, H, I, NH, NKV, HD = 384, 64, 128, 4, 2, 16
 
