@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
-from frugalflow.evaluate.speed import decode_speed  # noqa: E402
+from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noqa: E402
 from frugalflow.recipe_io import load_recipe  # noqa: E402
 
@@ -59,13 +58,8 @@ def main() -> None:
     for name, model in models.items():
         ppl[name] = perplexity(model, windows)
         print(f"{name}: ppl {ppl[name]:.3f}", flush=True)
-    speeds: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        for name, model in models.items():
-            speeds[name].append(decode_speed(model, tokenizer, recipe.evaluation.prompt,
-                                             new_tokens=recipe.evaluation.decode_tokens, repeats=1)["decode_tps"])
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()), flush=True)
-    tps = {name: statistics.median(v) for name, v in speeds.items()}
+    tps = interleaved_decode_tps(models, tokenizer, recipe.evaluation.prompt, args.rounds,
+                                 new_tokens=recipe.evaluation.decode_tokens)
     size = {"dense": weights_size_mb(base), "compressed": weights_size_mb(model_dir)}
     fastest = max(("compressed_fp32", "compressed_bf16"), key=tps.get)
     result = {

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from frugalflow import config as C  # noqa: E402
 from frugalflow.data import load_windows, prepare_data  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
-from frugalflow.evaluate.speed import decode_speed  # noqa: E402
+from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
 from frugalflow.fetch_model import fetch_model  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
@@ -85,25 +84,17 @@ def decode_race(paths: dict[str, Path], tokenizer, rounds: int) -> dict:
     dtype: `structured_decode_ratio` = structured's best / dense's best. The same-dtype ratios
     are reported too."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    models = {(name, d): load_model(path, dtype=dt) for name, path in paths.items() for d, dt in dtypes.items()}
-    speeds: dict[tuple, list[float]] = {key: [] for key in models}
-    for r in range(rounds):
-        for key, model in models.items():
-            speeds[key].append(decode_speed(model, tokenizer, "The Python language reference says that",
-                                            new_tokens=64, repeats=1)["decode_tps"])
-        print(f"decode round {r + 1}/{rounds}: " + ", ".join(f"{n} {d} {v[-1]:.1f}" for (n, d), v in speeds.items()),
-              flush=True)
-    load = os.getloadavg()[0]
-    tps = {key: statistics.median(v) for key, v in speeds.items()}
-    best = {name: max(dtypes, key=lambda d: tps[(name, d)]) for name in paths}
-    result = {f"{name}_decode_tps_{d}": round(tps[(name, d)], 2) for (name, d) in models}
-    result.update({f"structured_decode_ratio_{d}": round(tps[("structured", d)] / tps[("dense", d)], 3)
+    models = {f"{name}_{d}": load_model(path, dtype=dt) for name, path in paths.items() for d, dt in dtypes.items()}
+    tps = interleaved_decode_tps(models, tokenizer, "The Python language reference says that", rounds)
+    result = {f"{name}_decode_tps_{d}": round(tps[f"{name}_{d}"], 2) for name in paths for d in dtypes}
+    result.update({f"structured_decode_ratio_{d}": round(tps[f"structured_{d}"] / tps[f"dense_{d}"], 3)
                    for d in dtypes})
-    result.update({"dense_decode_dtype": best["dense"], "structured_decode_dtype": best["structured"],
-                   "dense_decode_tps": result[f"dense_decode_tps_{best['dense']}"],
-                   "structured_decode_tps": result[f"structured_decode_tps_{best['structured']}"]})
-    result["structured_decode_ratio"] = round(result["structured_decode_tps"] / result["dense_decode_tps"], 3)
-    result["decode_load_average"] = round(load, 2)
+    for name in paths:
+        best = max(dtypes, key=lambda d: tps[f"{name}_{d}"])
+        result.update({f"{name}_decode_dtype": best, f"{name}_decode_tps": round(tps[f"{name}_{best}"], 2)})
+    result["structured_decode_ratio"] = round(max(tps[f"structured_{d}"] for d in dtypes)
+                                              / max(tps[f"dense_{d}"] for d in dtypes), 3)
+    result["decode_load_average"] = round(os.getloadavg()[0], 2)
     return result
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from frugalflow import config as C  # noqa: E402
 from frugalflow.data import load_windows, prepare_data  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
-from frugalflow.evaluate.speed import decode_speed  # noqa: E402
+from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
 from frugalflow.fetch_model import fetch_model  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
@@ -123,16 +122,11 @@ def main() -> None:
     loaded = {"bf16_dense": load_model(base, dtype=torch.bfloat16)}
     for name in names:
         loaded[name] = load_model(model_dir[name], dtype=torch.bfloat16)
-    speeds: dict[str, list[float]] = {k: [] for k in loaded}
-    for r in range(args.rounds):
-        for key, model in loaded.items():
-            speeds[key].append(decode_speed(model, tokenizer, prompt, new_tokens=64, repeats=1)["decode_tps"])
-        print(f"decode round {r + 1}/{args.rounds} done", flush=True)
-    bf16 = statistics.median(speeds["bf16_dense"])
+    tps = interleaved_decode_tps(loaded, tokenizer, prompt, args.rounds)
+    bf16 = tps["bf16_dense"]
     for name in names:
-        tps = statistics.median(speeds[name])
-        records[name]["decode_tps"] = round(tps, 2)
-        records[name]["decode_ratio_bf16"] = round(tps / bf16, 3)
+        records[name]["decode_tps"] = round(tps[name], 2)
+        records[name]["decode_ratio_bf16"] = round(tps[name] / bf16, 3)
 
     fields = ("method", "ppl", "compress_s", "peak_mem_mb", "size_mb", "decode_tps", "decode_ratio_bf16", "load_avg")
     rows = [{f: records[n].get(f) for f in fields} for n in names]

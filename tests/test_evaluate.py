@@ -1,6 +1,7 @@
 """Perplexity against a hand-computed NLL; decode speed on a model with custom linears."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from frugalflow.arch import compressible_linears
 from frugalflow.evaluate.perplexity import perplexity
-from frugalflow.evaluate.speed import decode_speed
+from frugalflow.evaluate.speed import decode_speed, interleaved_decode_tps
 
 PROMPT = "The Python language reference says that"
 
@@ -159,3 +160,24 @@ def test_same_code_path_on_cuda(tiny_model, tiny_tokenizer):
     assert 0 < result["latency_p50_ms"] <= result["latency_p95_ms"]
     # CUDA: max_memory_allocated, weights included
     assert result["peak_mem_mb"] >= result["weights_mem_mb"] > 0 and result["work_mem_mb"] >= 0
+
+
+def test_interleaved_decode_tps_times_every_model_once_per_round(tiny_model, tiny_tokenizer):
+    order = []
+
+    def spied(name, model):
+        generate = model.generate
+
+        def spy(*args, **kwargs):
+            order.append(name)
+            return generate(*args, **kwargs)
+
+        model.generate = spy
+        return model
+
+    other = copy.deepcopy(tiny_model)
+    models = {"a": spied("a", tiny_model), "b": spied("b", other)}
+    tps = interleaved_decode_tps(models, tiny_tokenizer, PROMPT, rounds=3, new_tokens=4)
+    assert set(tps) == {"a", "b"} and all(v > 0 and math.isfinite(v) for v in tps.values())
+    # each decode_speed call is a warm-up + one timed generate; rounds alternate a, b, a, b, ...
+    assert order == ["a", "a", "b", "b"] * 3

@@ -11,6 +11,9 @@ as one forward of the prompt (or of `prefill_tokens` tokens: the prompt repeated
 prefill tokens/s. Only the model's forward is used, so models whose linears are custom
 (packed) modules work, on the CPU or on CUDA.
 
+`interleaved_decode_tps` times several models round by round, each once per round, so that a
+noisy machine's slow spells hit all of them alike; it returns the median per model.
+
 Memory (`peak_mem_mb`, MB = 2**20 bytes) is what the model needs at its peak while decoding:
 - CUDA: torch.cuda.max_memory_allocated over the timed runs (weights, KV cache, activations;
   exact for tensors allocated through torch's caching allocator).
@@ -206,3 +209,14 @@ def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 64,
         "prompt_tokens": int(input_ids.shape[1]),
         "prefill_tokens": int(pre_ids.shape[1]),
     }
+
+
+def interleaved_decode_tps(models: dict[str, nn.Module], tokenizer, prompt: str, rounds: int,
+                           new_tokens: int = 64) -> dict[str, float]:
+    """Median decode tokens/s of each model over `rounds` rounds, every model once per round."""
+    speeds: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        for name, model in models.items():
+            speeds[name].append(decode_speed(model, tokenizer, prompt, new_tokens=new_tokens, repeats=1)["decode_tps"])
+        print(f"decode round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()), flush=True)
+    return {name: statistics.median(v) for name, v in speeds.items()}
