@@ -10,24 +10,40 @@
     frugalflow rollback --reason TEXT                move `champion` back to the previous one
     frugalflow ui [--port 5000]                      the MLflow UI on the local store
     frugalflow export DIR --format F --out PATH      a packed model as GGUF (llama.cpp) or compressed-tensors (vLLM)
+    frugalflow team up|status|down [--home DIR]      team mode on this machine: PostgreSQL, S3, MLflow, Prefect, worker
 
-Exit codes: 0 ok, 2 invalid recipe or arguments, 1 anything else.
+Exit codes:
+    0  done
+    2  bad input: the recipe, an argument or a file named (missing, unreadable, invalid); nothing started
+    3  corrupt or inconsistent data: model weights, a cache entry, a checkpoint, a DVC output
+    4  a service that cannot be reached or refuses: MLflow store or server, S3, Prefect API, a full disk
+    1  anything else: a bug, printed with its traceback
+Every message names the key, file or service, the value found and what is allowed or what to do.
+SIGTERM stops a command as Ctrl-C does: runs are closed FAILED, servers it started are stopped.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from frugalflow.config import RecipeError
+from frugalflow.preflight import load_run_recipe
 from frugalflow.recipe_io import load_recipe
 
 
-def _recipe_or_exit(path: str, overrides: list[str]):
+def _recipe_or_exit(path: str, overrides: list[str], *, checks: str = "run"):
+    """The recipe or exit 2. checks: "run" (everything a run refuses before heavy work: the project,
+    DVC-owned sections, chaining, local inputs; frugalflow/preflight.py), "file" (the same where the
+    file has no project around it: `validate`), "store" (the file alone: commands that only read
+    the tracking store)."""
     try:
-        return load_recipe(path, overrides)
+        if checks == "store":
+            return load_recipe(path, overrides)
+        return load_run_recipe(path, overrides, require_project=checks == "run")[0]
     except RecipeError as exc:
         print(f"invalid recipe {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -45,12 +61,13 @@ def summary(recipe) -> str:
 
 
 def cmd_validate(args) -> int:
-    print(summary(_recipe_or_exit(args.params or args.file, args.set)))
+    print(summary(_recipe_or_exit(args.params or args.file, args.set, checks="file")))
     return 0
 
 
 def cmd_run(args) -> int:
     _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
+    _adopt()
     from flows.nightly import compression_flow
 
     result = compression_flow(params=args.params, overrides=args.set)
@@ -68,6 +85,7 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     recipe = _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
+    _adopt()
     from flows.sweep import candidate_recipes, sweep_flow, sweep_runner
 
     try:
@@ -107,7 +125,7 @@ def cmd_schedule(args) -> int:
 def _client(args):
     from tasks import tracking as T
 
-    recipe = _recipe_or_exit(args.params, [])
+    recipe = _recipe_or_exit(args.params, [], checks="store")
     uri = args.tracking_uri or T.resolve_uri(recipe.tracking.uri, Path(args.params).resolve().parent)
     return T.connect(uri), recipe, uri
 
@@ -153,7 +171,39 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
-    return subprocess.call(cmd, env=os.environ.copy())
+    # its own process group: on Ctrl-C or SIGTERM the server and every worker it forked are stopped
+    server = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
+    try:
+        return server.wait()
+    except (KeyboardInterrupt, SystemExit):
+        _stop_group(server)
+        print("MLflow UI stopped", file=sys.stderr)
+        return 0
+    finally:
+        if server.poll() is None:
+            _stop_group(server)
+
+
+def _stop_group(proc: subprocess.Popen, wait_s: float = 10) -> None:
+    """SIGTERM to the process group, up to `wait_s` for the leader, then SIGKILL to what is left."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(wait_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _adopt() -> None:
+    """Stop what killed runs left behind (their temporary Prefect servers), then own what this run starts."""
+    from tasks.runstate import adopt_children, stop_orphans
+
+    for pid in stop_orphans():
+        print(f"stopped process {pid}, left behind by a killed frugalflow run", file=sys.stderr)
+    adopt_children()
 
 
 def cmd_export(args) -> int:
@@ -186,6 +236,35 @@ def cmd_export(args) -> int:
     for why, n in reasons.items():
         print(f"  {n} quantized layer(s) written dense: {why}")
     return 0
+
+
+def cmd_team(args) -> int:
+    from tasks.team import stack
+    from tasks.team.config import TeamError
+
+    try:
+        ports = {k: int(v) for k, v in (p.split("=", 1) for p in args.port)}
+    except ValueError:
+        print(f"frugalflow team: --port takes SERVICE=NUMBER (given: {args.port})", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "up":
+            print(f"team up ({args.home or '.team'}):", flush=True)
+            rows = stack.up(args.home, args.project, ports, log=lambda line: print(line, flush=True))
+        else:
+            rows = getattr(stack, args.action)(args.home, args.project)
+    except TeamError as exc:
+        print(f"frugalflow team {args.action}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for row in rows:
+        print(f"{row['name']:<15} {row['health']:<9} pid {str(row['pid'] or '-'):<8} {row['address']}")
+    if args.action == "up":
+        print(f"clients: set -a; . {stack.open_team(args.home, stack.check_project(args.project)).client_env_file}; set +a")
+    bad = [r["name"] for r in rows if r["health"] != ("down" if args.action == "down" else "healthy")]
+    if bad:
+        print(f"frugalflow team {args.action}: not as expected: {', '.join(bad)} (logs in the team folder's logs/)",
+              file=sys.stderr)
+    return 4 if bad else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse instead of writing a quantized layer dequantized")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("team", help="team mode on this machine: up, status, down (see infra/README.md)")
+    p.add_argument("action", choices=("up", "status", "down"))
+    p.add_argument("--home", type=Path, default=None, help="the team folder (default .team in the project)")
+    p.add_argument("--project", type=Path, default=None, help="the frugalflow checkout (default: here)")
+    p.add_argument("--port", action="append", default=[], metavar="SERVICE=PORT",
+                   help="postgres, s3, mlflow or prefect on another port (kept for later commands)")
+    p.set_defaults(func=cmd_team)
     p = with_store(sub.add_parser("ui", help="open the MLflow UI on the store"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -249,17 +335,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; map what went wrong to an exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    restore = _sigterm_as_exit()
     try:
         return args.func(args)
-    except (ConnectionError, ValueError, FileNotFoundError) as exc:
-        print(f"frugalflow {args.command}: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
-    except Exception as exc:  # MLflow registry errors and the like: one line, not a traceback
-        if type(exc).__name__ in ("MlflowException", "RestException"):
-            print(f"frugalflow {args.command}: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except Exception as exc:
+        from tasks.services import exit_code_for
+
+        known = exit_code_for(exc)
+        if known is None:
+            raise  # a bug: Python prints the traceback and exits 1
+        code, message = known
+        print(f"frugalflow {args.command}: {message}", file=sys.stderr)
+        return code
+    finally:
+        restore()
+
+
+def _sigterm_as_exit():
+    """SIGTERM raises SystemExit(143) in the main thread, so `finally` blocks and atexit run (MLflow runs
+    closed FAILED, Prefect's temporary server and the UI's server stopped); returns the undo."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from flows.candidate import evaluate_baseline, evaluate_candidate, judge, publis
 from flows.project import Project, load_flow_recipe, open_project, project_root  # noqa: F401 (re-exported)
 from frugalflow.recipe_io import flatten
 from tasks import tracking as T
+from tasks.runstate import close_failed, process_tags
 
 
 def start_parent_run(project: Project, name: str, tags: dict | None = None) -> T.Tracking:
@@ -29,7 +30,7 @@ def start_parent_run(project: Project, name: str, tags: dict | None = None) -> T
     run = T.start_run(client, project.experiment_id, f"{name}-{stamp}",
                       tags={**project.lineage_tags, "prefect.flow_run_id": flow_run.id or "",
                             "frugalflow.recipe": recipe.name, "frugalflow.params": str(project.params_path),
-                            **(tags or {})})
+                            **process_tags(), **(tags or {})})
     T.log_params(client, run, flatten(recipe))
     T.log_text(client, run, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "recipe.yaml")
     return T.Tracking(uri=project.uri, experiment_id=project.experiment_id, parent_run_id=run)
@@ -55,8 +56,8 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
         promotion = publish(project, recipe, model_dir, tracking, baseline=baseline, candidate=candidate,
                             stages=stages, verdict=verdict)
         client.set_terminated(parent, "FINISHED")
-    except BaseException:
-        client.set_terminated(parent, "FAILED")
+    except BaseException as exc:
+        close_failed(client, parent, f"{type(exc).__name__}: {exc}")
         raise
     logger.info("run %s: verdict %s; %s", parent, "PASS" if verdict["passed"] else "FAIL",
                 f"version {promotion['version']}{' (champion)' if promotion['champion'] else ''}"

@@ -10,42 +10,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from frugalflow.config import Recipe, RecipeError
-from frugalflow.recipe_io import apply_override, parse_override, read_yaml, recipe_from_dict
+from frugalflow.preflight import DVC_OWNED, find_project_root, load_run_recipe  # noqa: F401 (re-exported)
 from frugalflow.stages import resolve_device
 from tasks import tracking as T
 from tasks.lineage import update_data
-
-DVC_OWNED = ("base_model", "data")  # read by the DVC stages straight from params.yaml
+from tasks.runstate import close_orphans
 
 
 def project_root(params_path: Path) -> Path:
     """The nearest folder at or above the recipe file that holds dvc.yaml."""
-    for folder in (params_path.parent, *params_path.parents):
-        if (folder / "dvc.yaml").is_file():
-            return folder
-    raise FileNotFoundError(f"no dvc.yaml at or above {params_path.parent}: run from a frugalflow project")
+    root = find_project_root(params_path)
+    if root is None:
+        raise RecipeError(str(params_path), [f"no dvc.yaml at or above {params_path.parent}: run from a "
+                                             "frugalflow project"])
+    return root
 
 
 def load_flow_recipe(params_path: Path, root: Path, overrides: list[str]) -> Recipe:
-    """The recipe, with `base_model` and `data` from the project's params.yaml (DVC reads them
-    there): a recipe file may omit them, but may not contradict them, nor may overrides."""
-    bad = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in DVC_OWNED]
-    if bad:
-        raise RecipeError("override", [f"{o}: {', '.join(DVC_OWNED)} are read by the DVC stages from "
-                                       "params.yaml; edit the file instead of overriding" for o in bad])
-    data = read_yaml(params_path)
-    dvc_params = root / "params.yaml"
-    if isinstance(data, dict) and params_path != dvc_params and dvc_params.is_file():
-        shared = read_yaml(dvc_params)
-        for key in DVC_OWNED:
-            if key in data and data[key] != shared.get(key):
-                raise RecipeError(str(params_path), [f"{key}: differs from {dvc_params}, which the DVC stages "
-                                                     "read; remove it from the recipe or edit params.yaml"])
-            if key in shared:
-                data[key] = shared[key]
-    for text in overrides:
-        apply_override(data, *parse_override(text))
-    return recipe_from_dict(data, str(params_path))
+    """The recipe as a run sees it (frugalflow/preflight.py: the same loader `validate` uses)."""
+    return load_run_recipe(params_path, overrides)[0]
 
 
 @dataclass(frozen=True)
@@ -73,11 +56,11 @@ class Project:
 
 def open_project(params: str, overrides: list[str]) -> Project:
     params_path = Path(params).resolve()
-    root = project_root(params_path)
-    recipe = load_flow_recipe(params_path, root, overrides)
+    recipe, root = load_run_recipe(params_path, overrides)
     uri = T.resolve_uri(recipe.tracking.uri, root)
     client = T.connect(uri)  # fail before any heavy work when the store is unreachable
     experiment = T.experiment_id(client, recipe.experiment_name, root / "mlartifacts")
+    close_orphans(client, [experiment])  # runs of killed processes: FAILED, with the reason
     lineage = update_data(str(root))
     return Project(root=root, params_path=params_path, recipe=recipe, device=resolve_device(recipe.device),
                    uri=uri, experiment_id=experiment, lineage=lineage, artifacts=root / recipe.artifacts_dir,

@@ -30,6 +30,7 @@ from frugalflow.gates import rank
 from frugalflow.pareto import pareto_front
 from frugalflow.sweep import as_overrides, expand_grid, label, parse_grid_option
 from tasks import tracking as T
+from tasks.runstate import close_failed, process_tags
 
 FRONT = {"minimize": ("ppl", "size_mb"), "maximize": ("decode_tps",)}
 
@@ -104,7 +105,7 @@ def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
             run = T.start_run(client, project.experiment_id, name, parent_run_id=sweep.parent_run_id,
                               tags={**project.lineage_tags, "frugalflow.recipe": cand.name,
                                     "frugalflow.sweep_run": sweep.parent_run_id,
-                                    "frugalflow.assignment": json.dumps(assignment)})
+                                    "frugalflow.assignment": json.dumps(assignment), **process_tags()})
             T.log_params(client, run, {f"sweep.{k}": v for k, v in assignment.items()})
             tracking = T.Tracking(uri=project.uri, experiment_id=project.experiment_id, parent_run_id=run)
             rows.append({"label": name, "assignment": assignment, "recipe": cand, "tracking": tracking,
@@ -116,7 +117,7 @@ def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
             except Exception as exc:  # one broken candidate does not sink the sweep
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 logger.error("candidate %s failed: %s", row["label"], row["error"])
-                client.set_terminated(row["tracking"].parent_run_id, "FAILED")
+                close_failed(client, row["tracking"].parent_run_id, row["error"])
         for row in rows:  # once every stage is done: one at a time, in grid order
             if "error" in row:
                 continue
@@ -156,11 +157,11 @@ def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
                                                  "frugalflow.selected_run": best["tracking"].parent_run_id
                                                  if best else ""})
         client.set_terminated(sweep.parent_run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(sweep.parent_run_id, "FAILED")
+    except BaseException as exc:
+        close_failed(client, sweep.parent_run_id, f"{type(exc).__name__}: {exc}")
         for r in rows:
             if "metrics" not in r and "error" not in r:
-                client.set_terminated(r["tracking"].parent_run_id, "FAILED")
+                close_failed(client, r["tracking"].parent_run_id, f"the sweep failed: {type(exc).__name__}")
         raise
     return {"run_id": sweep.parent_run_id, "candidates": table, "selected": best["label"] if best else None,
             "promotion": promotion, "baseline": baseline}

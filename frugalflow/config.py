@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from frugalflow.errors import BadInput
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -378,8 +380,8 @@ def fingerprint(*parts: Any) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-class RecipeError(ValueError):
-    """A recipe that failed validation; `problems` holds one line per error."""
+class RecipeError(BadInput):
+    """A recipe that failed validation (exit code 2); `problems` holds one line per error."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from frugalflow.arch import compressible_linears
+from frugalflow.errors import BadInput, CorruptData
 from frugalflow.quant import int8
 from frugalflow.quant.pack import QuantLinear, quantization_meta, quantized_modules
 
@@ -41,8 +42,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _PACKED_BUFFERS = ("qweight", "scales", "zeros")
 
 
-class ModelLoadError(ValueError):
-    """A model directory that cannot be loaded; the message names the path and the problem."""
+class ModelLoadError(CorruptData):
+    """A model directory whose files are damaged or inconsistent (exit code 3); the message names
+    the path and the problem."""
+
+
+class ModelNotFound(BadInput, ModelLoadError):
+    """A model directory that does not exist or holds no model (exit code 2)."""
 
 
 # --------------------------------------------------------------------------- checks
@@ -67,12 +73,12 @@ def _check_safetensors(path: Path) -> None:
 
 def _check_dir(model_dir: Path) -> list[Path]:
     if not model_dir.is_dir():
-        raise ModelLoadError(f"{model_dir}: model directory does not exist")
+        raise ModelNotFound(f"{model_dir}: model directory does not exist")
     if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{model_dir}: no config.json")
+        raise ModelNotFound(f"{model_dir}: no config.json")
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights and not list(model_dir.glob("pytorch_model*.bin")):
-        raise ModelLoadError(f"{model_dir}: no weights (*.safetensors or pytorch_model*.bin)")
+        raise ModelNotFound(f"{model_dir}: no weights (*.safetensors or pytorch_model*.bin)")
     for path in weights:
         _check_safetensors(path)
     return weights
@@ -208,7 +214,7 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
 def load_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ModelLoadError(f"{model_dir}: tokenizer directory does not exist")
+        raise ModelNotFound(f"{model_dir}: tokenizer directory does not exist")
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:

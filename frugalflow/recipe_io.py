@@ -84,7 +84,13 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise RecipeError(str(path), [f"file not found: {path}"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), [f"not UTF-8 text (byte {exc.start}: {exc.reason})"]) from None
+    except OSError as exc:
+        raise RecipeError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    except RecursionError:
+        raise RecipeError(str(path), ["nested too deeply to be a recipe"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -2,8 +2,10 @@
 
 The output directory is named by a content key (input model key + stage config +
 data key + library source hash), so running again with unchanged inputs reuses the finished directory
-instead of recomputing it. A stage writes `stats.json` last: a directory without it
-is unfinished work and is redone.
+instead of recomputing it. A stage computes into a temporary sibling folder, writes `stats.json`
+and a `manifest.json` of every file's SHA-256 there, and renames it into place
+(frugalflow/integrity.py): the entry is complete or absent. On reuse the manifest is checked; a
+truncated or altered entry is logged, moved aside (`<name>.corrupt-<id>`) and recomputed.
 """
 from __future__ import annotations
 
@@ -19,8 +21,12 @@ from filelock import FileLock
 from prefect import get_run_logger, task
 
 from frugalflow.config import fingerprint
+from frugalflow.errors import CorruptData
+from frugalflow.integrity import quarantine, remove_stale_temps, seal_dir, temp_sibling, verify_manifest
+from frugalflow.pausepoints import pause_point
 from frugalflow.stages import run_stage
 from tasks import tracking as T
+from tasks.runstate import close_failed, process_tags
 
 # transformers builds modules under process-wide patches (meta-device init), so two stages in
 # threads of one process corrupt each other's parameters: in one process stages compute one at
@@ -55,39 +61,62 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
     run_id = T.start_run(client, tracking.experiment_id, f"{index}-{stage.kind}-{stage.method}",
                          parent_run_id=tracking.parent_run_id,
                          tags={"frugalflow.stage": stage.kind, "frugalflow.method": stage.method,
-                               "frugalflow.input_key": input_key, "frugalflow.key": key})
+                               "frugalflow.input_key": input_key, "frugalflow.key": key, **process_tags()})
     T.log_params(client, run_id, {f"stage.{k}": v for k, v in stage.model_dump(mode="json").items()})
     stats_file = out_dir / "stats.json"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out_dir) + ".lock")  # two sweep candidates sharing this stage compute it once
+    tmp = None
     try:
         lock.acquire()
-        cached = stats_file.is_file()
+        for stale in remove_stale_temps(out_dir):
+            logger.warning("stage %d %s: removed %s, left by an interrupted write", index, stage.method, stale)
+        cached = False
+        if out_dir.exists():
+            try:
+                verify_manifest(out_dir)
+                stats = json.loads(stats_file.read_text())
+                cached = True
+            except (CorruptData, ValueError, OSError) as exc:
+                moved = quarantine(out_dir)
+                logger.warning("stage %d %s: cache entry not reused: %s; moved to %s, recomputing", index,
+                               stage.method, exc, moved.name)
         if cached:
-            logger.info("stage %d %s: reusing %s (inputs unchanged)", index, stage.method, out_dir)
-            stats = json.loads(stats_file.read_text())
+            logger.info("stage %d %s: reusing %s (inputs unchanged, checksums verified)", index, stage.method,
+                        out_dir)
         else:
             logger.info("stage %d %s: compressing %s -> %s", index, stage.method, input_dir, out_dir)
-            shutil.rmtree(out_dir, ignore_errors=True)  # unfinished earlier attempt
+            tmp = temp_sibling(out_dir)
+            reports = [0]
 
             def report(message: str, metrics: dict) -> None:
                 logger.info("stage %d %s: %s", index, stage.method, message)
                 step = int(metrics.pop("step", 0))
                 T.log_metrics(client, run_id, metrics, step=step)
+                reports[0] += 1
+                if reports[0] == 1:
+                    pause_point(f"stage{index}.compute")
+                if step:
+                    pause_point(f"stage{index}.step{step}")
 
             with _COMPUTE:
-                stats = run_stage(stage, input_dir, out_dir, data_dir=data_dir, teacher_dir=teacher_dir,
+                stats = run_stage(stage, input_dir, tmp, data_dir=data_dir, teacher_dir=teacher_dir,
                                   device=device, seed=seed, checkpoint_dir=str(out_dir) + ".ckpt", pruned=pruned,
                                   report=report)
-            stats_file.write_text(json.dumps(stats, indent=1, default=float) + "\n")
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=1, default=float) + "\n")
+            pause_point(f"stage{index}.save")
+            seal_dir(tmp, out_dir)  # manifest + fsync + rename: complete or absent
+            tmp = None
             shutil.rmtree(str(out_dir) + ".ckpt", ignore_errors=True)
         T.log_metrics(client, run_id, {k: stats[k] for k in SUMMARY_KEYS if k in stats})
         T.log_json(client, run_id, stats, "stats.json")
         T.set_tags(client, run_id, {"frugalflow.cached": cached, "frugalflow.output_dir": out_dir,
                                     "frugalflow.worker": f"{socket.gethostname()}:{os.getpid()}"})
         client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        close_failed(client, run_id, f"{type(exc).__name__}: {exc}")
         raise
     finally:
         lock.release()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from frugalflow.distill import ddp
 from frugalflow.distill.losses import distill_loss
+from frugalflow.integrity import load_checkpoint, save_checkpoint
 from frugalflow.quant import rtn
 
 CHECKPOINT_FILE = "distill_state.pt"
@@ -164,18 +165,7 @@ def _amp(device: torch.device, enabled: bool) -> tuple[Callable, torch.amp.GradS
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    save_checkpoint(obj, path)  # checksummed, temp file + fsync + rename (frugalflow/integrity.py)
 
 
 # settings that must match for a checkpoint to be resumed (steps may grow)
@@ -251,8 +241,8 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
 
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     start, last_loss = 0, float("nan")
-    if path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)  # None: no checkpoint, or a corrupt one (logged, set aside)
+    if state is not None:
         changed = [k for k in _RESUME_KEYS if state["settings"].get(k) != settings[k]]
         if changed:
             raise ValueError(f"checkpoint {path} was written with different settings: "
