@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from frugalflow.distill import ddp
 from frugalflow.distill.losses import distill_loss
 from frugalflow.integrity import load_checkpoint, save_checkpoint
 from frugalflow.quant import rtn
