@@ -1,12 +1,14 @@
 """Prefect task: evaluate a model directory, cached by model hash + input-file hashes + settings."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from frugalflow.errors import CorruptData
 from frugalflow.evaluate.suite import evaluate_model, evaluation_key
+from frugalflow.integrity import quarantine, read_json_checked, write_json_checked
+from frugalflow.pausepoints import pause_point
 
 
 @task(name="evaluate")
@@ -19,12 +21,18 @@ def evaluate(model_dir: str, data_dir: str, evaluation, cache_dir: str, device: 
     root_path = Path(root) if root else None
     key = evaluation_key(Path(model_dir), Path(data_dir), evaluation, device, root=root_path)
     cache_file = Path(cache_dir) / "evaluations" / f"{key}.json"
-    if cache_file.is_file():
-        metrics = json.loads(cache_file.read_text())
-        logger.info("evaluate %s: cached result %s", label, cache_file.name)
-        return {**metrics, "cached": True}
+    if cache_file.is_file():  # checksummed and written atomically (frugalflow/integrity.py)
+        try:
+            metrics = read_json_checked(cache_file)
+            logger.info("evaluate %s: cached result %s (checksum verified)", label, cache_file.name)
+            return {**metrics, "cached": True}
+        except CorruptData as exc:
+            moved = quarantine(cache_file)
+            logger.warning("evaluate %s: cache entry not reused: %s; moved to %s, recomputing", label, exc,
+                           moved.name)
 
     def progress(done: int, total: int) -> None:
+        pause_point(f"evaluate.{label}")
         if done == total or done % max(1, total // 4) == 0:
             logger.info("evaluate %s: perplexity %d/%d windows", label, done, total)
 
@@ -36,6 +44,6 @@ def evaluate(model_dir: str, data_dir: str, evaluation, cache_dir: str, device: 
     extra = {k: v for k, v in metrics.items() if k.startswith(("ppl.", "lm_eval."))}
     if extra:
         logger.info("evaluate %s: %s", label, ", ".join(f"{k} {v:.4g}" for k, v in sorted(extra.items())))
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(metrics, indent=1) + "\n")
+    pause_point(f"evaluate.{label}.write")
+    write_json_checked(cache_file, metrics)
     return {**metrics, "cached": False}
