@@ -177,6 +177,9 @@ def create_version(client: MlflowClient, name: str, source: str, run_id: str | N
         listed = json.loads(client.get_logged_model(model_id).tags.get(VERSIONS_TAG, "[]"))
         listed.append({"name": version.name, "version": str(version.version)})
         client.set_logged_model_tags(model_id, {VERSIONS_TAG: json.dumps(listed)})
+    from frugalflow.pausepoints import pause_point
+
+    pause_point("register")  # tests/test_kill.py: a version exists, no alias points at it yet
     return version
 
 
