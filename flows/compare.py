@@ -10,6 +10,8 @@ import re
 
 from mlflow import MlflowClient
 
+from frugalflow.errors import BadInput
+
 from tasks.registry import version_by_alias
 
 RUN_TAG = "frugalflow.recipe"  # set on every parent (flow) run, not on stage runs
@@ -44,22 +46,22 @@ def _recent(client: MlflowClient, experiments: list[str], limit: int = 10) -> st
 
 
 def resolve_runs(client: MlflowClient, refs: list[str]) -> list:
-    """The flow runs named by full ids or id prefixes, in the order given. ValueError naming the
+    """The flow runs named by full ids or id prefixes, in the order given. BadInput (exit 2) naming the
     reference for one that matches no flow run (listing the recent ones) or several."""
     if not refs:
-        raise ValueError("name at least one run (an id or its first characters, as `frugalflow runs` prints)")
+        raise BadInput("name at least one run (an id or its first characters, as `frugalflow runs` prints)")
     experiments = _experiments(client)
     runs = []
     for ref in refs:
         prefix = ref.strip().lower()
         if not _HEX.fullmatch(prefix):
-            raise ValueError(f"{ref!r} is not a run id or id prefix (hex digits); {_recent(client, experiments)}")
+            raise BadInput(f"{ref!r} is not a run id or id prefix (hex digits); {_recent(client, experiments)}")
         found = _flow_runs(client, experiments, f"attributes.run_id LIKE '{prefix}%'", limit=6)
         if not found:
-            raise ValueError(f"no frugalflow run with id starting {prefix!r}; {_recent(client, experiments)}")
+            raise BadInput(f"no frugalflow run with id starting {prefix!r}; {_recent(client, experiments)}")
         if len(found) > 1:
             ids = ", ".join(r.info.run_id[:12] for r in found[:5])
-            raise ValueError(f"{prefix!r} matches several runs ({ids}{', ...' if len(found) > 5 else ''}); "
+            raise BadInput(f"{prefix!r} matches several runs ({ids}{', ...' if len(found) > 5 else ''}); "
                              "give more characters")
         runs.append(found[0])
     return runs

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from frugalflow.errors import BadInput
+
 from tasks.pyfunc import create_version
 
 HISTORY_TAG = "champion_history"
@@ -73,8 +75,8 @@ def rollback(client: MlflowClient, name: str, reason: str) -> dict:
     """Move `champion` back to the version that held it before the current one."""
     current = version_by_alias(client, name, "champion")
     if current is None:
-        raise ValueError(f"registered model {name!r} has no champion to roll back")
+        raise BadInput(f"registered model {name!r} has no champion to roll back")
     for entry in reversed(history(client, name)):
         if entry["version"] == str(current.version) and entry["previous"]:
             return promote(client, name, entry["previous"], f"rollback: {reason}", by="rollback")
-    raise ValueError(f"no earlier champion recorded for {name!r} (current champion: version {current.version})")
+    raise BadInput(f"no earlier champion recorded for {name!r} (current champion: version {current.version})")
