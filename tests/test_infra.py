@@ -178,8 +178,14 @@ def test_prefect_deployment_matches_params_schedule():
     load_recipe(ROOT / "params.yaml", overrides)
     compose = load(INFRA / "docker-compose.yml")
     assert compose["services"]["worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # the pull step reads the project folder from the worker's environment: the image's code folder in
+    # compose and k8s, the checkout in local team mode
     pull = raw["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
-    assert pull == "/opt/frugalflow" and "WORKDIR /opt/frugalflow" in (INFRA / "Dockerfile").read_text()
+    team = load(INFRA / "team.yaml")["worker"]
+    assert pull == "{{ $%s }}" % team["project_dir_var"]
+    assert compose["services"]["worker"]["environment"][team["project_dir_var"]] == team["project_dir_image"]
+    assert load(INFRA / "k8s" / "configmap.yaml")["data"][team["project_dir_var"]] == team["project_dir_image"]
+    assert f"WORKDIR {team['project_dir_image']}" in (INFRA / "Dockerfile").read_text()
 
 
 def test_dockerfile_installs_from_the_lock():
