@@ -13,6 +13,10 @@ Checkpoints (one file, replaced atomically) hold the trainable parameters, optim
 scheduler, grad scaler, step and RNG states; a run that finds one resumes from its step
 and ends bit-identical to an uninterrupted run. Nothing else in the directory is touched.
 The library prints nothing: progress goes to `on_step(step, metrics)`.
+
+Inside a torch.distributed process group (torchrun; see distill/ddp.py) the student is trained
+under DistributedDataParallel: each rank takes its slice of the same global batch, rank 0
+writes the checkpoint, every rank reads it.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from frugalflow.distill import ddp
 from frugalflow.distill.losses import distill_loss
 from frugalflow.integrity import load_checkpoint, save_checkpoint
 from frugalflow.quant import rtn
@@ -200,6 +205,10 @@ def distill(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
         raise ValueError(f"train_windows must be a non-empty [N, L] tensor, got {tuple(train_windows.shape)}")
     if steps < 1 or batch_size < 1 or grad_accum < 1 or log_every < 1:
         raise ValueError("steps, batch_size, grad_accum and log_every must be >= 1")
+    world = ddp.rank_and_size()[1]
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} (the global batch) must be a multiple of the {world} "
+                         "processes: each takes an equal slice")
     weights = dict(loss_weights) if loss_weights else {loss: 1.0}
     need_hidden = bool(weights.get("hidden"))
     device = torch.device(device)
@@ -237,6 +246,7 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
         optimizer, lambda s: lr_factor(s, settings["warmup_steps"], steps))
     autocast, scaler = _amp(device, amp)
     comp = list(_parametrized(student))
+    rank, world = ddp.rank_and_size()
 
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     start, last_loss = 0, float("nan")
@@ -265,6 +275,8 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
         start, last_loss = int(state["step"]), float(state["last_loss"])
 
     def save(step: int) -> None:
+        if rank != 0:  # one writer; the state is the same on every rank
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save({
             "step": step, "last_loss": last_loss, "settings": settings,
@@ -276,28 +288,36 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
         }, path)
 
     student.train()
+    forward = ddp.wrap(student, device) if world > 1 else student
     train_t0 = time.perf_counter()
     for step in range(start, steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss, parts_sum = 0.0, {}
-        for _ in range(settings["grad_accum"]):
-            x = sample_batch(windows, settings["batch_size"], settings["seq_len"], generator).to(device)
+        for micro in range(settings["grad_accum"]):
+            # every rank draws the same global batch and keeps its slice
+            x = ddp.local_slice(sample_batch(windows, settings["batch_size"], settings["seq_len"], generator))
+            x = x.to(device)
             with torch.inference_mode(), autocast():
                 t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=need_hidden)
             # inference tensors cannot enter autograd: clone outside inference mode
             t_logits = t_out.logits.float().clone()
             t_hidden = tuple(h.clone() for h in t_out.hidden_states) if need_hidden else None
             del t_out
-            with autocast():
-                s_out = student(input_ids=x, use_cache=False, output_hidden_states=need_hidden)
-            total, parts = distill_loss(weights, s_out.logits, t_logits, x, temperature=settings["temperature"],
-                                        tau=settings["tau"], student_hidden=s_out.hidden_states if need_hidden
-                                        else None, teacher_hidden=t_hidden, hidden_layers=hidden_layers)
-            scaled = total / settings["grad_accum"]
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            with ddp.no_sync(forward, micro + 1 < settings["grad_accum"]):
+                with autocast():
+                    s_out = forward(input_ids=x, use_cache=False, output_hidden_states=need_hidden)
+                total, parts = distill_loss(weights, s_out.logits, t_logits, x, temperature=settings["temperature"],
+                                            tau=settings["tau"], student_hidden=s_out.hidden_states if need_hidden
+                                            else None, teacher_hidden=t_hidden, hidden_layers=hidden_layers)
+                scaled = total / settings["grad_accum"]
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             step_loss += float(total.detach()) / settings["grad_accum"]
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / settings["grad_accum"]
+        if world > 1:  # the global batch's mean: every slice has the same number of tokens
+            keys = sorted(parts_sum)
+            step_loss, *means = ddp.mean_across([step_loss, *(parts_sum[k] for k in keys)])
+            parts_sum = dict(zip(keys, means))
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings["grad_clip"]))
@@ -316,6 +336,7 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
             save(done)
         if on_step is not None and (done % log_every == 0 or done == steps):
             on_step(done, {"loss": step_loss, "lr": lr_now, "grad_norm": grad_norm, **parts_sum})
+    ddp.barrier()  # the last checkpoint is written before any rank returns
     student.eval()
     steps_run = steps - start
     train_seconds = time.perf_counter() - train_t0
