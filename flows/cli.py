@@ -85,7 +85,6 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     recipe = _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
-    _adopt()
     from flows.sweep import candidate_recipes, sweep_flow, sweep_runner
 
     try:
@@ -94,6 +93,7 @@ def cmd_sweep(args) -> int:
         print(f"invalid sweep {exc}", file=sys.stderr)
         return 2
     print(f"sweep: {len(candidates)} candidates: {', '.join(c[0] for c in candidates)}")
+    _adopt()
     workers = args.parallel or recipe.sweep.max_parallel
     result = sweep_flow.with_options(task_runner=sweep_runner(workers))(
         params=args.params, grid=args.grid, overrides=args.set)
@@ -268,7 +268,9 @@ def cmd_team(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frugalflow", description="Model compression flows with tracking.")
+    parser = argparse.ArgumentParser(prog="frugalflow", description="Model compression flows with tracking.",
+                                     epilog="Exit codes:" + __doc__.split("Exit codes:", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_store(p):
