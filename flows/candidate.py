@@ -77,4 +77,4 @@ def publish(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracki
     pyfunc = log_pyfunc(client, run, model_dir) if verdict["passed"] else None
     publish_report(build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage), tracking)
     return register_and_promote(verdict, recipe.registry.model_name, project.lineage_tags, tracking,
-                                model_uri=pyfunc["model_uri"] if pyfunc else None)
+                                model_uri=pyfunc["model_uri"] if pyfunc else None, model_dir=model_dir)

@@ -14,6 +14,7 @@ from frugalflow.preflight import DVC_OWNED, find_project_root, load_run_recipe  
 from frugalflow.stages import resolve_device
 from tasks import tracking as T
 from tasks.lineage import update_data
+from tasks.preflight import preflight
 from tasks.runstate import close_orphans
 
 
@@ -58,7 +59,7 @@ def open_project(params: str, overrides: list[str]) -> Project:
     params_path = Path(params).resolve()
     recipe, root = load_run_recipe(params_path, overrides)
     uri = T.resolve_uri(recipe.tracking.uri, root)
-    client = T.connect(uri)  # fail before any heavy work when the store is unreachable
+    client = preflight(root, uri)  # MLflow, S3 buckets, Prefect API: exit 4 before any work or record
     experiment = T.experiment_id(client, recipe.experiment_name, root / "mlartifacts")
     close_orphans(client, [experiment])  # runs of killed processes: FAILED, with the reason
     lineage = update_data(str(root))

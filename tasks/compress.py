@@ -26,6 +26,7 @@ from frugalflow.integrity import quarantine, remove_stale_temps, seal_dir, temp_
 from frugalflow.pausepoints import pause_point
 from frugalflow.stages import run_stage
 from tasks import tracking as T
+from tasks.gpu_slot import gpu_slot
 from tasks.runstate import close_failed, process_tags
 
 # transformers builds modules under process-wide patches (meta-device init), so two stages in
@@ -99,7 +100,8 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
                 if step:
                     pause_point(f"stage{index}.step{step}")
 
-            with _COMPUTE:
+            with _COMPUTE, gpu_slot(f"stage {index} {stage.method}",  # one card, one stage at a time
+                                    record=lambda hold: T.log_metrics(client, run_id, hold.metrics())):
                 stats = run_stage(stage, input_dir, tmp, data_dir=data_dir, teacher_dir=teacher_dir,
                                   device=device, seed=seed, checkpoint_dir=str(out_dir) + ".ckpt", pruned=pruned,
                                   report=report)

@@ -9,6 +9,7 @@ from frugalflow.errors import CorruptData
 from frugalflow.evaluate.suite import evaluate_model, evaluation_key
 from frugalflow.integrity import quarantine, read_json_checked, write_json_checked
 from frugalflow.pausepoints import pause_point
+from tasks.gpu_slot import gpu_slot
 
 
 @task(name="evaluate")
@@ -36,8 +37,9 @@ def evaluate(model_dir: str, data_dir: str, evaluation, cache_dir: str, device: 
         if done == total or done % max(1, total // 4) == 0:
             logger.info("evaluate %s: perplexity %d/%d windows", label, done, total)
 
-    metrics = evaluate_model(Path(model_dir), Path(data_dir), evaluation, device=device, on_progress=progress,
-                             root=root_path)
+    with gpu_slot(f"evaluate {label}"):
+        metrics = evaluate_model(Path(model_dir), Path(data_dir), evaluation, device=device, on_progress=progress,
+                                 root=root_path)
     logger.info("evaluate %s: ppl %.3f, %.1f MB, decode %.1f tok/s (p50 %.1f ms, p95 %.1f ms), prefill %.0f tok/s, "
                 "peak memory %.0f MB", label, metrics["ppl"], metrics["size_mb"], metrics["decode_tps"],
                 metrics["latency_p50_ms"], metrics["latency_p95_ms"], metrics["prefill_tps"], metrics["peak_mem_mb"])

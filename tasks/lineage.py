@@ -3,6 +3,13 @@
 `dvc repro` (through DVC's Python API) reruns only the stages whose params or deps
 changed; the lineage recorded on every run is the git commit plus the dvc.lock hash of
 each stage output.
+
+Shared data (team mode): when an S3 remote is configured (`FRUGALFLOW_DVC_REMOTE`: a remote
+name from the DVC config or an s3:// URL; else DVC's default remote when it is on S3), outputs
+missing here but recorded in dvc.lock are pulled from it instead of recomputed, and after the
+repro the base model and data are pushed to it. The endpoint and credentials come from the
+environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or DVC's --local
+config, never from a committed file.
 """
 from __future__ import annotations
 
@@ -40,18 +47,51 @@ def dvc_lock_hashes(root: Path) -> dict[str, str]:
     return hashes
 
 
-def reproduce(root: Path, push: bool = False) -> list[str]:
-    """`dvc repro` in `root`; returns the names of the stages that ran."""
+REMOTE_ENV = "FRUGALFLOW_DVC_REMOTE"
+ENV_REMOTE = "frugalflow-env"  # the name a remote given as a URL gets
+
+
+def shared_remote(root: Path) -> tuple[str, dict | None, str] | None:
+    """The S3 remote this project shares its DVC data through: (name, config to add or None, url);
+    None when there is none (the embedded default keeps its local remote and pushes nothing)."""
+    from dvc.config import Config
+
+    value = os.environ.get(REMOTE_ENV, "").strip()
+    if value and "://" in value:
+        if not value.startswith("s3://"):
+            raise ValueError(f"{REMOTE_ENV}={value!r}: give an s3://BUCKET[/PREFIX] URL or the name of a DVC remote")
+        return ENV_REMOTE, {"url": value}, value
+    remotes = Config(str(root / ".dvc"))
+    name = value or remotes["core"].get("remote")
+    if not name:
+        return None
+    if name not in remotes["remote"]:
+        if value:
+            raise ValueError(f"{REMOTE_ENV}={value!r}: no DVC remote of that name in {root / '.dvc' / 'config'} "
+                             f"(remotes: {', '.join(remotes['remote']) or 'none'}); add it with `dvc remote add`")
+        return None
+    url = str(remotes["remote"][name].get("url", ""))
+    if not url.startswith("s3://"):
+        if value:
+            raise ValueError(f"{REMOTE_ENV}={value!r}: DVC remote {name!r} is at {url!r}, not on S3")
+        return None
+    return name, None, url
+
+
+def reproduce(root: Path, push: bool = False, remote: tuple[str, dict | None, str] | None = None) -> list[str]:
+    """`dvc repro` in `root`, pulling missing outputs from `remote` (see `shared_remote`) and
+    pushing to it afterwards when given; returns the names of the stages that ran."""
     from dvc.repo import Repo
 
     # Stage commands say `python`: make that the interpreter running this flow.
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints
     # DVC resolves stage paths against the working directory: run it from the project root.
-    with contextlib.chdir(root), Repo(str(root)) as repo:
-        ran = repo.reproduce()
-        if push:
-            repo.push()
+    name, extra, _ = remote or (None, None, None)
+    with contextlib.chdir(root), Repo(str(root), remote=name, remote_config=extra) as repo:
+        ran = repo.reproduce(pull=remote is not None)
+        if push or remote is not None:
+            repo.push(remote=name)
     return [getattr(s, "addressing", str(s)) for s in ran]
 
 
@@ -61,7 +101,11 @@ def update_data(root: str, push: bool = False) -> dict:
     root_path = Path(root)
     if not (root_path / "dvc.yaml").is_file():
         raise FileNotFoundError(f"{root_path / 'dvc.yaml'} is missing: frugalflow runs from a project with dvc.yaml")
-    logger.info("dvc repro in %s", root_path)
-    ran = reproduce(root_path, push=push)
-    logger.info("dvc stages run: %s", ", ".join(ran) if ran else "none (inputs unchanged, cached)")
-    return {**git_commit(root_path), "dvc": dvc_lock_hashes(root_path), "dvc_stages_run": ran}
+    remote = shared_remote(root_path)
+    logger.info("dvc repro in %s%s", root_path, f"; shared remote {remote[2]}" if remote else "")
+    ran = reproduce(root_path, push=push, remote=remote)
+    logger.info("dvc stages run: %s", ", ".join(ran) if ran else "none (inputs unchanged, cached or pulled)")
+    if remote:
+        logger.info("dvc push: base model and data are in %s", remote[2])
+    return {**git_commit(root_path), "dvc": dvc_lock_hashes(root_path), "dvc_stages_run": ran,
+            "dvc_remote": remote[2] if remote else None}

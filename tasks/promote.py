@@ -1,16 +1,36 @@
-"""Prefect task: register a passing candidate as `challenger`, promote it to `champion`
-when there is none or it beats the current one on the recipe's objective."""
+"""Prefect task: register a passing candidate as `challenger` (and, when a models bucket is
+configured, publish its directory there), then promote it to `champion` when there is none or it
+beats the current one on the recipe's objective, decided at promotion time under the model's
+promotion lock (tasks/registry.py `promote_if_better`), not from the gate's earlier look."""
 from __future__ import annotations
+
+import os
 
 from prefect import get_run_logger, task
 
 from tasks import registry as R
 from tasks import tracking as T
 
+MODELS_URI_ENV = "FRUGALFLOW_MODELS_URI"  # e.g. s3://frugalflow-models: versions go to <uri>/<model>/v<N>
+
+
+def publish_version(client, model_name: str, version: str, model_dir: str | None, logger) -> str | None:
+    """Upload the version's model directory to the models bucket when FRUGALFLOW_MODELS_URI is set;
+    the S3 URI (also the version's tag `s3_uri`), or None when no bucket is configured."""
+    base = os.environ.get(MODELS_URI_ENV, "").rstrip("/")
+    if not base or not model_dir:
+        return None
+    from tasks.storage import publish_model
+
+    uri = publish_model.fn(model_dir, f"{base}/{model_name}/v{version}")
+    client.set_model_version_tag(model_name, version, "s3_uri", uri)
+    logger.info("published %s version %s to %s", model_name, version, uri)
+    return uri
+
 
 @task(name="register-and-promote")
 def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tracking: T.Tracking,
-                         model_uri: str | None = None) -> dict:
+                         model_uri: str | None = None, model_dir: str | None = None) -> dict:
     logger = get_run_logger()
     client = T.connect(tracking.uri)
     run_id = tracking.parent_run_id
@@ -22,16 +42,11 @@ def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tra
     version = R.register_candidate(client, model_name, run_id, source, tags)
     logger.info("registered %s version %s as challenger", model_name, version)
     T.set_tags(client, run_id, {"frugalflow.registered_version": version})
-    promoted = False
-    if verdict["beats_champion"]:
-        champ = verdict.get("champion")
-        reason = ("first passing candidate" if not champ else
-                  f"{verdict['objective']} better than champion version {champ.get('version')}")
-        R.promote(client, model_name, version, reason)
-        promoted = True
-        logger.info("promoted %s version %s to champion (%s)", model_name, version, reason)
+    publish_version(client, model_name, version, model_dir, logger)  # its URI: the version's tag `s3_uri`
+    decision = R.promote_if_better(client, model_name, version, verdict["objective"])
+    if decision["promoted"]:
+        logger.info("promoted %s version %s to champion (%s)", model_name, version, decision["reason"])
     else:
-        logger.info("version %s does not beat the champion on %s; champion unchanged", version,
-                    verdict["objective"])
-    T.set_tags(client, run_id, {"frugalflow.champion": promoted})
-    return {"registered": True, "version": version, "champion": promoted}
+        logger.info("version %s not promoted: %s; champion unchanged", version, decision["reason"])
+    T.set_tags(client, run_id, {"frugalflow.champion": decision["promoted"]})
+    return {"registered": True, "version": version, "champion": decision["promoted"]}

@@ -2,7 +2,10 @@
 
 A passing candidate becomes a new version with alias `challenger`; `promote` moves
 `champion` and records when and why in the version's tags and in the registered model's
-`champion_history` tag (newest last), which `rollback` walks back.
+`champion_history` tag (newest last), which `rollback` walks back. Every move of `champion`
+happens under the model's promotion lock (tasks/promotion_lock.py), and `promote_if_better`
+decides "beats the champion" under it, from the metrics recorded on both versions' runs, so
+racing promotions leave the best candidate champion and every move in the history.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from frugalflow.errors import BadInput
-
+from frugalflow.gates import beats, objective_value
+from tasks.promotion_lock import promotion_lock
 from tasks.pyfunc import create_version
 
 HISTORY_TAG = "champion_history"
@@ -43,12 +47,15 @@ def champion_metrics(client: MlflowClient, name: str) -> dict | None:
 
 
 def register_candidate(client: MlflowClient, name: str, run_id: str, source: str, tags: dict) -> str:
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="Compressed models produced by frugalflow")
-    version = create_version(client, name, source, run_id, tags)  # resolves models:/<model_id> on this store
-    client.set_registered_model_alias(name, "challenger", str(version.version))
+    """A new version of `name` (created if missing) with alias `challenger`, under the promotion
+    lock: the registry's alias writes are not safe against concurrent writers."""
+    with promotion_lock(client.tracking_uri, name):
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description="Compressed models produced by frugalflow")
+        version = create_version(client, name, source, run_id, tags)  # resolves models:/<model_id> on this store
+        client.set_registered_model_alias(name, "challenger", str(version.version))
     return str(version.version)
 
 
@@ -57,8 +64,8 @@ def history(client: MlflowClient, name: str) -> list[dict]:
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
-def promote(client: MlflowClient, name: str, version: str, reason: str, by: str = "flow") -> dict:
-    """Move `champion` to `version` and record the move; returns the history entry."""
+def _move(client: MlflowClient, name: str, version: str, reason: str, by: str) -> dict:
+    """Move `champion` to `version` and record the move (the caller holds the promotion lock)."""
     target = client.get_model_version(name, str(version))  # raises if it does not exist
     previous = version_by_alias(client, name, "champion")
     entry = {"version": str(target.version), "previous": str(previous.version) if previous else None,
@@ -71,12 +78,49 @@ def promote(client: MlflowClient, name: str, version: str, reason: str, by: str 
     return entry
 
 
+def promote(client: MlflowClient, name: str, version: str, reason: str, by: str = "flow") -> dict:
+    """Move `champion` to `version` and record the move; returns the history entry."""
+    with promotion_lock(client.tracking_uri, name):
+        return _move(client, name, version, reason, by)
+
+
+def run_candidate_metrics(client: MlflowClient, run_id: str | None) -> dict:
+    """The `candidate.*` metrics of a run, without the prefix (what gates and objectives read)."""
+    if not run_id:
+        return {}
+    metrics = client.get_run(run_id).data.metrics
+    return {k[len("candidate."):]: v for k, v in metrics.items() if k.startswith("candidate.")}
+
+
+def promote_if_better(client: MlflowClient, name: str, version: str, objective: str, by: str = "flow") -> dict:
+    """Under the promotion lock: make `version` champion when there is none or it beats the current
+    one on `objective` (both read from their runs now, not at gate time). Returns
+    {"promoted", "reason", "champion" (the version that is champion afterwards), "entry"}."""
+    with promotion_lock(client.tracking_uri, name):
+        mine = run_candidate_metrics(client, client.get_model_version(name, str(version)).run_id)
+        current = version_by_alias(client, name, "champion")
+        theirs = run_candidate_metrics(client, current.run_id) if current is not None else None
+        if current is not None and str(current.version) == str(version):
+            return {"promoted": False, "reason": f"version {version} is already champion",
+                    "champion": str(version), "entry": None}
+        if not beats(mine, theirs, objective):
+            return {"promoted": False, "champion": str(current.version), "entry": None,
+                    "reason": f"{objective} {objective_value(mine, objective)} does not beat champion version "
+                              f"{current.version} ({objective_value(theirs, objective)})"}
+        reason = ("first passing candidate" if current is None else
+                  f"{objective} {objective_value(mine, objective):.6g} better than champion version "
+                  f"{current.version} ({objective_value(theirs, objective)})")
+        entry = _move(client, name, version, reason, by)
+        return {"promoted": True, "reason": reason, "champion": str(version), "entry": entry}
+
+
 def rollback(client: MlflowClient, name: str, reason: str) -> dict:
     """Move `champion` back to the version that held it before the current one."""
-    current = version_by_alias(client, name, "champion")
-    if current is None:
-        raise BadInput(f"registered model {name!r} has no champion to roll back")
-    for entry in reversed(history(client, name)):
-        if entry["version"] == str(current.version) and entry["previous"]:
-            return promote(client, name, entry["previous"], f"rollback: {reason}", by="rollback")
-    raise BadInput(f"no earlier champion recorded for {name!r} (current champion: version {current.version})")
+    with promotion_lock(client.tracking_uri, name):
+        current = version_by_alias(client, name, "champion")
+        if current is None:
+            raise BadInput(f"registered model {name!r} has no champion to roll back")
+        for entry in reversed(history(client, name)):
+            if entry["version"] == str(current.version) and entry["previous"]:
+                return _move(client, name, entry["previous"], f"rollback: {reason}", by="rollback")
+        raise BadInput(f"no earlier champion recorded for {name!r} (current champion: version {current.version})")
