@@ -15,13 +15,13 @@ from frugalflow.config import Recipe
 from frugalflow.report import build_report
 from tasks import tracking as T
 from tasks.compress import compress_stage
-from tasks.evaluate import evaluate
+from tasks.evaluate import decode_race, evaluate
 from tasks.gate import gate
 from tasks.promote import register_and_promote
 from tasks.report import publish_report
 from tasks.pyfunc import log_pyfunc
 
-HEADLINE = ("ppl", "size_mb", "decode_tps", "sparsity", "bits_per_weight")
+HEADLINE = ("ppl", "size_mb", "decode_tps", "decode_speedup", "sparsity", "bits_per_weight")
 
 
 def run_stages(project: Project, recipe: Recipe, tracking: T.Tracking) -> list[dict]:
@@ -50,9 +50,13 @@ def evaluate_baseline(project: Project) -> dict:
 
 def evaluate_candidate(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracking,
                        label: str = "candidate") -> dict:
-    """Evaluate the candidate and record its metrics on its run."""
+    """Evaluate the candidate and record its metrics on its run. Its decode speed comes from a
+    race against the base model in this evaluation (interleaved rounds), not from a cache."""
     metrics = evaluate(model_dir, str(project.data_dir), recipe.evaluation, str(project.artifacts),
                        project.device, label)
+    if recipe.evaluation.decode_race_rounds:
+        metrics = {**metrics, **decode_race(str(project.base_dir), model_dir, recipe.evaluation, project.device,
+                                            label)}
     client = T.connect(tracking.uri)
     run = tracking.parent_run_id
     T.log_metrics(client, run, {f"candidate.{k}": v for k, v in metrics.items()})

@@ -185,6 +185,16 @@ class _Distill(Strict):
     train_splits: list[Literal["train", "calib"]] = Field(
         ["train", "calib"], min_length=1, description="prepared splits trained on (never the eval split)")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    processes: int = Field(1, ge=1, le=1024, description="training processes on this host (torchrun, "
+                           "DistributedDataParallel: gloo on the CPU, nccl with one GPU each); batch_size stays the "
+                           "global batch and must be a multiple of it")
+
+    @model_validator(mode="after")
+    def _batch_splits(self):
+        if self.batch_size % self.processes:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of processes {self.processes} "
+                             "(each process trains on an equal slice of the global batch)")
+        return self
 
 
 class KLDistill(_Distill):
@@ -256,6 +266,9 @@ class EvaluationConfig(Strict):
     prefill_tokens: int = Field(0, ge=0, le=32768,
                                 description="prefill timed on this many tokens (the prompt repeated); 0 = the prompt")
     max_eval_windows: int | None = Field(None, ge=1, description="cap on eval windows; null = all")
+    decode_race_rounds: int = Field(3, ge=0, le=50,
+                                    description="rounds of the candidate-vs-base decode race (interleaved, medians) "
+                                    "in every candidate evaluation; 0 = off (speed gates use the baseline's figure)")
     sets: dict[str, EvalSetConfig] = Field(default_factory=dict,
                                            description="named perplexity sets -> metric ppl.<name>")
     lm_eval: LMEvalConfig | None = None

@@ -3,7 +3,10 @@ under `plots/`), as one self-contained HTML file (plots inlined) and as a short 
 
 The report dict holds recipe, baseline, candidate, stages, verdict, lineage and, when the
 experiment's other runs are known, `candidates`: dicts with `run_id`, `label`, `ppl`,
-`size_mb`, `decode_tps`, `passed` and `current` (True for this run).
+`size_mb`, `decode_tps`, `passed` and `current` (True for this run). Perplexity sets
+(`ppl` and each `ppl.<set>`) are shown side by side, the worst set (which the gate judged)
+marked; the base model's decode speed is the one raced in the candidate's evaluation when
+there is one (`base_decode_tps`).
 """
 from __future__ import annotations
 
@@ -58,9 +61,35 @@ def metrics_section(report: dict):
     rows = []
     for key, label, fmt in ROWS:
         b, c = base.get(key), cand.get(key)
+        if key == "decode_tps" and isinstance(cand.get("base_decode_tps"), (int, float)):
+            b, label = cand["base_decode_tps"], f"{label} (raced in this evaluation)"
         ratio = f"{c / b:.3f}" if isinstance(b, (int, float)) and isinstance(c, (int, float)) and b else "-"
         rows.append([label, _fmt(fmt, b), _fmt(fmt, c), ratio])
     return "Metrics", ["metric", "base model", "candidate", "ratio"], rows
+
+
+def sets_section(report: dict):
+    """Perplexity on every set side by side (base, candidate, change, windows), the set the
+    perplexity gate judged marked; None when only the primary set was measured."""
+    base, cand = report["baseline"], report["candidate"]
+    names = ["ppl", *sorted({k for k in (*base, *cand) if k.startswith("ppl.")})]
+    if len(names) == 1:
+        return None
+    gate = next((g for g in report["verdict"].get("gates", []) if g.get("name") == "ppl_increase_pct"), {})
+    worst = gate.get("worst") or gate.get("metric")
+    rows, marked = [], []
+    for name in names:
+        b, c = base.get(name), cand.get(name)
+        change = (f"{(c / b - 1) * 100:+.2f}%" if isinstance(b, (int, float)) and isinstance(c, (int, float)) and b
+                  else "-")
+        windows = cand.get("eval_windows" if name == "ppl" else f"windows.{name[4:]}")
+        if name == worst and gate:
+            marked.append(len(rows))
+        rows.append([("eval (prepared split)" if name == "ppl" else name[4:]) + (" (worst)" if name == worst and gate
+                                                                              else ""),
+                     _fmt("{:.0f}", windows), _fmt("{:.3f}", b), _fmt("{:.3f}", c), change])
+    limit = f" (gate: at most +{gate['threshold']:g}% on each)" if gate else ""
+    return f"Perplexity by set{limit}", ["set", "windows", "base model", "candidate", "change"], rows, marked
 
 
 def _gate_result(gate: dict) -> str:
@@ -71,7 +100,8 @@ def _gate_result(gate: dict) -> str:
 
 
 def gates_section(report: dict):
-    rows = [[g["name"], _fmt("{:.4g}", g["value"]), g["rule"], str(g["threshold"]),
+    rows = [[g["name"] + (f" (worst: {g['worst']})" if g.get("worst") else ""), _fmt("{:.4g}", g["value"]),
+             g["rule"], str(g["threshold"]),
              _gate_result(g)] for g in report["verdict"]["gates"]]
     return "Gates", ["gate", "value", "rule", "threshold", "result"], rows
 
@@ -117,7 +147,8 @@ def candidates_section(report: dict, front_only: bool = False):
 
 
 def sections(report: dict) -> list[tuple]:
-    out = [metrics_section(report), gates_section(report), stages_section(report)]
+    by_set = sets_section(report)
+    out = [metrics_section(report), *([by_set] if by_set else []), gates_section(report), stages_section(report)]
     cand = candidates_section(report)
     return out + ([cand] if cand else []) + [lineage_section(report)]
 
@@ -172,7 +203,8 @@ def summary_markdown(report: dict, where: str | None = None) -> str:
     word, reasons = _verdict_line(report)
     lines = [f"# frugalflow: {report['recipe']}", "", f"**Verdict: {word}**" + (f" ({'; '.join(reasons)})"
                                                                                if reasons else "")]
-    for section in (metrics_section(report), gates_section(report), candidates_section(report, front_only=True)):
+    for section in (metrics_section(report), sets_section(report), gates_section(report),
+                    candidates_section(report, front_only=True)):
         if section:
             lines += _md_table(section)
     if where:

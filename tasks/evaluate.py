@@ -1,10 +1,12 @@
-"""Prefect task: evaluate a model directory, cached by model hash + input-file hashes + settings."""
+"""Prefect tasks: evaluate a model directory (cached by model hash + input-file hashes + settings)
+and race a candidate's decode speed against the base model's (never cached)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from frugalflow.evaluate.race import decode_race as race
 from frugalflow.errors import CorruptData
 from frugalflow.evaluate.suite import evaluate_model, evaluation_key
 from frugalflow.integrity import quarantine, read_json_checked, write_json_checked
@@ -49,3 +51,16 @@ def evaluate(model_dir: str, data_dir: str, evaluation, cache_dir: str, device: 
     pause_point(f"evaluate.{label}.write")
     write_json_checked(cache_file, metrics)
     return {**metrics, "cached": False}
+
+
+@task(name="decode-race")
+def decode_race(base_dir: str, model_dir: str, evaluation, device: str, label: str) -> dict:
+    """The candidate's and the base model's decode tokens/s, interleaved in this evaluation."""
+    logger = get_run_logger()
+    with gpu_slot(f"decode race {label}"):
+        result = race(Path(base_dir), Path(model_dir), evaluation.prompt, evaluation.decode_race_rounds,
+                      new_tokens=evaluation.decode_tokens, device=device)
+    logger.info("decode race %s vs base model (%d interleaved rounds, medians): %.1f vs %.1f tok/s, %.2fx", label,
+                result["decode_race_rounds"], result["decode_tps"], result["base_decode_tps"],
+                result["decode_speedup"])
+    return result

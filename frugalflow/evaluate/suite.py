@@ -44,7 +44,8 @@ def evaluation_key(model_dir: Path, data_dir: Path, cfg: EvaluationConfig, devic
     sets_hash = {name: hash_files(set_inputs(name, spec, Path(data_dir), root)) for name, spec in cfg.sets.items()}
     lm_eval_hash = include_hash(cfg.lm_eval, root) if cfg.lm_eval is not None else None
     machine = f"{platform.node()}|{platform.machine()}|{torch.get_num_threads()}|{device}"
-    return fingerprint(model_hash, data_hash, cfg, machine, sets_hash, lm_eval_hash)
+    settings = cfg.model_dump(mode="json", exclude={"decode_race_rounds"})  # the race is never cached
+    return fingerprint(model_hash, data_hash, settings, machine, sets_hash, lm_eval_hash)
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, cfg: EvaluationConfig, device: str = "cpu",
