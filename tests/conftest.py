@@ -5,6 +5,8 @@ on the pydoc topics that ship with Python.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pydoc_data.topics
 import pytest
 import torch
@@ -60,3 +62,25 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def team_stack(tmp_path_factory):
+    """The local team stack (`frugalflow team up` on free loopback ports; tests/team_stack.py), one
+    per test session, started on first use and stopped (`team down`) at the end."""
+    import shutil
+    import tempfile
+
+    from team_stack import start_team
+
+    # not under pytest's basetemp: concurrent pytest sessions rotate those folders away mid-run
+    home = Path(tempfile.mkdtemp(prefix="frugalflow-team-"))
+    try:
+        stack = start_team(home)
+        print(f"team stack up in {stack.up_seconds:.1f} s: {stack.mlflow_uri}, {stack.prefect_api}, {stack.s3_endpoint}")
+        try:
+            yield stack
+        finally:
+            stack.stop()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

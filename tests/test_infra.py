@@ -225,3 +225,84 @@ def test_k8s_kustomize_renders():
     assert done.returncode == 0, done.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(done.stdout)]
     assert sorted(kinds) == ["ConfigMap", "Job"]
+
+
+# --------------------------------------------------------------------------- infra/team.yaml: the single source
+@pytest.fixture(scope="module")
+def team():
+    return load(INFRA / "team.yaml")
+
+
+def test_compose_takes_services_ports_and_buckets_from_team_yaml(team, compose):
+    names = {team[s]["service"] for s in ("postgres", "s3", "mlflow", "prefect", "worker")}
+    assert names <= set(compose)
+    for key in ("s3", "mlflow", "prefect"):
+        port = team[key]["port"]
+        published = [p for p in compose[team[key]["service"]]["ports"] if p.endswith(f":{port}:{port}")]
+        assert published, f"{team[key]['service']} does not publish {port}"
+        check = json.dumps(compose[team[key]["service"]].get("healthcheck", {}))
+        assert key == "s3" or f"127.0.0.1:{port}{team[key]['health']}" in check
+    mlflow_cmd = compose["mlflow"]["command"]
+    assert mlflow_cmd[mlflow_cmd.index("--artifacts-destination") + 1] == f"s3://{team['s3']['buckets']['mlflow']}/"
+    assert mlflow_cmd[mlflow_cmd.index("--port") + 1] == str(team["mlflow"]["port"])
+    assert compose["prefect-server"]["command"][-1] == str(team["prefect"]["port"])
+    init_minio = (INFRA / "minio" / "init-minio.sh").read_text()
+    assert set(re.search(r"for bucket in ([^;]+);", init_minio).group(1).split()) == set(team["s3"]["buckets"].values())
+    # each S3 key reaches exactly the buckets team.yaml gives it (MinIO policies)
+    policy_of = dict(re.findall(r'^create_user "\$(\w+)" "\$\w+" (\S+)$', init_minio, re.M))
+    for key in team["s3"]["keys"].values():
+        policy = json.loads((INFRA / "minio" / f"policy-{policy_of[key['access_key_var']]}.json").read_text())
+        reach = {r.split(":::")[1].split("/")[0] for s in policy["Statement"] for r in s["Resource"]}
+        assert reach == {team["s3"]["buckets"][b] for b in key["buckets"]}
+
+
+def test_compose_takes_databases_and_variables_from_team_yaml(team, compose):
+    pg = team["postgres"]
+    host = f"@{pg['service']}:{pg['port']}/"
+    mlflow_cmd = compose["mlflow"]["command"]
+    store = mlflow_cmd[mlflow_cmd.index("--backend-store-uri") + 1]
+    prefect_url = compose["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    init_sql = (INFRA / "postgres" / "init-databases.sh").read_text()
+    for db, url in (("mlflow", store), ("prefect", prefect_url)):
+        var = pg["databases"][db]["password_var"]
+        assert url.endswith(f"{host}{db}") and f"//{db}:${{{var}:?" in url, url
+        assert f"CREATE ROLE {db} LOGIN" in init_sql and f"CREATE DATABASE {db} OWNER {db};" in init_sql
+        assert var in json.dumps(compose["postgres"]["environment"])
+    assert compose["postgres"]["environment"]["POSTGRES_USER"] == pg["admin_user"]
+    # every variable team.yaml names is one compose reads from infra/.env, with a change-me secret
+    from tasks.team.config import secret_vars
+
+    example = env_example()
+    text = (INFRA / "docker-compose.yml").read_text()
+    for var in secret_vars(team):
+        assert var in example and "${" + var in text, var
+        if var.endswith(("PASSWORD", "SECRET_KEY")):
+            assert example[var].startswith("change-me"), var
+
+
+def test_worker_pool_limit_and_client_variables_agree_everywhere(team, compose):
+    prefect_yaml = load(INFRA / "prefect.yaml")
+    (deployment,) = [d for d in prefect_yaml["deployments"] if d["name"] == team["prefect"]["deployment"]["name"]]
+    assert deployment["work_pool"]["name"] == team["prefect"]["work_pool"]["name"]
+    assert f'@flow(name="{team["prefect"]["deployment"]["flow"]}"' in (ROOT / "flows" / "nightly.py").read_text()
+    assert (ROOT / team["prefect"]["deployment"]["file"]).is_file()
+    worker_env = compose["worker"]["environment"]
+    gpu = team["prefect"]["gpu_limit"]
+    assert worker_env[gpu["var"]] == gpu["name"]
+    script = compose["worker"]["command"][2]
+    assert f"--pool {team['prefect']['work_pool']['name']} --type {team['prefect']['work_pool']['type']}" in script
+    configmap = load(INFRA / "k8s" / "configmap.yaml")["data"]
+    job = load(INFRA / "k8s" / "gpu-worker-job.yaml")["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"][3:7] == ["--pool", team["prefect"]["work_pool"]["name"], "--type",
+                                   team["prefect"]["work_pool"]["type"]]
+    assert configmap[gpu["var"]] == gpu["name"]
+    # the client variables: every one reaches the compose worker; the k8s ConfigMap has the addresses
+    # (its keys come from a Secret); the ports in both are team.yaml's
+    ports = {"mlflow_port": team["mlflow"]["port"], "prefect_port": team["prefect"]["port"],
+             "s3_port": team["s3"]["port"]}
+    for var, template in team["client_env"].items():
+        assert var in worker_env, var
+        if "{host}" in template:
+            for where in (worker_env[var], configmap[var]):
+                assert where.endswith(template.split("{host}")[1].format(**ports)), (var, where)
+    assert "MLFLOW_S3" not in json.dumps(team["client_env"])  # people never get the server's bucket key

@@ -1,0 +1,130 @@
+"""The local team stack for tests: `start_team(home)` runs the same code as `frugalflow team up`
+(tasks/team/stack.py) on free loopback ports with its state under `home`, and returns a `TeamStack`
+with the addresses, buckets, client environment, generated secrets and PostgreSQL logins.
+
+The session-scoped `team_stack` fixture (tests/conftest.py) starts one for the whole test session
+on first use and stops it (`team down`) at the end."""
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helpers import ROOT, free_port
+
+from tasks.team import stack as team_stack
+from tasks.team.config import SERVICES, Team, open_team
+
+
+def _reachable_by_others(home: Path) -> None:
+    """As root, PostgreSQL runs as `postgres`, which must reach `home`: give o+x to the folders of
+    our own above it inside the temporary directory (pytest makes them 0700)."""
+    if os.geteuid() != 0:
+        return
+    tmp = Path(tempfile.gettempdir()).resolve()
+    for folder in [home, *home.parents]:
+        if folder == tmp or tmp not in folder.parents:
+            break
+        mode = folder.stat().st_mode
+        if folder.stat().st_uid == os.geteuid() and not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH | stat.S_IROTH)
+
+
+@dataclass
+class TeamStack:
+    home: Path
+    project_root: Path
+    ports: dict[str, int]
+    team: Team = field(repr=False)
+    up_seconds: float = 0.0
+
+    # ------------------------------------------------------------------ the contract's fields
+    @property
+    def mlflow_uri(self) -> str:
+        return self.team.mlflow_uri
+
+    @property
+    def prefect_api(self) -> str:
+        return self.team.prefect_api
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.team.s3_endpoint
+
+    @property
+    def buckets(self) -> dict[str, str]:
+        return self.team.buckets
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        return self.team.client_env()
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        return self.team.secrets
+
+    @property
+    def pg(self) -> dict:
+        return self.team.pg
+
+    @property
+    def work_pool(self) -> str:
+        return self.team.work_pool
+
+    @property
+    def gpu_limit(self) -> str:
+        return self.team.gpu_limit
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> "TeamStack":
+        """`team up` (again): same home, same ports; the seconds it took in `up_seconds`."""
+        started = time.monotonic()
+        team_stack.up(self.home, self.project_root, self.ports, log=lambda line: print(line, flush=True))
+        self.up_seconds = time.monotonic() - started
+        self.team = open_team(self.home, self.project_root, create=False)
+        return self
+
+    def stop(self) -> list[dict]:
+        """`team down`."""
+        return team_stack.down(self.home, self.project_root, log=lambda line: print(line, flush=True))
+
+    def status(self) -> dict[str, dict]:
+        """`team status` rows by service (postgres, s3, mlflow, prefect, worker)."""
+        return {row["service"]: row for row in team_stack.status(self.home, self.project_root)}
+
+    # ------------------------------------------------------------------ clients
+    def env(self, **extra: str) -> dict[str, str]:
+        """This process's environment without service settings, plus the team's client env."""
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_", "FRUGALFLOW_S3", "FRUGALFLOW_GPU"))}
+        return {**base, **self.client_env, **extra}
+
+    def s3(self, client: str = "worker"):
+        """boto3 S3 client with the `worker` key (dvc, models) or the `mlflow` key (server's bucket)."""
+        from tasks.team import s3
+
+        return s3.client(self.team, self.team.s3_key(client))
+
+    def sql(self, db: str = "mlflow"):
+        """A psycopg2 connection to the service's database, as its own role."""
+        from tasks.team import postgres
+
+        login = self.pg[db]
+        return postgres.connect(self.team, login["dbname"], login["user"], login["password"])
+
+
+def start_team(home: Path, project_root: Path | None = None) -> TeamStack:
+    home = Path(home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    _reachable_by_others(home)
+    ports = {service: free_port() for service in SERVICES}
+    project = Path(project_root or ROOT).resolve()
+    team = open_team(home, project, ports)
+    return TeamStack(home=home, project_root=project, ports=ports, team=team).start()
