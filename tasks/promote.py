@@ -4,9 +4,10 @@ beats the current one on the recipe's objective, decided at promotion time under
 promotion lock (tasks/registry.py `promote_if_better`), not from the gate's earlier look."""
 from __future__ import annotations
 
+import logging
 import os
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from tasks import registry as R
 from tasks import tracking as T
@@ -28,10 +29,19 @@ def publish_version(client, model_name: str, version: str, model_dir: str | None
     return uri
 
 
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # called outside a flow or task run (`register_and_promote.fn`)
+        return logging.getLogger(__name__)
+
+
 @task(name="register-and-promote")
 def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tracking: T.Tracking,
                          model_uri: str | None = None, model_dir: str | None = None) -> dict:
-    logger = get_run_logger()
+    logger = _logger()
     client = T.connect(tracking.uri)
     run_id = tracking.parent_run_id
     if not verdict["passed"]:

@@ -164,3 +164,40 @@ def test_endpoint_precedence(monkeypatch):
     assert bob is not alice and bob._request_signer._credentials.access_key == "bob"
     assert S.parse_s3_uri("s3://bkt/a/b/") == ("bkt", "a/b")
     assert S.parse_s3_uri("s3://bkt") == ("bkt", "")
+
+
+def test_registered_version_is_published_to_the_models_bucket(s3_env, tmp_path, monkeypatch):
+    """The flow's use of this module (tasks/promote.py): with FRUGALFLOW_MODELS_URI set, a registered
+    version's model directory lands under <uri>/<model>/v<N> and the version is tagged with it; unset,
+    nothing is uploaded."""
+    from mlflow import MlflowClient
+
+    from tasks import tracking as T
+    from tasks.promote import MODELS_URI_ENV, register_and_promote
+
+    S.ensure_bucket("frugalflow-published")
+    model_dir = tmp_path / "model"
+    files = make_tree(model_dir)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = T.connect(uri)
+    exp = T.experiment_id(client, "publish", tmp_path / "mlartifacts")
+    verdict = {"passed": True, "objective": "ppl", "reasons": []}
+
+    def candidate(ppl: float) -> T.Tracking:
+        run = T.start_run(client, exp, f"candidate-{ppl}")
+        T.log_metrics(client, run, {"candidate.ppl": ppl})
+        return T.Tracking(uri=uri, experiment_id=exp, parent_run_id=run)
+
+    monkeypatch.delenv(MODELS_URI_ENV, raising=False)
+    first = register_and_promote.fn(verdict, "tiny-pub", {}, candidate(20.0), model_dir=str(model_dir))
+    assert first == {"registered": True, "version": "1", "champion": True}
+    assert "s3_uri" not in MlflowClient(uri, uri).get_model_version("tiny-pub", "1").tags
+    assert "Contents" not in S.s3_client().list_objects_v2(Bucket="frugalflow-published")
+
+    monkeypatch.setenv(MODELS_URI_ENV, "s3://frugalflow-published/published/")
+    second = register_and_promote.fn(verdict, "tiny-pub", {}, candidate(25.0), model_dir=str(model_dir))
+    assert second == {"registered": True, "version": "2", "champion": False}  # worse ppl: published, not promoted
+    version = MlflowClient(uri, uri).get_model_version("tiny-pub", "2")
+    assert version.tags["s3_uri"] == "s3://frugalflow-published/published/tiny-pub/v2"
+    S.download_dir("frugalflow-published", "published/tiny-pub/v2", tmp_path / "back")
+    assert tree_bytes(tmp_path / "back") == files
