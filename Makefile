@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test validate runs ui clean-runs
+.PHONY: install browser postgres team team-down demo test validate runs ui clean-runs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,24 @@ browser:
 		echo "browser: no chromium and not root with apt-get; tests/test_ui.py will be skipped"; \
 	fi
 
-test: $(STAMP) browser  ## the test suite (CPU only; starts its own local servers and a headless browser)
+# PostgreSQL server binaries for team mode (`frugalflow team up`, tests/test_team_*.py): Debian's
+# package, installed with apt-get when missing and we are root. The stack runs its own cluster under
+# .team/ on its own port; the package's default cluster, if the package starts one, is not used.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	else \
+		echo "postgres: no PostgreSQL server binaries and not root with apt-get; install Debian's postgresql"; \
+	fi
+
+team: $(STAMP) postgres  ## team mode on this machine (PostgreSQL, S3, MLflow, Prefect, worker); see infra/README.md
+	$(BIN)/frugalflow team up
+
+team-down: $(STAMP)
+	$(BIN)/frugalflow team down
+
+test: $(STAMP) browser postgres  ## the test suite (CPU only; starts its own local servers and a headless browser)
 	$(BIN)/python -m pytest -q
 
 validate: $(STAMP)

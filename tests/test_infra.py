@@ -171,7 +171,7 @@ def test_prefect_deployment_matches_params_schedule():
     (schedule,) = raw["deployments"][0]["schedules"]
     assert (schedule["cron"], schedule["timezone"]) == (recipe.schedule.cron, recipe.schedule.timezone)
     assert deployment.work_pool.name == "gpu"
-    assert deployment.concurrency_limit == 1
+    assert deployment.concurrency_limit is None  # overlapping runs queue on the `gpu` slot, not per deployment
     # the deployment's overrides must be ones the flow accepts; the tracking server comes from
     # the worker's MLFLOW_TRACKING_URI, which the flow prefers over tracking.uri
     overrides = deployment.parameters["overrides"]

@@ -83,7 +83,7 @@ def family(pid: int) -> list[psutil.Process]:
         return []
 
 
-def stop_tree(pid: int | None, grace: float = 20) -> list[int]:
+def stop_tree(pid: int | None, grace: float = 10) -> list[int]:
     """SIGTERM to the process, its group and its descendants, SIGKILL after `grace` seconds to
     whatever is left. Returns the pids that were signalled."""
     if not pid:

@@ -27,7 +27,9 @@ def base_env() -> dict[str, str]:
 def start_mlflow(team: Team) -> int:
     pg, (access, secret) = team.pg, team.s3_key("mlflow")
     env = {**base_env(), "PGPASSWORD": pg["mlflow"]["password"], "MLFLOW_S3_ENDPOINT_URL": team.s3_endpoint,
-           "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+           # the GenAI job runner (seven huey consumer processes) serves nothing frugalflow uses
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     store = f"postgresql://{pg['mlflow']['user']}@{pg['host']}:{pg['port']}/{pg['mlflow']['dbname']}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--serve-artifacts",
            "--artifacts-destination", f"s3://{team.buckets['mlflow']}/", "--host", team.host,
@@ -93,6 +95,7 @@ def deploy(team: Team, timeout: float = 240) -> None:
     """`prefect deploy` of the nightly deployment from infra/prefect.yaml, as a person would run it."""
     dep = team.spec["prefect"]["deployment"]
     env = {**worker_env(team), "PREFECT_HOME": str(team.home / "client")}
+    env.pop(team.spec["worker"]["project_dir_var"])  # stays a placeholder: the worker fills it in per run
     log = team.logs() / "deploy.log"
     with open(log, "ab") as out:
         done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
@@ -101,6 +104,27 @@ def deploy(team: Team, timeout: float = 240) -> None:
     if done.returncode != 0:
         raise TeamError(f"`prefect deploy` of {dep['file']} ({dep['name']}) against {team.prefect_api} failed "
                         f"({done.returncode}); its log {log} ends:\n{procs.tail(log)}")
+
+
+def deployment_fingerprint(team: Team) -> str:
+    """What the deployment is made of: prefect.yaml's content and the server it went to."""
+    import hashlib
+
+    dep = team.spec["prefect"]["deployment"]
+    content = (team.project_dir / dep["file"]).read_bytes() + team.prefect_api.encode()
+    return hashlib.sha256(content).hexdigest()
+
+
+def deployment_exists(team: Team) -> bool:
+    from prefect.exceptions import ObjectNotFound
+
+    dep = team.spec["prefect"]["deployment"]
+    with prefect_client(team) as client:
+        try:
+            client.read_deployment_by_name(f"{dep['flow']}/{dep['name']}")
+            return True
+        except ObjectNotFound:
+            return False
 
 
 def worker_name(team: Team) -> str:

@@ -129,7 +129,11 @@ def up(home: Path | None = None, project_dir: Path | None = None, ports: dict[st
             worker_pid = servers.start_worker(team)
             _record(team, state, "worker", worker_pid)
             started.append("worker")
-        servers.deploy(team)
+        fingerprint = servers.deployment_fingerprint(team)
+        if state.get("deployed") != fingerprint or not servers.deployment_exists(team):
+            servers.deploy(team)
+            state["deployed"] = fingerprint
+            write_state(team, state)
         log(f"  deployment {team.spec['prefect']['deployment']['flow']}/{team.spec['prefect']['deployment']['name']} "
             f"from {team.spec['prefect']['deployment']['file']}  ({time.monotonic() - t0:.1f} s)")
         procs.wait_until(lambda: healthy(team, "worker", since if "worker" in started else 0.0), worker_pid,
