@@ -1,7 +1,7 @@
 """Prefect task: the gate verdict for a candidate, recorded on the parent run.
 
 MLflow: metrics `gate.<name>` (the value) and `gate.<name>.passed` (1/0) for every gate that
-was evaluated, `gate.failed` / `gate.skipped` counts; tags `frugalflow.verdict`,
+was evaluated (and `gate.ppl_increase_pct.<ppl set>` for each set the perplexity gate judged), `gate.failed` / `gate.skipped` counts; tags `frugalflow.verdict`,
 `frugalflow.verdict_reasons`, `frugalflow.gates_skipped` and `frugalflow.gate.<name>`
 (pass | fail | skipped: reason) for every gate; the whole verdict as `verdict.json`.
 """
@@ -40,6 +40,8 @@ def gate(candidate: dict, baseline: dict, gates, objective: str, model_name: str
     evaluated = [g for g in result["gates"] if g["status"] != "skipped"]
     T.log_metrics(client, run, {f"gate.{g['name']}": g["value"] for g in evaluated if g["value"] is not None})
     T.log_metrics(client, run, {f"gate.{g['name']}.passed": int(g["passed"]) for g in evaluated})
+    T.log_metrics(client, run, {f"gate.{g['name']}.{m}": v for g in evaluated  # per-set values of the ppl gate
+                                for m, v in (g.get("per_set") or {}).items() if v is not None})
     T.log_metrics(client, run, {"gate.failed": sum(g["status"] == "fail" for g in result["gates"]),
                                 "gate.skipped": len(result["skipped"])})
     T.set_tags(client, run, {"frugalflow.verdict": "pass" if result["passed"] else "fail",

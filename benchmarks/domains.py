@@ -1,0 +1,212 @@
+"""Quality outside the calibration domain, SmolLM2-135M: the default recipe's perplexity change on
+every evaluation set, and the share of the compression gap that distillation closes on each.
+
+    python benchmarks/domains.py [--variant default|generated|mixed] [--steps N] [--lr X] [--rounds 5]
+
+The stages are params.yaml's (default: Wanda 10% -> GPTQ w4 g64 -> TSLD 60 steps), run with the
+library's `run_stage` into `--work` (outputs named by their settings, reused when present). The
+sets: the prepared eval split (in-domain: Python's documentation, which the recipe calibrates
+and distils on) and every `evaluation.sets` entry of params.yaml (out of domain). The variants
+change only what the distillation stage trains on:
+- default: the stage's own splits (train + calib windows of the calibration corpus);
+- generated: text the teacher samples itself from its begin-of-sequence token (no domain), as
+  many sequences as the default trains on windows, `--gen-len` tokens each;
+- mixed: half of each.
+Measured: perplexity of the base model, of the prune+quantize output (before distillation) and
+of the final output on every set; gap closed = (before - after) / (before - base); size on
+disk; decode tokens/s of base fp32, base bf16, final fp32 and final bf16, HF generate, 64 new
+tokens, batch 1, greedy, interleaved rounds, medians (the final model at its faster dtype).
+Writes domains.json (one entry per variant and settings, kept across runs) and domains.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from frugalflow.data import load_windows  # noqa: E402
+from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
+from frugalflow.evaluate.sets import set_windows  # noqa: E402
+from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
+from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noqa: E402
+from frugalflow.recipe_io import load_recipe  # noqa: E402
+from frugalflow.stages import run_stage  # noqa: E402
+
+
+def key_of(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def generated_windows(teacher_dir: Path, n: int, length: int, seed: int, batch: int = 16) -> torch.Tensor:
+    """[n, length] token ids the teacher samples (temperature 1, top-p 0.95) from its BOS token."""
+    model, tok = load_model(teacher_dir), load_tokenizer(teacher_dir)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    out = []
+    for start in range(0, n, batch):
+        rows = min(batch, n - start)
+        ids = torch.full((rows, 1), bos, dtype=torch.long)
+        with torch.inference_mode():
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=1.0, top_p=0.95, max_new_tokens=length, min_new_tokens=length,
+                                 pad_token_id=tok.eos_token_id)
+        out.append(seq[:, 1:length + 1])
+        print(f"generated {start + rows}/{n} sequences of {length} tokens", flush=True)
+    return torch.cat(out)
+
+
+def distill_data(variant: str, data: Path, teacher: Path, work: Path, splits: list[str], gen_len: int,
+                 seed: int) -> tuple[Path, list[str], str]:
+    """(data folder, splits to train on, description) for the variant's distillation."""
+    if variant == "default":
+        n = sum(len(load_windows(data, s)) for s in splits)
+        return data, splits, f"{' + '.join(splits)} windows of the calibration corpus ({n} x 512 tokens)"
+    real = torch.cat([load_windows(data, s) for s in splits])
+    n_gen = len(real) if variant == "generated" else len(real) // 2
+    folder = work / f"data_{variant}_{key_of(n_gen, gen_len, seed)}"
+    if not (folder / "train.safetensors").is_file():
+        gen = generated_windows(teacher, n_gen, gen_len, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / "eval.safetensors", folder / "eval.safetensors")
+        shutil.copy(data / "manifest.json", folder / "manifest.json")
+        save_file({"windows": gen.contiguous()}, str(folder / "train.safetensors"))
+        if variant == "mixed":
+            g = torch.Generator().manual_seed(seed)
+            pick = real[torch.randperm(len(real), generator=g)[: len(real) - n_gen]]
+            save_file({"windows": pick[:, :gen_len].contiguous()}, str(folder / "calib.safetensors"))
+    if variant == "generated":
+        return folder, ["train"], f"{n_gen} teacher-generated sequences of {gen_len} tokens (no domain)"
+    return folder, ["train", "calib"], (f"{n_gen} teacher-generated sequences + {len(real) - n_gen} calibration-"
+                                        f"corpus windows, {gen_len} tokens each")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--variant", choices=("default", "generated", "mixed"), default="default")
+    parser.add_argument("--steps", type=int, help="distillation steps (default: the recipe's)")
+    parser.add_argument("--lr", type=float, help="distillation learning rate (default: the recipe's)")
+    parser.add_argument("--gen-len", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench-domains"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    recipe = load_recipe(args.params)
+    base, data, work = ROOT / recipe.base_model.path, ROOT / recipe.data.path, Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    *compress, last = recipe.stages
+    if last.kind != "distill":
+        raise SystemExit(f"{args.params}: the last stage is {last.method}, not a distillation stage")
+    last = last.model_copy(update={k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
+
+    current, seconds = base, {}
+    for i, stage in enumerate(compress):
+        out = work / f"{i}-{stage.method}-{key_of(stage.model_dump(mode='json'), current.name)}"
+        if not (out / "config.json").is_file():
+            t = time.perf_counter()
+            run_stage(stage, current, out, data_dir=data, teacher_dir=base, seed=recipe.seed,
+                      pruned=any(s.kind == "prune" for s in compress[:i]))
+            seconds[stage.method] = round(time.perf_counter() - t, 1)
+            print(f"{stage.method}: {seconds[stage.method]} s -> {out.name}", flush=True)
+        current = out
+    before = current
+    ddata, splits, described = distill_data(args.variant, data, base, work, list(last.train_splits), args.gen_len,
+                                            recipe.seed)
+    last = last.model_copy(update={"train_splits": splits})
+    final = work / f"{len(compress)}-{last.method}-{args.variant}-{key_of(last.model_dump(mode='json'), before.name, ddata.name)}"
+    if not (final / "config.json").is_file():
+        t = time.perf_counter()
+        run_stage(last, before, final, data_dir=ddata, teacher_dir=base, seed=recipe.seed, pruned=True,
+                  report=lambda msg, m: print(msg, flush=True) if "step" not in m or m["step"] % 20 == 0 else None)
+        seconds[last.method] = round(time.perf_counter() - t, 1)
+
+    tokenizer = load_tokenizer(base)
+    sets = {"eval": load_windows(data, "eval")}
+    sets.update({name: set_windows(name, spec, data, tokenizer, ROOT) for name, spec in recipe.evaluation.sets.items()})
+    ppl: dict[str, dict[str, float]] = {}
+    for label, folder in (("base", base), ("before", before), ("after", final)):
+        model = load_model(folder)
+        ppl[label] = {name: perplexity(model, w) for name, w in sets.items()}
+        print(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl[label].items()), flush=True)
+        del model
+    models = {"base_fp32": load_model(base), "base_bf16": load_model(base, dtype=torch.bfloat16),
+              "final_fp32": load_model(final), "final_bf16": load_model(final, dtype=torch.bfloat16)}
+    tps = interleaved_decode_tps(models, tokenizer, recipe.evaluation.prompt, args.rounds,
+                                 new_tokens=recipe.evaluation.decode_tokens)
+    fastest = max(("final_fp32", "final_bf16"), key=tps.get)
+    per_set = {}
+    for name in sets:
+        b, x, y = ppl["base"][name], ppl["before"][name], ppl["after"][name]
+        per_set[name] = {"windows": len(sets[name]), "base_ppl": round(b, 3), "before_ppl": round(x, 3),
+                         "after_ppl": round(y, 3), "change_pct": round((y / b - 1) * 100, 2),
+                         "before_change_pct": round((x / b - 1) * 100, 2),
+                         "gap_closed_pct": round((x - y) / (x - b) * 100, 1) if x != b else None}
+    entry = {
+        "variant": args.variant, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "stages": " -> ".join(s.method for s in recipe.stages), "distill": last.model_dump(mode="json"),
+        "distill_data": described, "model": final.name, "sets": per_set,
+        "worst_set": max(per_set, key=lambda k: per_set[k]["change_pct"]),
+        "size_ratio_vs_fp32": round(weights_size_mb(final) / weights_size_mb(base), 3),
+        "decode_tps": {k: round(v, 2) for k, v in tps.items()}, "fastest": fastest,
+        "decode_vs_fp32": round(tps[fastest] / tps["base_fp32"], 3),
+        "decode_vs_bf16": round(tps[fastest] / tps["base_bf16"], 3), "rounds": args.rounds,
+        "stage_seconds": seconds, "wall_minutes": round((time.time() - started) / 60, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "load_average": round(os.getloadavg()[0], 1),
+    }
+    entry["all_within_10pct"] = all(s["change_pct"] <= 10.0 for s in per_set.values())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "domains.json"
+    entries = json.loads(store.read_text()) if store.is_file() else []
+    entries = [e for e in entries if e["model"] != entry["model"]] + [entry]
+    store.write_text(json.dumps(entries, indent=1) + "\n")
+    (out / "domains.md").write_text(markdown(entries))
+    print(json.dumps(entry, indent=1))
+
+
+def markdown(entries: list[dict]) -> str:
+    names = list(entries[-1]["sets"])
+    lines = ["# Perplexity per domain, SmolLM2-135M-Instruct: the default recipe and distillation-data variants",
+             "",
+             "Produced by `python benchmarks/domains.py --variant V`. Sets: `eval` is the prepared evaluation split "
+             "of the calibration corpus (Python's documentation, in domain); the others are params.yaml's "
+             "`evaluation.sets` (evals/domains/, out of domain; no stage calibrates or trains on them). Change: "
+             "final vs fp32 base perplexity (fp32 activations). Gap closed: (before distillation - after) / "
+             "(before - base). Decode: HF generate, 64 new tokens, batch 1, greedy, median of the interleaved "
+             "rounds, the final model at its faster dtype, against base fp32 and base bf16 in the same rounds. "
+             "Targets (issue 16): every set <= +10%, size <= 0.25 of fp32, decode >= 2x fp32 and >= 1.5x bf16.",
+             "",
+             "| variant | distillation (steps, lr; data) | " + " | ".join(f"{n} change % (before distill)" for n in names)
+             + " | " + " | ".join(f"{n} gap closed %" for n in names)
+             + " | size vs fp32 | decode vs fp32 / bf16 | machine, load, date |",
+             "|" + "---|" * (2 + 2 * len(names) + 3)]
+    for e in entries:
+        d = e["distill"]
+        cells = [e["variant"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}; {e['distill_data']}"]
+        cells += [f"{e['sets'][n]['change_pct']:+.2f} ({e['sets'][n]['before_change_pct']:+.2f})" if n in e["sets"]
+                  else "-" for n in names]
+        cells += [f"{e['sets'][n]['gap_closed_pct']}" if n in e["sets"] else "-" for n in names]
+        cells += [f"{e['size_ratio_vs_fp32']}", f"{e['decode_vs_fp32']}x / {e['decode_vs_bf16']}x ({e['fastest']})",
+                  f"{e['machine']}, load {e['load_average']}, {e['date']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Absolute perplexities (base / before / after) and decode tokens/s are in domains.json."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
