@@ -1,0 +1,132 @@
+"""The GPU slot (tasks/gpu_slot.py) for real: on the embedded default it holds nothing and asks no
+server; against the team's Prefect server it holds the global concurrency limit; and two
+deployment runs of the nightly flow, picked up at once by the team's worker, run side by side while
+their heavy parts (every stage and evaluation) take turns on the one slot, as the wall-clock
+start/end of every hold in their Prefect logs shows."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from helpers import ROOT, make_project, tail, tiny_recipe, wait_for
+
+from tasks import gpu_slot as G
+
+HOLD = re.compile(r"gpu slot '(?P<name>[^']+)' held: (?P<label>.+) from (?P<start>[\d.]+) to (?P<end>[\d.]+)")
+RUN_S = 480
+
+
+def prefect(stack):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(stack.prefect_api)
+
+
+@pytest.fixture
+def team_api(team_stack, monkeypatch):
+    """This process's Prefect settings pointed at the team's server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv(G.LIMIT_ENV, raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: team_stack.prefect_api}):
+        yield team_stack
+
+
+def test_embedded_default_holds_nothing_and_asks_no_server(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    def no_server(name):
+        raise AssertionError("the embedded default must not ask a Prefect server for a limit")
+
+    monkeypatch.setattr(G, "limit_exists", no_server)
+    monkeypatch.delenv(G.LIMIT_ENV, raising=False)
+    recorded = []
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert G.api_url() is None
+        with G.gpu_slot("work", record=recorded.append) as hold:
+            pass
+    assert hold.name == "gpu" and not hold.held and hold.requested <= hold.start <= hold.end
+    assert recorded == [hold] and set(hold.metrics()) == {"gpu_slot.start", "gpu_slot.end", "gpu_slot.wait_s"}
+    monkeypatch.setenv(G.LIMIT_ENV, "card-0")
+    assert G.limit_name() == "card-0"
+
+
+def test_team_server_slot_is_held_and_released(team_api):
+    from prefect.client.orchestration import get_client
+
+    with G.gpu_slot("no limit of that name", name="no-such-limit") as hold:
+        pass
+    assert not hold.held  # a server without the limit: nothing held, nothing waits
+    with get_client(sync_client=True) as client:
+        with G.gpu_slot("held") as hold:
+            during = client.read_global_concurrency_limit_by_name(team_api.gpu_limit)
+        after = client.read_global_concurrency_limit_by_name(team_api.gpu_limit)
+    assert hold.held and hold.name == team_api.gpu_limit == "gpu"
+    assert during.limit == 1 and during.active_slots == 1 and after.active_slots == 0
+
+
+def holds_in_logs(client, flow_run_id) -> list[dict]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    found, offset = [], 0
+    while True:
+        page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                offset=offset)
+        for log in page:
+            if m := HOLD.search(log.message):
+                found.append({"run": str(flow_run_id), "label": m["label"], "name": m["name"],
+                              "start": float(m["start"]), "end": float(m["end"])})
+        if len(page) < 200:
+            return found
+        offset += 200
+
+
+@pytest.mark.slow
+def test_two_deployment_runs_take_turns_on_the_slot(team_stack, tmp_path_factory, tiny_model_dir):
+    # one stage and small evaluations; gates that fail keep the runs off the registry (not tested here)
+    recipe = tiny_recipe(tiny_model_dir, "tiny-gpu-slot", stages=[{"method": "magnitude", "sparsity": 0.5}],
+                         data={"calib_windows": 2, "train_windows": 2, "eval_windows": 2},
+                         evaluation={"decode_tokens": 2},
+                         gates={"min_size_reduction": 100.0})
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    projects = [make_project(tmp_path_factory.mktemp(f"slot-{i}"), recipe) for i in range(2)]
+    with prefect(team_stack) as client:
+        assert client.read_global_concurrency_limit_by_name(team_stack.gpu_limit).limit == 1
+        flow_id = client.create_flow_from_name("frugalflow-nightly")
+        # the nightly flow without a deployment-level limit, so that only the GPU slot keeps runs apart
+        deployment = client.create_deployment(
+            flow_id, "gpu-slot-test", work_pool_name=team_stack.work_pool,
+            entrypoint="flows/nightly.py:compression_flow",
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}])
+        ids = [client.create_flow_run_from_deployment(deployment, parameters={"params": str(p / "params.yaml")}).id
+               for p in projects]
+
+        def finals():
+            try:
+                got = [client.read_flow_run(i) for i in ids]
+            except PrefectHTTPStatusError:  # a busy server's 5xx: ask again
+                return None
+            return got if all(r.state and r.state.is_final() for r in got) else None
+
+        runs = wait_for(finals, RUN_S, 2)
+        assert runs, f"runs not final within {RUN_S} s; worker log:\n{tail(team_stack.logs / 'worker.log')}"
+        for run in runs:
+            assert run.state.is_completed(), f"{run.state.type}: {run.state.message}\n{tail(team_stack.logs / 'worker.log')}"
+        time.sleep(2)  # logs are shipped in batches
+        holds = [h for i in ids for h in holds_in_logs(client, i)]
+
+    # the two flow runs were in flight at the same time ...
+    assert max(r.start_time for r in runs) < min(r.end_time for r in runs), [(r.start_time, r.end_time) for r in runs]
+    # ... each held the slot for its baseline, its stage and its candidate evaluation ...
+    for i in ids:
+        labels = {h["label"] for h in holds if h["run"] == str(i)}
+        assert {"evaluate base model", "stage 0 magnitude", "evaluate candidate"} <= labels, labels
+    assert {h["name"] for h in holds} == {team_stack.gpu_limit}
+    # ... and no two holds overlapped
+    holds.sort(key=lambda h: h["start"])
+    timeline = "\n".join(f"{h['start']:.3f}-{h['end']:.3f} {h['run'][:8]} {h['label']}" for h in holds)
+    print("gpu slot timeline:\n" + timeline)
+    for before, after in zip(holds, holds[1:]):
+        assert before["end"] <= after["start"], timeline
