@@ -188,7 +188,6 @@ def run_sequential(model: nn.Module, windows: torch.Tensor, solve: Solve, needs=
     arch = arch_of(model)
     device = torch.device(device)
     layers = decoder_layers(model)
-    groups = input_groups(arch)
     was_training = model.training
     model.eval()
     try:
@@ -200,40 +199,51 @@ def run_sequential(model: nn.Module, windows: torch.Tensor, solve: Solve, needs=
         for i, layer in enumerate(layers):
             home = _device_of(layer)
             layer.to(device)
-            accs, handles = {}, []
-            for group in groups:
-                first = layer.get_submodule(group[0])
-                acc = accs[group] = _Accumulator(first.in_features, needs, device, h_stride)
-                if needs:
-                    handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add(inp[0])))
-            if accumulate is not None:
-                for name in arch.linears:
-                    handles.append(layer.get_submodule(name).register_forward_hook(
-                        lambda _m, inp, out, name=name: accumulate(name, inp[0], out)))
-            try:
-                outputs = _run_layer(layer, inputs, extras, device, store)
-            finally:
-                for h in handles:
-                    h.remove()
-            stats = {}
-            for group, acc in accs.items():
-                shared = acc.finish()
-                for name in group:
-                    stats[name] = {**shared, "group": group}
-            del accs
-            solved = solve(i, layer, stats) or {}
-            del stats
+            solved, inputs = calibrate_layer(i, layer, arch, inputs, extras, solve, needs, accumulate, device, store,
+                                             propagate and i + 1 < len(layers), h_stride)
             for name, s in solved.items():
                 result[f"{arch.layers}.{i}.{name}"] = s
-            if propagate and i + 1 < len(layers):
-                outputs = _run_layer(layer, inputs, extras, device, store)
-            inputs = outputs
             layer.to(home)
             if on_progress is not None:
                 on_progress(i, len(layers))
         return result
     finally:
         model.train(was_training)
+
+
+def calibrate_layer(i: int, layer: nn.Module, arch: Arch, inputs: list[torch.Tensor], extras: list, solve: Solve,
+                    needs=("H",), accumulate=None, device: torch.device = torch.device("cpu"),
+                    store: torch.device = torch.device("cpu"), propagate: bool = True,
+                    h_stride: int = 1) -> tuple[dict, list[torch.Tensor]]:
+    """One step of the sequential driver on decoder layer `i` (already on `device`): accumulate the
+    stats on `inputs`, `solve`, and return (solve's per-linear dicts, the next layer's inputs: the
+    outputs of the compressed layer when `propagate`, else of the layer as it came)."""
+    accs, handles = {}, []
+    for group in input_groups(arch):
+        first = layer.get_submodule(group[0])
+        acc = accs[group] = _Accumulator(first.in_features, needs, device, h_stride)
+        if needs:
+            handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add(inp[0])))
+    if accumulate is not None:
+        for name in arch.linears:
+            handles.append(layer.get_submodule(name).register_forward_hook(
+                lambda _m, inp, out, name=name: accumulate(name, inp[0], out)))
+    try:
+        outputs = _run_layer(layer, inputs, extras, device, store)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for group, acc in accs.items():
+        shared = acc.finish()
+        for name in group:
+            stats[name] = {**shared, "group": group}
+    del accs
+    solved = solve(i, layer, stats) or {}
+    del stats
+    if propagate:
+        outputs = _run_layer(layer, inputs, extras, device, store)
+    return solved, outputs
 
 
 @contextmanager
@@ -267,17 +277,21 @@ def hessian_inverse_upper(H: torch.Tensor, percdamp: float) -> tuple[torch.Tenso
 
 
 def _hessian_inverse_upper(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # H is our own copy: dampened in place, and no more than two n x n matrices live at once
+    # besides it (the layer-streaming path keeps 7B-sized MLP Hessians within its memory budget)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     diag = torch.arange(H.shape[0], device=H.device)
-    damp = percdamp * torch.mean(torch.diag(H))
+    undamped = torch.diag(H).clone()
+    damp = percdamp * torch.mean(undamped)
     for _ in range(6):
-        Hd = H.clone()
-        Hd[diag, diag] += damp
-        L, info = torch.linalg.cholesky_ex(Hd)
+        H[diag, diag] = undamped + damp
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0:
                 return U, dead
         damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=H.device)

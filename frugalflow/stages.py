@@ -145,8 +145,14 @@ def run_rtn(stage: C.RTNQuant, model_dir: Path, out_dir: Path, ctx: dict) -> dic
 
 
 def run_distill(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    """Distill on one process, or with `processes` > 1 on that many under torchrun (distill/ddp.py),
+    where every rank runs this function and rank 0 evaluates and saves."""
+    from frugalflow.distill import ddp
     from frugalflow.distill.trainer import distill
 
+    rank, world = ddp.rank_and_size()
+    if stage.processes > 1 and world == 1:
+        return ddp.launch_stage(stage, model_dir, out_dir, ctx)
     device = ctx["device"]
     student, grids = float_model(model_dir, device)
     # Keep a sparsity mask only after pruning: in a dense quantized model a weight that rounded
@@ -160,7 +166,7 @@ def run_distill(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
                          "(data.train_windows / data.calib_windows)")
     report = ctx.get("report", _quiet)
     eval_windows = load_windows(ctx["data_dir"], "eval")
-    ppl_before = perplexity(student, eval_windows)
+    ppl_before = perplexity(student, eval_windows) if rank == 0 else float("nan")
     report(f"perplexity before distillation {ppl_before:.3f}", {"ppl_before": ppl_before})
 
     def on_step(step: int, metrics: dict) -> None:
@@ -175,6 +181,9 @@ def run_distill(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
                     checkpoint_every=stage.checkpoint_every, masks=masks or None, grids=grids or None,
                     seed=ctx.get("seed", 0), on_step=on_step, device=device)
     del teacher
+    stats["processes"] = world
+    if rank != 0:  # rank 0 evaluates and writes the output
+        return stats
     stats["ppl_before"], stats["ppl_after"] = ppl_before, perplexity(student, eval_windows)
     stats["train_windows"] = len(windows)
     report(f"perplexity after distillation {stats['ppl_after']:.3f}", {"ppl_after": stats["ppl_after"]})

@@ -113,8 +113,19 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
     on the quantized model); pack them with `pack.quantize_model(model, qparams, ...)`.
     With `preserve_zeros`, weights that are exactly zero (a pruned model) stay zero.
     """
-    arch = arch_of(model)
     qparams: dict[str, tuple] = {}
+    solve = gptq_solver(arch_of(model), bits, group_size, symmetric, qparams, act_order=act_order, percdamp=percdamp,
+                        blocksize=blocksize, preserve_zeros=preserve_zeros)
+    stats = run_sequential(model, calib_windows, solve, needs=("H",), device=device,
+                           batch_size=batch_size, on_progress=on_progress)
+    return qparams, stats
+
+
+def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict, act_order: bool = False,
+                percdamp: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True):
+    """The calibration driver's `solve` for GPTQ: quantizes every linear of layer i in place (weights
+    replaced by their dequantized values), puts its codes in `qparams` {full name: (q, scale, zero)}
+    and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done."""
 
     def solve(i, layer, stats):
         out = {}
@@ -125,8 +136,9 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
             W = torch.cat(Ws)
             keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
             perm = _order(H, act_order)
-            Hinv, dead = hessian_inverse_upper(H[perm][:, perm], percdamp)
+            Hinv, dead = hessian_inverse_upper(H[perm][:, perm] if act_order else H, percdamp)
             q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep)
+            del Hinv, W
             r0 = 0
             for name, lin, Wl in zip(group, lins, Ws):
                 r1 = r0 + Wl.shape[0]
@@ -136,8 +148,9 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
                 out[name] = {"recon_error": relative_error(Wl, W_new, H), "loss": losses[r0:r1].sum().item()}
                 lin.weight.data.copy_(W_new.to(lin.weight.dtype))
                 r0 = r1
+            for name in group:
+                stats[name].pop("H", None)
+            del H, Ws
         return out
 
-    stats = run_sequential(model, calib_windows, solve, needs=("H",), device=device,
-                           batch_size=batch_size, on_progress=on_progress)
-    return qparams, stats
+    return solve

@@ -1,0 +1,254 @@
+"""Weight quantization that streams the model: one decoder layer in host memory at a time.
+
+`stream_quantize(model_dir, out_dir, method, ...)` ("rtn" or "gptq") builds the model with every
+parameter on the meta device (buffers such as rotary frequencies are real), reads tensors one by
+one from the safetensors shards (`safe_open`), and materializes only the embedding and the
+modules before the first layer to capture that layer's inputs (then frees them). Each decoder
+layer is then loaded in float32, compressed with the calibration activations carried from the
+previous layer (`calibration.calibrate_layer`, the step `run_sequential` takes; RTN needs no
+activations), run again to give the next layer's inputs, packed, written as its own shard and
+freed. The tensors outside the layers are copied one at a time. Host memory holds about one
+layer in float32, the calibration activations and the method's statistics (GPTQ: the layer's
+Hessians), whatever the number of layers. The output directory is what the in-memory stage
+writes (`models.load_model` reads it; tests/test_streaming.py checks the two are equal),
+except that it is split into shards (`model-<part>.safetensors` plus an index).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from frugalflow.arch import arch_of, decoder_layers
+from frugalflow.calibration import _activation_store, _to, calibrate_layer, capture_inputs
+from frugalflow.models import QUANT_META, ModelLoadError, _check_dir, _copy_tokenizer, _fsync_tree, _swap_into_place
+from frugalflow.quant import pack, rtn
+
+METHODS = ("rtn", "gptq")
+
+
+class ShardReader:
+    """Tensor name -> shard file for a model directory; reads one tensor at a time, each file
+    opened only while it is read (its memory map is released after every read)."""
+
+    def __init__(self, model_dir: Path):
+        self.where: dict[str, Path] = {}
+        for path in _check_dir(model_dir):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name in self.where:
+                        raise ModelLoadError(f"{path}: tensor {name} is also in {self.where[name]}")
+                    self.where[name] = path
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise ModelLoadError(f"{next(iter(self.where.values())).parent}: missing tensors {missing[:4]}")
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        for path, some in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for n in some:
+                    t = f.get_tensor(n)
+                    out[n] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
+        return out
+
+
+def _skeleton(model_dir: Path) -> nn.Module:
+    """The model with parameters on the meta device and real buffers, float32."""
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config.dtype = torch.float32  # computed in float32, as models.load_model loads it
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # a tied output embedding is the input one (stored once)
+    return model.eval()
+
+
+def _materialize(module: nn.Module, prefix: str, reader: ShardReader) -> None:
+    """Load `module`'s parameters and persistent buffers (float32) in place of its meta tensors."""
+    names = list(module.state_dict(keep_vars=True))
+    tensors = reader.read([prefix + n for n in names], torch.float32)
+    module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=True, assign=True)
+    meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if meta:
+        raise ModelLoadError(f"{prefix or 'model'}: tensors not in the checkpoint: {meta[:4]}")
+
+
+def _outside_layers(model: nn.Module, layers_prefix: str) -> list[str]:
+    """State-dict names outside the decoder layers, each tied tensor once (its first name)."""
+    seen, names = set(), []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.startswith(layers_prefix) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        names.append(name)
+    return names
+
+
+def _rtn_solve(bits: int, group_size: int, symmetric: bool, arch, qparams: dict):
+    def solve(i, layer, stats):
+        out = {}
+        for name in arch.linears:
+            W = layer.get_submodule(name).weight.data
+            scale, zero = rtn.compute_qparams(W, bits, group_size, symmetric)
+            q = rtn.quantize(W, scale, zero, bits, group_size)
+            W_q = rtn.dequantize(q, scale, zero, group_size)
+            out[name] = {"rel_error": float((W - W_q).norm() / W.norm().clamp(min=1e-12))}
+            qparams[f"{arch.layers}.{i}.{name}"] = (q, scale, zero)
+        return out
+    return solve
+
+
+@torch.no_grad()
+def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, calib_windows: torch.Tensor | None,
+                    *, bits: int, group_size: int, symmetric: bool, act_order: bool = False,
+                    percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8,
+                    device: str | torch.device = "cpu", float_dtype: torch.dtype = torch.float16,
+                    tokenizer_dir: str | Path | None = None, layers: int | None = None,
+                    on_progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Quantize the dense model in `model_dir` into `out_dir` (written atomically), one decoder layer
+    in memory at a time. `method` "rtn" (no calibration) or "gptq" (needs `calib_windows` [N, L]).
+    `layers`: compress (and write) only the first n layers, then discard the output (for timing).
+    on_progress(i, n_layers, {"seconds": ..}) after each layer. Returns {"layers": per-linear stats,
+    "seconds_per_layer": [...]}."""
+    if method not in METHODS:
+        raise ValueError(f"streaming method must be one of {', '.join(METHODS)}, got {method!r}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if (model_dir / QUANT_META).is_file():
+        raise ValueError(f"{model_dir}: already quantized ({QUANT_META}); streaming reads dense models only")
+    if method == "gptq" and (calib_windows is None or calib_windows.dim() != 2 or len(calib_windows) == 0):
+        raise ValueError("gptq needs calibration windows: a non-empty [N, L] tensor")
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists")
+    device = torch.device(device)
+    reader = ShardReader(model_dir)
+    model = _skeleton(model_dir)
+    arch = arch_of(model)
+    blocks = decoder_layers(model)
+    n_layers = len(blocks)
+    outside = _outside_layers(model, arch.layers + ".")  # before loading anything breaks the ties
+    qparams: dict[str, tuple] = {}
+    if method == "gptq":
+        from frugalflow.quant.gptq import gptq_solver
+
+        solve = gptq_solver(arch, bits, group_size, symmetric, qparams, act_order=act_order, percdamp=percdamp,
+                            blocksize=blocksize)
+    else:
+        solve = _rtn_solve(bits, group_size, symmetric, arch, qparams)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        weight_map: dict[str, str] = {}
+        modules_meta: dict[str, dict] = {}
+        result: dict[str, dict] = {}
+        per_layer: list[float] = []
+        inputs = extras = None
+        store = device
+        if method == "gptq":  # the first layer's inputs, from the embedding (and pre-layer modules) alone
+            front = [arch.embed, *arch.pre_layers]
+            for name in front:
+                mod = model.get_submodule(name)
+                if any(True for _ in mod.parameters()):
+                    _materialize(mod, name + ".", reader)
+            _materialize(blocks[0], f"{arch.layers}.0.", reader)
+            hidden = blocks[0].get_submodule(arch.linears[0]).in_features
+            store = _activation_store(device, calib_windows, hidden, torch.float32)
+            inputs, extras = capture_inputs(model, calib_windows, device, batch_size, store)
+            extras = [_to(e, device) for e in extras]
+            for name in front:
+                model.get_submodule(name).to("meta")
+            gc.collect()
+        last = n_layers if layers is None else min(layers, n_layers)
+        for i in range(last):
+            t0 = time.perf_counter()
+            layer = blocks[i]
+            prefix = f"{arch.layers}.{i}."
+            if any(p.is_meta for p in layer.parameters()):
+                _materialize(layer, prefix, reader)
+            layer.to(device)
+            if method == "gptq":
+                solved, inputs = calibrate_layer(i, layer, arch, inputs, extras, solve, ("H",), None, device, store,
+                                                 i + 1 < n_layers)
+            else:
+                solved = solve(i, layer, {})
+            layer.to("cpu")
+            result.update({prefix + k: v for k, v in solved.items()})
+            mine = {k[len(prefix):]: v for k, v in qparams.items() if k.startswith(prefix)}
+            for k in mine:
+                del qparams[prefix + k]
+            # as the in-memory stages pack: GPTQ records `symmetric`, RTN (stages.quantize_with_grids) does not
+            pack.quantize_model(layer, mine, bits, group_size, symmetric=symmetric if method == "gptq" else None)
+            meta = pack.quantization_meta(layer)
+            modules_meta.update({prefix + k: v for k, v in meta["modules"].items()})
+            packed = {f"{n}.{b}" for n in pack.quantized_modules(layer) for b in ("qweight", "scales", "zeros")}
+            state = {prefix + k: (t if k in packed or not t.is_floating_point() else t.to(float_dtype))
+                     .detach().contiguous() for k, t in layer.state_dict().items()}
+            shard = f"model-layer{i:05d}.safetensors"
+            save_file(state, tmp / shard, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(state, shard))
+            del state
+            layer.to("meta")
+            del layer, mine
+            gc.collect()
+            per_layer.append(time.perf_counter() - t0)
+            if on_progress is not None:
+                on_progress(i, n_layers, {"seconds": per_layer[-1]})
+        if layers is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return {"layers": result, "seconds_per_layer": per_layer}
+        for name in outside:  # one tensor in memory at a time
+            t = reader.read([name], torch.float32)[name]
+            t = t.to(float_dtype) if t.is_floating_point() else t
+            shard = f"model-{name.replace('.', '_')}.safetensors"
+            save_file({name: t.contiguous()}, tmp / shard, metadata={"format": "pt"})
+            weight_map[name] = shard
+            del t
+        _write_metadata(model, model_dir, tmp, modules_meta, float_dtype, weight_map, tokenizer_dir)
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"layers": result, "seconds_per_layer": per_layer}
+
+
+def _write_metadata(model, model_dir: Path, tmp: Path, modules: dict, float_dtype, weight_map: dict,
+                    tokenizer_dir) -> None:
+    """config.json, generation_config.json, quantization.json and the shard index, as models.save_model
+    writes them for a quantized model."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(tmp)
+    if (model_dir / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(model_dir).save_pretrained(tmp)
+    elif getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(tmp)
+    fake = nn.Module()  # quantization_meta's shared fields come from the per-module entries
+    meta = pack.quantization_meta(fake)
+    values = list(modules.values())
+    for key in ("bits", "group_size", "symmetric"):
+        meta[key] = values[0][key] if values and len({repr(v[key]) for v in values}) == 1 else None
+    meta["modules"] = modules
+    meta["float_dtype"] = str(float_dtype).removeprefix("torch.")
+    (tmp / QUANT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                 indent=1) + "\n")
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), tmp)
