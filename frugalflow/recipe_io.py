@@ -22,7 +22,10 @@ def _describe(err: dict) -> str:
     value = err.get("input")
     if err["type"] == "union_tag_invalid":
         value = err.get("ctx", {}).get("tag")
-    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    try:
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    except (ValueError, TypeError, RecursionError):  # e.g. a YAML alias that contains itself
+        shown = f"<{type(value).__name__}>"
     if len(shown) > 60:
         shown = shown[:57] + "..."
     msg = err["msg"]
@@ -39,7 +42,13 @@ def _describe(err: dict) -> str:
 def parse_scalar(raw: str) -> Any:
     """A command-line value as YAML reads it, except that `2:4` stays the string "2:4"
     (YAML 1.1 would read it as the base-60 integer 124)."""
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError("override", [f"{raw!r}: not a YAML value ({getattr(exc, 'problem', None) or exc}); "
+                                       "quote strings that contain YAML syntax"]) from None
+    except RecursionError:
+        raise RecipeError("override", [f"{raw[:40]!r}: nested too deeply"]) from None
     return raw.strip() if isinstance(value, int) and ":" in raw else value
 
 
@@ -52,6 +61,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
+    def not_a_section(upto: int, node: Any) -> RecipeError:
+        return RecipeError("override", [f"{'.'.join(path)}: {'.'.join(path[:upto])} holds a value "
+                                        f"({json.dumps(node, default=str)[:40]}), not a section with keys"])
+
     node: Any = data
     for i, part in enumerate(path[:-1]):
         if isinstance(node, list):
@@ -59,8 +72,12 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
                 raise RecipeError("override", [f"{'.'.join(path)}: {'.'.join(path[:i + 1])} is not an index "
                                                f"of a list of {len(node)}"])
             node = node[int(part)]
-        else:
+        elif isinstance(node, dict):
             node = node.setdefault(part, {})
+        else:
+            raise not_a_section(i, node)
+    if not isinstance(node, (dict, list)):
+        raise not_a_section(len(path) - 1, node)
     last = path[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
