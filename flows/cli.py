@@ -65,8 +65,16 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _services_or_exit(params: str, overrides: list[str]) -> None:
+    """MLflow, the S3 buckets and the Prefect API the run will use answer; else ServiceDown (exit 4)."""
+    from tasks.preflight import preflight_recipe
+
+    preflight_recipe(params, overrides)
+
+
 def cmd_run(args) -> int:
     _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
+    _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
     _adopt()
     from flows.nightly import compression_flow
 
@@ -93,6 +101,7 @@ def cmd_sweep(args) -> int:
         print(f"invalid sweep {exc}", file=sys.stderr)
         return 2
     print(f"sweep: {len(candidates)} candidates: {', '.join(c[0] for c in candidates)}")
+    _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
     _adopt()
     workers = args.parallel or recipe.sweep.max_parallel
     result = sweep_flow.with_options(task_runner=sweep_runner(workers))(

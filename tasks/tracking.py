@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
 MAX_PARAM = 6000
@@ -56,7 +57,12 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
     if exp is not None:
         return exp.experiment_id
     remote = client.tracking_uri.startswith(("http://", "https://", "databricks"))
-    return client.create_experiment(name, artifact_location=None if remote else artifact_root.resolve().as_uri())
+    try:
+        return client.create_experiment(name, artifact_location=None if remote else artifact_root.resolve().as_uri())
+    except MlflowException as exc:  # two runs starting at once: the other one created it
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := client.get_experiment_by_name(name)) is None:
+            raise
+        return exp.experiment_id
 
 
 def start_run(client: MlflowClient, experiment: str, name: str, parent_run_id: str | None = None,

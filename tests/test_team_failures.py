@@ -1,0 +1,172 @@
+"""Team services failing, for real, before any heavy work (tasks/preflight.py): `frugalflow run`
+exits 4 naming the service, its address and what to do, and records nothing, when the MLflow
+server is down, when its database refuses its password, when S3 refuses our key (a moto server with
+authentication on), or when the DVC bucket is missing; a work pool without a live worker is named
+as such. The team stack (tests/team_stack.py) provides PostgreSQL, S3, MLflow and Prefect."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import free_port, make_project, stop, tiny_recipe, wait_healthy
+
+from tasks.lineage import REMOTE_ENV
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir) -> Path:
+    return make_project(tmp_path_factory.mktemp("failing"), tiny_recipe(tiny_model_dir, "tiny-team-failures"))
+
+
+def run_cli(project: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", str(project / "params.yaml")],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+def nothing_done(project: Path) -> None:
+    """No DVC stage ran and no stage output exists: the run stopped before any heavy work."""
+    assert not (project / "models").exists() and not (project / "data").exists()
+    assert not (project / "artifacts").exists()
+
+
+def no_experiment(stack, name: str = "tiny-team-failures") -> None:
+    from mlflow import MlflowClient
+
+    assert MlflowClient(tracking_uri=stack.mlflow_uri).get_experiment_by_name(name) is None
+
+
+def test_mlflow_server_down(team_stack, project):
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = run_cli(project, team_stack.env(MLFLOW_TRACKING_URI=address))
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert f"MLflow tracking server at {address}" in done.stderr and "frugalflow team status" in done.stderr
+    assert "Traceback" not in done.stderr
+    nothing_done(project)
+
+
+def test_dvc_bucket_missing(team_stack, project):
+    done = run_cli(project, team_stack.env(**{REMOTE_ENV: "s3://no-such-bucket-t2/dvc"}))
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert "'no-such-bucket-t2'" in done.stderr and team_stack.s3_endpoint in done.stderr
+    assert "does not exist" in done.stderr and "frugalflow team up" in done.stderr
+    nothing_done(project)
+    no_experiment(team_stack)
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth(tmp_path_factory):
+    """moto's S3 with authentication on: an IAM user with an S3 policy and its key; the bucket."""
+    import boto3
+
+    port, log = free_port(), tmp_path_factory.mktemp("moto-auth") / "moto.log"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("AWS_", "MOTO_"))}
+    env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # the three IAM calls below; every later request is checked
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, f"{url}/moto-api/", log, "moto server", 60)
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        iam.create_user(UserName="worker")
+        key = iam.create_access_key(UserName="worker")["AccessKey"]
+        iam.put_user_policy(UserName="worker", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+                     aws_secret_access_key=key["SecretAccessKey"]).create_bucket(Bucket="frugalflow-dvc")
+        yield {"url": url, "access": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    finally:
+        stop(proc, signal.SIGTERM)
+
+
+def test_s3_wrong_secret_key(team_stack, project, s3_with_auth):
+    from tasks.preflight import check_bucket
+
+    s3 = {"AWS_ENDPOINT_URL": s3_with_auth["url"], "FRUGALFLOW_S3_ENDPOINT": s3_with_auth["url"],
+          "AWS_ACCESS_KEY_ID": s3_with_auth["access"], REMOTE_ENV: "s3://frugalflow-dvc/x"}
+    done = run_cli(project, team_stack.env(**s3, AWS_SECRET_ACCESS_KEY="not-the-secret"))
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert f"S3 at {s3_with_auth['url']} refused the DVC remote" in done.stderr, done.stderr[-2000:]
+    assert "access denied" in done.stderr and "AWS_SECRET_ACCESS_KEY" in done.stderr
+    assert "not-the-secret" not in done.stderr
+    nothing_done(project)
+    no_experiment(team_stack)
+    # the right key passes the same check (the refusal was the key's, not the server's)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {**s3, "AWS_SECRET_ACCESS_KEY": s3_with_auth["secret"]}.items():
+            mp.setenv(name, value)
+        check_bucket("s3://frugalflow-dvc/x", "the DVC remote")
+
+
+def test_mlflow_database_refuses_password(team_stack, project, tmp_path):
+    """The tracking server is up but its database role's password was changed under it."""
+    import psycopg2
+
+    pg = team_stack.pg
+    admin = psycopg2.connect(host=pg["host"], port=pg["port"], user=pg["admin_user"], password=pg["admin_password"],
+                             dbname="postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("CREATE ROLE t2fail LOGIN PASSWORD 'first-password'")
+        cur.execute("CREATE DATABASE t2fail OWNER t2fail")
+    port, log = free_port(), tmp_path / "mlflow.log"
+    env = {**team_stack.env(), "PGPASSWORD": "first-password"}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                   f"postgresql://t2fail@{pg['host']}:{pg['port']}/t2fail", "--host", "127.0.0.1",
+                                   "--port", str(port), "--workers", "1"], env=env, cwd=tmp_path, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(server, f"{address}/health", log, "mlflow server", 240)
+        with admin.cursor() as cur:
+            cur.execute("ALTER ROLE t2fail PASSWORD 'rotated-password'")
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 't2fail'")
+        done = run_cli(project, team_stack.env(MLFLOW_TRACKING_URI=address))
+        assert done.returncode == 4, done.stderr[-3000:]
+        assert f"MLflow tracking server at {address} is up but cannot serve requests" in done.stderr
+        assert "database" in done.stderr and "Traceback" not in done.stderr
+        nothing_done(project)
+    finally:
+        stop(server, signal.SIGTERM)
+        with admin.cursor() as cur:
+            cur.execute("ALTER ROLE t2fail PASSWORD 'first-password'")
+    runs = psycopg2.connect(host=pg["host"], port=pg["port"], user="t2fail", password="first-password",
+                            dbname="t2fail")
+    with runs, runs.cursor() as cur:
+        cur.execute("SELECT count(*) FROM runs")
+        assert cur.fetchone() == (0,)  # nothing half-recorded
+    runs.close()
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE t2fail")
+        cur.execute("DROP ROLE t2fail")
+    admin.close()
+
+
+def test_work_pool_without_worker(team_stack):
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from frugalflow.errors import exit_code_of
+    from tasks.preflight import ServiceDown, check_work_pool
+
+    assert check_work_pool(team_stack.prefect_api, team_stack.work_pool)["workers"]  # the team's worker
+    with SyncPrefectClient(team_stack.prefect_api) as client:
+        client.create_work_pool(WorkPoolCreate(name="nobody-polls", type="process"))
+    with pytest.raises(ServiceDown) as info:
+        check_work_pool(team_stack.prefect_api, "nobody-polls")
+    message = str(info.value)
+    assert "'nobody-polls'" in message and team_stack.prefect_api in message and "no live worker" in message
+    assert "prefect worker start --pool nobody-polls" in message and exit_code_of(info.value) == 4
+    with pytest.raises(ServiceDown, match="does not exist"):
+        check_work_pool(team_stack.prefect_api, "no-such-pool")
+    down = f"http://127.0.0.1:{free_port()}/api"
+    with pytest.raises(ServiceDown, match=f"Prefect API at {down}"):
+        check_work_pool(down, "gpu")
