@@ -126,7 +126,8 @@ def main() -> None:
     ddata, splits, described = distill_data(args.variant, data, base, work, list(last.train_splits), args.gen_len,
                                             recipe.seed)
     last = last.model_copy(update={"train_splits": splits})
-    final = work / f"{len(compress)}-{last.method}-{args.variant}-{key_of(last.model_dump(mode='json'), before.name, ddata.name)}"
+    key = key_of(last.model_dump(mode="json"), before.name, ddata.name)
+    final = work / f"{len(compress)}-{last.method}-{args.variant}-{key}"
     if not (final / "config.json").is_file():
         t = time.perf_counter()
         run_stage(last, before, final, data_dir=ddata, teacher_dir=base, seed=recipe.seed, pruned=True,
@@ -191,7 +192,8 @@ def markdown(entries: list[dict]) -> str:
              "rounds, the final model at its faster dtype, against base fp32 and base bf16 in the same rounds. "
              "Targets (issue 16): every set <= +10%, size <= 0.25 of fp32, decode >= 2x fp32 and >= 1.5x bf16.",
              "",
-             "| variant | distillation (steps, lr; data) | " + " | ".join(f"{n} change % (before distill)" for n in names)
+             "| variant | distillation (steps, lr; data) | "
+             + " | ".join(f"{n} change % (before distill)" for n in names)
              + " | " + " | ".join(f"{n} gap closed %" for n in names)
              + " | size vs fp32 | decode vs fp32 / bf16 | machine, load, date |",
              "|" + "---|" * (2 + 2 * len(names) + 3)]

@@ -1,7 +1,8 @@
 """Prefect task: the gate verdict for a candidate, recorded on the parent run.
 
 MLflow: metrics `gate.<name>` (the value) and `gate.<name>.passed` (1/0) for every gate that
-was evaluated (and `gate.ppl_increase_pct.<ppl set>` for each set the perplexity gate judged), `gate.failed` / `gate.skipped` counts; tags `frugalflow.verdict`,
+was evaluated (and `gate.ppl_increase_pct.<ppl set>` for each set the perplexity gate judged),
+`gate.failed` / `gate.skipped` counts; tags `frugalflow.verdict`,
 `frugalflow.verdict_reasons`, `frugalflow.gates_skipped` and `frugalflow.gate.<name>`
 (pass | fail | skipped: reason) for every gate; the whole verdict as `verdict.json`.
 """

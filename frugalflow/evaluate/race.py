@@ -21,7 +21,8 @@ def decode_race(base_dir: Path, model_dir: Path, prompt: str, rounds: int, new_t
     """Median decode tokens/s of the candidate and the base model over `rounds` interleaved rounds."""
     if rounds < 1:
         raise ValueError(f"evaluation.decode_race_rounds: the race needs at least one round, got {rounds}")
-    models = {"base": load_model(Path(base_dir), device=device), "candidate": load_model(Path(model_dir), device=device)}
+    models = {"base": load_model(Path(base_dir), device=device),
+              "candidate": load_model(Path(model_dir), device=device)}
     try:
         tps = interleaved_decode_tps(models, load_tokenizer(Path(base_dir)), prompt, rounds, new_tokens=new_tokens)
     finally:
