@@ -2,12 +2,13 @@
 
 Builds random-weight Llama models of one family at three sizes (SmolLM2-135M-shaped ~0.1B,
 TinyLlama-shaped ~1.1B, Llama-2-7B-shaped: hidden 4096, MLP 11008, 32 heads, 32 layers), stored
-bf16 in ~2 GB safetensors shards, then runs `frugalflow.streaming.stream_quantize` (RTN and GPTQ,
+bf16 in ~2 GB safetensors shards (every layer holds the same random tensors: only
+shapes matter here), then runs `frugalflow.streaming.stream_quantize` (RTN and GPTQ,
 4-bit g64, a few short random-token calibration windows) on each in a fresh process and records
 its peak RSS (ru_maxrss) and seconds per layer. Where /sys/fs/cgroup/memory (cgroup v1) lets us,
 the largest model runs under a memory limit smaller than its size. Models are deleted afterwards.
 
-    python benchmarks/scale.py --workdir DIR [--sizes 0.1B,1B,7B] [--gptq-layers-7b 3]
+    python benchmarks/scale.py --workdir DIR [--sizes 0.1B,1B,7B] [--layers 7B:rtn=8,7B:gptq=2,1B:gptq=8]
 
 Writes benchmarks/results/scale.{json,md}.
 """
@@ -50,8 +51,12 @@ def build(path: Path, fields: dict, shard_bytes: int = 2 << 30, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     h, m, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
 
-    def randn(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+    pool: dict[tuple, torch.Tensor] = {}
+
+    def randn(*shape):  # one random tensor per shape, shared by the layers: writing, not sampling, is the cost
+        if shape not in pool:
+            pool[shape] = (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+        return pool[shape].clone()  # safetensors stores no shared memory
 
     tensors = [("model.embed_tokens.weight", lambda: randn(config.vocab_size, h)),
                ("model.norm.weight", lambda: torch.ones(h, dtype=torch.bfloat16))]
@@ -163,7 +168,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--sizes", default="0.1B,1B,7B")
     parser.add_argument("--methods", default="rtn,gptq")
-    parser.add_argument("--gptq-layers-7b", type=int, default=3, help="GPTQ on the 7B model: first n layers; 0 = all")
+    parser.add_argument("--layers", default="7B:rtn=8,7B:gptq=2,1B:gptq=8",
+                        help="SIZE:METHOD=N: time only the first N layers of that run (default: all layers)")
     parser.add_argument("--limit-gb-7b", type=float, default=4.0, help="cgroup memory limit for the 7B runs")
     args = parser.parse_args()
     if args.cmd == "_run":
@@ -172,7 +178,11 @@ def main() -> None:
         parser.error("--workdir is needed (it holds the generated models; ~14 GB for 7B)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = open(args.workdir / "scale.log", "a")
+    limits = {k: int(v) for k, v in (item.split("=") for item in args.layers.split(",") if item)}
     rows = []
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "torch": torch.__version__, "settings": "4-bit, group 64, asymmetric; GPTQ: 4 random-token windows of "
+              "128 tokens, batch 4; models: random bf16 weights", "rows": rows}
     for size in args.sizes.split(","):
         path = args.workdir / f"llama-{size}"
         shutil.rmtree(path, ignore_errors=True)
@@ -183,7 +193,7 @@ def main() -> None:
         log.write(f"built {size}: {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s\n")
         log.flush()
         for method in args.methods.split(","):
-            layers = args.gptq_layers_7b if (size == "7B" and method == "gptq") else 0
+            layers = limits.get(f"{size}:{method}", 0)
             limit = int(args.limit_gb_7b * 1e9) if size == "7B" else None
             r = measure(path, method, args.workdir, layers, limit, log)
             r.update(size=size, n_params=n_params, model_bytes=nbytes, n_layers=fields["num_hidden_layers"],
@@ -192,13 +202,10 @@ def main() -> None:
             rows.append(r)
             log.write(json.dumps({k: v for k, v in r.items() if k != "error"}) + "\n")
             log.flush()
+            RESULTS.mkdir(parents=True, exist_ok=True)  # after every run: a long benchmark keeps what it measured
+            (RESULTS / "scale.json").write_text(json.dumps(report, indent=1) + "\n")
+            (RESULTS / "scale.md").write_text(markdown(report))
         shutil.rmtree(path, ignore_errors=True)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "torch": torch.__version__, "settings": "4-bit, group 64, asymmetric; GPTQ: 4 random-token windows of "
-              "128 tokens, batch 4; models: random bf16 weights", "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "scale.md").write_text(markdown(report))
     print(markdown(report))
 
 
@@ -207,7 +214,7 @@ def markdown(report: dict) -> str:
              report["settings"], "",
              "| model | params | bf16 on disk | method | layers timed | peak RSS | s/layer (median) | "
              "memory limit | load |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
+    for r in sorted(report["rows"], key=lambda r: (r["model_bytes"], r["method"])):
         if r.get("rc") != 0:
             lines.append(f"| {r['size']} | | | {r['method']} | failed (rc {r['rc']}) | | | | |")
             continue

@@ -133,6 +133,7 @@ class RTNQuant(_WeightQuant):
     """Round-to-nearest group-wise weight quantization, stored packed."""
 
     method: Literal["rtn"]
+    stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
 
 
 class GPTQQuant(_WeightQuant):
@@ -140,6 +141,7 @@ class GPTQQuant(_WeightQuant):
 
     method: Literal["gptq"]
     act_order: bool = False
+    stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
     blocksize: int = Field(128, ge=1, le=4096)
     dampening: float = Field(0.01, gt=0.0, le=1.0)
 

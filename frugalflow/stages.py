@@ -109,6 +109,8 @@ def run_int8(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
 
 def run_calibrated_quant(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
     """GPTQ or AWQ through the calibration driver; the codes they choose are packed as they are."""
+    if getattr(stage, "stream", False):
+        return _run_streaming(stage, model_dir, out_dir, ctx)
     model, _ = float_model(model_dir, ctx["device"])
     if stage.method == "gptq":
         from frugalflow.quant.gptq import gptq_quantize
@@ -129,7 +131,22 @@ def run_calibrated_quant(stage, model_dir: Path, out_dir: Path, ctx: dict) -> di
     return {"layers": layers}
 
 
+def _run_streaming(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    """RTN or GPTQ one decoder layer at a time (frugalflow/streaming.py); the same output as in memory."""
+    from frugalflow.streaming import stream_quantize
+
+    progress = _layer_progress(ctx, f"{stage.method} (streaming)")
+    stats = stream_quantize(model_dir, out_dir, stage.method, ctx["calib"]() if stage.method == "gptq" else None,
+                            bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
+                            act_order=getattr(stage, "act_order", False), percdamp=getattr(stage, "dampening", 0.01),
+                            blocksize=getattr(stage, "blocksize", 128), device=ctx["device"], tokenizer_dir=model_dir,
+                            on_progress=lambda i, n, info: progress(i, n))
+    return {"layers": stats["layers"], "seconds_per_layer": stats["seconds_per_layer"]}
+
+
 def run_rtn(stage: C.RTNQuant, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
+    if stage.stream:
+        return _run_streaming(stage, model_dir, out_dir, ctx)
     model, _ = float_model(model_dir, ctx["device"])
     layers, grids = {}, {}
     for name, linear in compressible_linears(model).items():

@@ -51,23 +51,29 @@ def _assert_same_model(a, b):
     assert ca == cb
 
 
-@pytest.mark.parametrize("source, stage", [
-    ("single", dict(method="gptq", bits=4, group_size=32)),
-    ("sharded_bf16", dict(method="gptq", bits=3, group_size=-1, symmetric=True, act_order=True)),
-    ("sharded_bf16", dict(method="rtn", bits=4, group_size=32)),
+@pytest.mark.parametrize("source, stage, via", [
+    ("single", dict(method="gptq", bits=4, group_size=32), "library"),
+    ("sharded_bf16", dict(method="gptq", bits=3, group_size=-1, symmetric=True, act_order=True), "library"),
+    ("sharded_bf16", dict(method="rtn", bits=4, group_size=32), "stage"),
 ])
-def test_streaming_equals_in_memory(tmp_path, tiny_model_dir, sharded_bf16_dir, data_dir, source, stage):
+def test_streaming_equals_in_memory(tmp_path, tiny_model_dir, sharded_bf16_dir, data_dir, source, stage, via):
     src = tiny_model_dir if source == "single" else sharded_bf16_dir
     cfg = _stage(**stage)
     run_stage(cfg, src, tmp_path / "memory", data_dir=data_dir, teacher_dir=src)
-    calib = load_windows(data_dir, "calib")
-    seen = []
-    stats = streaming.stream_quantize(src, tmp_path / "stream", cfg.method, calib, bits=cfg.bits,
-                                      group_size=cfg.group_size, symmetric=cfg.symmetric,
-                                      act_order=getattr(cfg, "act_order", False), tokenizer_dir=src,
-                                      on_progress=lambda i, n, info: seen.append((i, n)))
     n_layers = load_model(src).config.num_hidden_layers
-    assert seen == [(i, n_layers) for i in range(n_layers)]
+    if via == "stage":  # the recipe key `stream: true`, as the flow runs it
+        seen = []
+        stats = run_stage(_stage(**stage, stream=True), src, tmp_path / "stream", data_dir=data_dir, teacher_dir=src,
+                          report=lambda message, metrics: seen.append(message))
+        assert seen == [f"rtn (streaming): layer {i}/{n_layers}" for i in range(n_layers)]
+        assert stats["bits_per_weight"] < 5 and len(stats["seconds_per_layer"]) == n_layers
+    else:
+        seen = []
+        stats = streaming.stream_quantize(src, tmp_path / "stream", cfg.method, load_windows(data_dir, "calib"),
+                                          bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                                          act_order=getattr(cfg, "act_order", False), tokenizer_dir=src,
+                                          on_progress=lambda i, n, info: seen.append((i, n)))
+        assert seen == [(i, n_layers) for i in range(n_layers)]
     assert len(stats["seconds_per_layer"]) == n_layers and len(stats["layers"]) == 7 * n_layers
     _assert_same_model(tmp_path / "memory", tmp_path / "stream")
     assert (tmp_path / "stream" / "tokenizer.json").is_file()
