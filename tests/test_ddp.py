@@ -11,7 +11,6 @@ at most 0.1% of them may differ, by exactly one grid step.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,11 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import build_tiny_llama
-from safetensors.torch import save_file
 
 from frugalflow.arch import compressible_linears
 from frugalflow.distill import ddp
-from frugalflow.distill.trainer import CHECKPOINT_FILE, distill
+from frugalflow.distill.trainer import CHECKPOINT_FILE, distill, final_weights
 from frugalflow.quant import rtn
 
 STEPS = 6
@@ -68,8 +66,6 @@ def _train(ckpt: Path, stop_at: int | None = None) -> dict:
         return {"losses": losses, "stopped": True,
                 "checkpoint_step": torch.load(ckpt / CHECKPOINT_FILE, weights_only=True)["step"]}
     raw = {n: m.parametrizations.weight.original.detach().clone() for n, m in compressible_linears(student).items()}
-    from frugalflow.distill.trainer import final_weights
-
     baked = {n: w.detach().clone() for n, w in final_weights(student).items()}
     return {"losses": losses, "stats": stats, "raw": raw, "baked": baked, "masks": masks, "grids": grids}
 
