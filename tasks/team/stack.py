@@ -116,12 +116,14 @@ def up(home: Path | None = None, project_dir: Path | None = None, ports: dict[st
             if service not in running:
                 _record(team, state, service, starter(team))
                 started.append(service)
-        for service in ("mlflow", "prefect"):
+        def wait(service: str) -> None:
             pid = service_pid(team, state, service)
-            procs.wait_until(lambda s=service: healthy(team, s), pid, NAMES[service], address(team, service),
+            procs.wait_until(lambda: healthy(team, service), pid, NAMES[service], address(team, service),
                              team.logs() / f"{'prefect-server' if service == 'prefect' else service}.log",
                              START_S[service])
             log(f"  {service:<10} {address(team, service)}  ({time.monotonic() - t0:.1f} s)")
+
+        wait("prefect")  # the pool, the worker and the deployment go ahead while MLflow migrates its database
         servers.ensure_pool_and_limit(team)
         worker_pid = service_pid(team, state, "worker")
         since = time.time()
@@ -136,6 +138,7 @@ def up(home: Path | None = None, project_dir: Path | None = None, ports: dict[st
             write_state(team, state)
         log(f"  deployment {team.spec['prefect']['deployment']['flow']}/{team.spec['prefect']['deployment']['name']} "
             f"from {team.spec['prefect']['deployment']['file']}  ({time.monotonic() - t0:.1f} s)")
+        wait("mlflow")
         procs.wait_until(lambda: healthy(team, "worker", since if "worker" in started else 0.0), worker_pid,
                          NAMES["worker"], address(team, "worker"), team.logs() / "worker.log", START_S["worker"])
         log(f"  worker     {address(team, 'worker')}  ({time.monotonic() - t0:.1f} s)")

@@ -1,0 +1,309 @@
+"""Team mode end to end, everything real and started here (the `team_stack` fixture: `frugalflow
+team up` on free loopback ports): the nightly deployment from infra/prefect.yaml, triggered twice
+through the Prefect API on two tiny projects, is picked up and run by the team's worker (not this
+process); runs, params and metrics land in PostgreSQL through the MLflow server (read back with SQL),
+model, report and plots in the MLflow S3 bucket (read back with boto3); the registry holds
+`challenger`/`champion`; `team down` leaves no process and `team up` again loses nothing;
+`mlflow models serve -m models:/NAME@champion` against the server answers a prompt; `frugalflow runs,
+compare, promote, rollback --tracking-uri` work from another folder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import ROOT, free_port, make_project, tail, tiny_recipe, wait_for
+
+NAME = "tiny-team"
+RUN_S, SERVE_S = 420, 180
+pytestmark = pytest.mark.slow
+
+
+def prefect(stack):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(stack.prefect_api)
+
+
+def mlflow_client(stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
+
+
+@pytest.fixture(scope="module")
+def scratch():
+    """A folder outside pytest's basetemp (concurrent pytest sessions rotate those away)."""
+    path = Path(tempfile.mkdtemp(prefix="frugalflow-team-e2e-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def runs(team_stack, scratch, tiny_model_dir):
+    """Two deployment runs (sparsity 0.5 and 0.3, one tiny project each) triggered at once; both
+    must reach COMPLETED. Returns {flow_run_id: (project, flow_run)} in trigger order."""
+    model = shutil.copytree(tiny_model_dir, scratch / "tiny-llama")
+    recipe = dict(data={"calib_windows": 4, "train_windows": 8, "eval_windows": 4},
+                  evaluation={"decode_tokens": 4}, gates={"min_size_reduction": 1.0})
+    projects = []
+    for i in range(2):
+        (scratch / f"project-{i}").mkdir()
+        projects.append(make_project(scratch / f"project-{i}", tiny_recipe(model, NAME, **recipe)))
+    overrides = [[], ["stages.0.sparsity=0.3"]]
+    started = time.monotonic()
+    with prefect(team_stack) as client:
+        deployment = client.read_deployment_by_name("frugalflow-nightly/nightly")
+        ids = [client.create_flow_run_from_deployment(
+            deployment.id, parameters={"params": str(p / "params.yaml"), "overrides": o}).id
+            for p, o in zip(projects, overrides)]
+
+        def finals():
+            got = [client.read_flow_run(i) for i in ids]
+            return got if all(r.state and r.state.is_final() for r in got) else None
+
+        done = wait_for(finals, RUN_S, 2)
+        if not done:
+            pytest.fail(f"deployment runs not final within {RUN_S} s; worker log:\n{tail(team_stack.logs / 'worker.log')}")
+    took = time.monotonic() - started
+    for run in done:
+        assert run.state.is_completed(), \
+            f"flow run {run.id} ended {run.state.type}: {run.state.message}\n{tail(team_stack.logs / 'worker.log')}"
+    print(f"two deployment runs COMPLETED {took:.1f} s after they were triggered")
+    return {str(r.id): (p, r) for p, r in zip(projects, done)}
+
+
+def test_runs_were_executed_by_the_worker_from_the_deployment(team_stack, runs):
+    with prefect(team_stack) as client:
+        deployment = client.read_deployment_by_name("frugalflow-nightly/nightly")
+        workers = client.read_workers_for_work_pool(team_stack.work_pool)
+    assert deployment.work_pool_name == team_stack.work_pool == "gpu"
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                      {"directory": "{{ $FRUGALFLOW_PROJECT_DIR }}"}}]
+    assert deployment.schedules and deployment.schedules[0].schedule.cron  # infra/prefect.yaml's cron
+    assert [w.name for w in workers if str(w.status.value).upper() == "ONLINE"]
+    for run_id, (project, run) in runs.items():
+        assert run.deployment_id == deployment.id and run.work_pool_name == "gpu"
+        assert run.parameters["params"] == str(project / "params.yaml")
+        # the process that ran it was the worker's child (a `prefect flow-run execute` of its own)
+        assert run.infrastructure_pid and str(os.getpid()) not in run.infrastructure_pid
+
+
+def test_runs_params_and_metrics_are_rows_in_postgresql(team_stack, runs):
+    with team_stack.sql("mlflow") as conn, conn.cursor() as cur:
+        for flow_run_id in runs:
+            cur.execute("SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                        "WHERE t.key = 'prefect.flow_run_id' AND t.value = %s", (flow_run_id,))
+            rows = cur.fetchall()
+            assert len(rows) == 1 and rows[0][1] == "FINISHED", rows
+            run_uuid = rows[0][0]
+            cur.execute("SELECT value FROM params WHERE run_uuid = %s AND key = 'registry.model_name'", (run_uuid,))
+            assert cur.fetchall() == [(NAME,)]
+            cur.execute("SELECT key, value FROM latest_metrics WHERE run_uuid = %s AND key IN "
+                        "('baseline.ppl', 'candidate.ppl')", (run_uuid,))
+            metrics = dict(cur.fetchall())
+            assert set(metrics) == {"baseline.ppl", "candidate.ppl"} and all(v > 1 for v in metrics.values())
+        cur.execute("SELECT version FROM model_versions WHERE name = %s ORDER BY version", (NAME,))
+        assert cur.fetchall() == [(1,), (2,)]
+        cur.execute("SELECT alias FROM registered_model_aliases WHERE name = %s", (NAME,))
+        assert {"champion", "challenger"} <= {a for (a,) in cur.fetchall()}
+
+
+def test_model_report_and_plots_are_objects_in_the_mlflow_bucket(team_stack, runs):
+    s3 = team_stack.s3("mlflow")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=team_stack.buckets["mlflow"])
+            for o in page.get("Contents", [])]
+    client = mlflow_client(team_stack)
+    for flow_run_id in runs:
+        (run,) = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
+                                    f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        mine = [k for k in keys if f"/{run.info.run_id}/artifacts/" in k]
+        assert any(k.endswith("/report/report.md") for k in mine), mine
+        assert any("/report/plots/" in k and k.endswith(".png") for k in mine), mine
+        assert any(k.endswith("/verdict.json") for k in mine), mine
+    models = [k for k in keys if k.endswith("/MLmodel")]
+    assert len(models) >= 2, keys
+    assert any(k.endswith(".safetensors") for k in keys)
+    # the worker's key (what people hold) is not the MLflow server's
+    assert team_stack.client_env["AWS_ACCESS_KEY_ID"] != team_stack.team.s3_key("mlflow")[0]
+    assert team_stack.team.s3_key("mlflow")[1] not in json.dumps(team_stack.client_env)
+
+
+def test_registry_aliases_challenger_and_champion(team_stack, runs):
+    model = mlflow_client(team_stack).get_registered_model(NAME)
+    assert set(model.aliases) >= {"champion", "challenger"}
+    assert {str(v) for v in model.aliases.values()} <= {"1", "2"}
+
+
+def team_processes(stack) -> list[psutil.Process]:
+    """Every process whose command line or working directory is in the team folder or names its ports."""
+    marks = [str(stack.home), *(f":{p}" for p in stack.ports.values()), *(f" {p}" for p in stack.ports.values())]
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
+        if any(m in text for m in marks):
+            found.append(proc)
+    return found
+
+
+def test_down_stops_everything_and_up_loses_nothing(team_stack, runs):
+    client = mlflow_client(team_stack)
+    experiment = client.get_experiment_by_name(NAME).experiment_id
+    before = {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])}
+    versions = sorted(v.version for v in client.search_model_versions(f"name = '{NAME}'"))
+    aliases = client.get_registered_model(NAME).aliases
+    pids = [row["pid"] for row in team_stack.status().values()]
+    assert all(pids), team_stack.status()
+
+    rows = team_stack.stop()
+    assert {r["health"] for r in rows} == {"down"}
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert team_processes(team_stack) == []
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "team", "status", "--home", str(team_stack.home)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 4 and "MLflow server" in done.stdout and "down" in done.stdout, done
+
+    team_stack.start()
+    print(f"team up again in {team_stack.up_seconds:.1f} s")
+    assert {r["health"] for r in team_stack.status().values()} == {"healthy"}
+    client = mlflow_client(team_stack)
+    assert {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])} == before
+    assert sorted(v.version for v in client.search_model_versions(f"name = '{NAME}'")) == versions
+    assert client.get_registered_model(NAME).aliases == aliases
+    with prefect(team_stack) as prefect_client:
+        for flow_run_id in runs:
+            assert prefect_client.read_flow_run(flow_run_id).state.is_completed()
+    (parent,) = client.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{next(iter(runs))}'")
+    text = Path(client.download_artifacts(parent.info.run_id, "verdict.json", str(team_stack.home / "check"))).read_text()
+    assert "passed" in json.loads(text)  # the artifact came back through the server from the restored bucket
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_mlflow_models_serve_the_champion_from_the_server(team_stack, runs, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
+    # no bucket credentials: the model comes through the tracking server's artifact proxy
+    env = {k: v for k, v in team_stack.env().items() if not k.startswith("AWS_")}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
+           "local", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        def ready():
+            if server.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{tail(log)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        assert wait_for(ready, SERVE_S, 0.5), f"no answer within {SERVE_S} s:\n{tail(log)}"
+        status, body = post(f"http://127.0.0.1:{port}/invocations",
+                            {"inputs": ["def f(x):"], "params": {"max_new_tokens": 4}})
+        assert status == 200, body
+        (answer,) = body["predictions"]
+        assert isinstance(answer, str) and answer
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_cli_against_the_server_from_another_folder(team_stack, runs, tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    project = next(iter(runs.values()))[0]
+    (tmp_path / "params.yaml").write_text((project / "params.yaml").read_text())  # the recipe names the model
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))]:
+        monkeypatch.delenv(key)
+    uri = ["--tracking-uri", team_stack.mlflow_uri]
+    client = mlflow_client(team_stack)
+    experiment = client.get_experiment_by_name(NAME).experiment_id
+    run_ids = [client.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")[0].info.run_id
+               for flow_run_id in runs]
+
+    assert main(["runs", *uri]) == 0
+    table = capsys.readouterr().out
+    assert all(r[:8] in table for r in run_ids), table
+    assert main(["compare", *[r[:8] for r in run_ids], *uri]) == 0
+    assert "stages.0.sparsity" in capsys.readouterr().out
+    champion = int(client.get_registered_model(NAME).aliases["champion"])
+    other = 3 - champion
+    assert main(["promote", str(other), "--reason", "team e2e", *uri]) == 0
+    assert client.get_registered_model(NAME).aliases["champion"] == str(other)
+    assert main(["rollback", "--reason", "team e2e back", *uri]) == 0
+    assert client.get_registered_model(NAME).aliases["champion"] == str(champion)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+# --------------------------------------------------------------------------- seen in a browser
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+UI_ARTIFACTS = ROOT / "test-artifacts" / "team-ui"
+
+
+def browse(url: str, name: str, profile: Path, virtual_ms: int = 20000) -> str:
+    """Headless Chromium on `url`: screenshot and DOM kept in test-artifacts/team-ui/; the visible text."""
+    import html
+    import re
+
+    UI_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    png = UI_ARTIFACTS / f"{name}.png"
+    png.unlink(missing_ok=True)
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1600,1000",
+           f"--virtual-time-budget={virtual_ms}", f"--screenshot={png}", "--dump-dom", url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, f"chromium exited with {done.returncode}:\n{done.stderr[-3000:]}"
+    (UI_ARTIFACTS / f"{name}.html").write_text(done.stdout)
+    assert png.stat().st_size > 10_000, f"no screenshot of {url}"
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", done.stdout, flags=re.S | re.I)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)).replace("\xa0", " "))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: `make browser` installs Debian's chromium "
+                    "(apt-get, as root); `make test` does so first when it can")
+def test_team_uis_show_the_runs_and_the_scheduled_deployment(team_stack, runs, tmp_path):
+    client = mlflow_client(team_stack)
+    experiment = client.get_experiment_by_name(NAME)
+    names = [r.info.run_name for r in client.search_runs([experiment.experiment_id], "tags.`prefect.flow_run_id` != ''")]
+    page = browse(f"{team_stack.mlflow_uri}/#/experiments/{experiment.experiment_id}/runs", "mlflow-team-runs",
+                  tmp_path / "p1")
+    assert "Run Name" in page and all(n in page for n in names), page[:2000]
+
+    flow_run_id, (_, run) = next(iter(runs.items()))
+    with prefect(team_stack) as prefect_client:
+        deployment = prefect_client.read_deployment_by_name("frugalflow-nightly/nightly")
+    prefect_ui = team_stack.prefect_api.removesuffix("/api")
+    page = browse(f"{prefect_ui}/runs/flow-run/{flow_run_id}", "prefect-flow-run", tmp_path / "p2")
+    assert run.name in page and "Completed" in page and "nightly" in page, page[:2000]
+    page = browse(f"{prefect_ui}/deployments/deployment/{deployment.id}", "prefect-deployment", tmp_path / "p3")
+    assert "nightly" in page and "gpu" in page, page[:2000]
+    assert "At 02:00 AM" in page or "0 2 * * *" in page, page[:3000]  # the cron of infra/prefect.yaml
