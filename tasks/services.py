@@ -26,10 +26,14 @@ def _chain(exc: BaseException):
 def exit_code_for(exc: BaseException) -> tuple[int, str] | None:
     """(exit code, message) for a failure that is not a bug; None for a bug (show the traceback)."""
     for link in _chain(exc):
-        if isinstance(link, OSError) and link.errno in _DISK:
-            where = f" writing {link.filename}" if link.filename else ""
-            return 4, (f"the disk refused a write{where}: {link.strerror or link} (disk full or file-size "
-                       "limit); free space and rerun, nothing half-written is reused")
+        disk = isinstance(link, OSError) and link.errno in _DISK
+        # libraries with native writers (safetensors) report the OS error only in their message
+        disk = disk or any(f"os error {n})" in str(link) for n in _DISK)
+        if disk:
+            where = f" writing {link.filename}" if getattr(link, "filename", None) else ""
+            reason = getattr(link, "strerror", None) or str(link)[:300]
+            return 4, (f"the disk refused a write{where}: {reason} (disk full or file-size limit); free "
+                       "space and rerun, nothing half-written is reused")
     code = exit_code_of(exc)
     if code is not None:
         return code, str(exc)
