@@ -174,6 +174,14 @@ CASES = [
                                                       "--out", str(w["lone"] / "ct")], 2, ["no quantized layer"]),
     ("export-corrupt-weights", lambda w: ["export", str(w["lone"] / "corrupt-model"), "--format", "gguf", "--out",
                                           str(w["lone"] / "c.gguf")], 3, ["model.safetensors", "truncated"]),
+    # ---- team (arguments that fail before any service starts)
+    ("team-unknown-action", lambda w: ["team", "restart"], 2, ["restart", "invalid choice"]),
+    ("team-port-without-number", lambda w: ["team", "up", "--port", "mlflow", "--project", str(w["lone"]),
+                                            "--home", str(w["lone"] / "new-team")], 2, ["--port", "mlflow"]),
+    ("team-port-not-a-number", lambda w: ["team", "up", "--port", "mlflow=high", "--project", str(w["lone"]),
+                                          "--home", str(w["lone"] / "new-team")], 2, ["--port", "mlflow=high"]),
+    ("team-not-a-checkout", lambda w: ["team", "up", "--project", str(w["lone"]), "--home",
+                                       str(w["lone"] / "new-team")], 2, ["not a frugalflow checkout"]),
     # ---- ui
     ("ui-port-not-a-number", lambda w: ["ui", "-p", P, "--port", "http"], 2, ["'http'"]),
     ("ui-missing-params", lambda w: ["ui", "-p", str(w["proj"] / "nope.yaml")], 2, ["nope.yaml"]),
@@ -196,7 +204,7 @@ def test_bad_input_is_refused_and_records_nothing(case, world, capsys, monkeypat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     argv = [a.replace(P, str(world["proj"] / "params.yaml")) for a in argv_of(world)]
     before = snapshot(world["proj"])
-    outputs = [Path(a) for a in argv if a.endswith((".gguf", "/ct"))]
+    outputs = [Path(a) for a in argv if a.endswith((".gguf", "/ct", "new-team"))]
     code, message = run_cli(argv, capsys)
     assert code == expected_code, f"{name}: exit {code}, expected {expected_code}:\n{message}"
     for needle in needles:
@@ -211,7 +219,7 @@ def test_there_are_at_least_40_cases_over_every_command(world):
     assert len(CASES) >= 40
     commands = {argv_of(world)[0] for _, argv_of, _, _ in CASES}
     assert commands >= {"run", "validate", "sweep", "schedule", "runs", "compare", "promote", "rollback",
-                        "export", "ui"}
+                        "export", "ui", "team"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA, so device: cuda is valid here")
