@@ -271,22 +271,25 @@ def lazy_step(blocksize: int, multiple: int, device: torch.device) -> int:
 
 def hessian_inverse_upper(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of (H + damp I)^-1 with dead inputs (H_ii = 0) set to H_ii = 1,
-    and the dead mask. Dampening grows tenfold while the factorisation fails."""
+    and the dead mask. Dampening grows tenfold while the factorisation fails. H is not modified;
+    besides it, at most two n x n matrices live at once (layer streaming keeps 7B-sized MLP
+    Hessians within its memory budget this way)."""
     with column_loop_threads(H.device):  # LAPACK's cholesky_inverse crawls with 2 threads on a busy CPU
-        return _hessian_inverse_upper(H.clone().float(), percdamp)
+        return _hessian_inverse_upper(H.float(), percdamp)
 
 
 def _hessian_inverse_upper(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # H is our own copy: dampened in place, and no more than two n x n matrices live at once
-    # besides it (the layer-streaming path keeps 7B-sized MLP Hessians within its memory budget)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     diag = torch.arange(H.shape[0], device=H.device)
-    undamped = torch.diag(H).clone()
-    damp = percdamp * torch.mean(undamped)
+    diag_h = torch.diag(H).clone()
+    diag_h[dead] = 1
+    damp = percdamp * torch.mean(diag_h)
     for _ in range(6):
-        H[diag, diag] = undamped + damp
-        L, info = torch.linalg.cholesky_ex(H)
+        Hd = H.clone()
+        Hd[dead, dead] = 1
+        Hd[diag, diag] += damp
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
             del L

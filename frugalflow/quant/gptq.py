@@ -37,7 +37,7 @@ def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, k
         raise ValueError(f"in_features {cols} is not a multiple of group_size {G}")
     maxq = 2 ** bits - 1
     invperm = torch.argsort(perm)
-    Wp = W.float()[:, perm].clone()
+    Wp = W.float()[:, perm]  # advanced indexing copies: W is not modified
     Wp[:, dead] = 0
     keep_p = keep[:, perm] if keep is not None else None
     gidx = (perm // G).tolist()
