@@ -9,7 +9,7 @@ import re
 import time
 
 import pytest
-from helpers import ROOT, make_project, tail, tiny_recipe, wait_for
+from helpers import make_project, tail, tiny_recipe, wait_for
 
 from tasks import gpu_slot as G
 
@@ -84,23 +84,21 @@ def holds_in_logs(client, flow_run_id) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_deployment_runs_take_turns_on_the_slot(team_stack, tmp_path_factory, tiny_model_dir):
+    from prefect.exceptions import PrefectHTTPStatusError
+
     # one stage and small evaluations; gates that fail keep the runs off the registry (not tested here)
     recipe = tiny_recipe(tiny_model_dir, "tiny-gpu-slot", stages=[{"method": "magnitude", "sparsity": 0.5}],
                          data={"calib_windows": 2, "train_windows": 2, "eval_windows": 2},
                          evaluation={"decode_tokens": 2},
                          gates={"min_size_reduction": 100.0})
-    from prefect.exceptions import PrefectHTTPStatusError
-
     projects = [make_project(tmp_path_factory.mktemp(f"slot-{i}"), recipe) for i in range(2)]
     with prefect(team_stack) as client:
         assert client.read_global_concurrency_limit_by_name(team_stack.gpu_limit).limit == 1
-        flow_id = client.create_flow_from_name("frugalflow-nightly")
-        # the nightly flow without a deployment-level limit, so that only the GPU slot keeps runs apart
-        deployment = client.create_deployment(
-            flow_id, "gpu-slot-test", work_pool_name=team_stack.work_pool,
-            entrypoint="flows/nightly.py:compression_flow",
-            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}])
-        ids = [client.create_flow_run_from_deployment(deployment, parameters={"params": str(p / "params.yaml")}).id
+        # the team's nightly deployment (infra/prefect.yaml) has no deployment-level limit: only the
+        # GPU slot keeps two of its runs apart
+        deployment = client.read_deployment_by_name("frugalflow-nightly/nightly")
+        assert deployment.concurrency_limit is None and deployment.work_pool_name == team_stack.work_pool
+        ids = [client.create_flow_run_from_deployment(deployment.id, parameters={"params": str(p / "params.yaml")}).id
                for p in projects]
 
         def finals():
