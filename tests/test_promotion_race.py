@@ -91,6 +91,22 @@ def check_registry(uri: str, model: str, results: list[dict]) -> None:
         assert r["promoted"] or ppl_of[r["champion"]] <= r["ppl"], r
 
 
+def test_which_lock(tmp_path, caplog):
+    """SQLite store: a file lock, even with a Prefect API set (no server is asked); a tracking server
+    without a Prefect API: a host-local file lock, with a warning."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.promotion_lock import promotion_lock
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # nothing listens there
+        with promotion_lock(f"sqlite:///{tmp_path / 'mlflow.db'}", "m") as kind:
+            assert kind == "file"
+    with temporary_settings(updates={PREFECT_API_URL: None}), caplog.at_level("WARNING"):
+        with promotion_lock("http://127.0.0.1:9", "m") as kind:
+            assert kind == "file"
+    assert "kept apart on this host only" in caplog.text
+
+
 @pytest.mark.slow
 def test_racing_promotions_on_sqlite_store_file_lock(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
