@@ -39,8 +39,8 @@ METHODS = ("rtn", "gptq")
 
 
 class ShardReader:
-    """Tensor name -> shard file for a model directory; reads one tensor at a time, each file
-    opened only while it is read (its memory map is released after every read)."""
+    """Tensor name -> shard file for a model directory; reads one tensor at a time, its file
+    opened only while that tensor is copied out (the memory map is released after every tensor)."""
 
     def __init__(self, model_dir: Path):
         self.where: dict[str, Path] = {}
@@ -56,14 +56,11 @@ class ShardReader:
         if missing:
             raise ModelLoadError(f"{next(iter(self.where.values())).parent}: missing tensors {missing[:4]}")
         out: dict[str, torch.Tensor] = {}
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        for path, some in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
-                for n in some:
-                    t = f.get_tensor(n)
-                    out[n] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
+        for n in names:  # the file is mapped only while one tensor is copied out of it
+            with safe_open(str(self.where[n]), framework="pt") as f:
+                t = f.get_tensor(n)
+            out[n] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
+            del t
         return out
 
 
