@@ -89,7 +89,7 @@ def test_two_deployment_runs_take_turns_on_the_slot(team_stack, tmp_path_factory
     # one stage and small evaluations; gates that fail keep the runs off the registry (not tested here)
     recipe = tiny_recipe(tiny_model_dir, "tiny-gpu-slot", stages=[{"method": "magnitude", "sparsity": 0.5}],
                          data={"calib_windows": 2, "train_windows": 2, "eval_windows": 2},
-                         evaluation={"decode_tokens": 2},
+                         evaluation={"decode_tokens": 2, "decode_race_rounds": 0},
                          gates={"min_size_reduction": 100.0})
     projects = [make_project(tmp_path_factory.mktemp(f"slot-{i}"), recipe) for i in range(2)]
     with prefect(team_stack) as client:
@@ -128,3 +128,14 @@ def test_two_deployment_runs_take_turns_on_the_slot(team_stack, tmp_path_factory
     print("gpu slot timeline:\n" + timeline)
     for before, after in zip(holds, holds[1:]):
         assert before["end"] <= after["start"], timeline
+    # the stage's hold is also on its MLflow run (metrics gpu_slot.start / .end / .wait_s)
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=team_stack.mlflow_uri)
+    experiment = mlflow.get_experiment_by_name("tiny-gpu-slot").experiment_id
+    stage_runs = mlflow.search_runs([experiment], "metrics.`gpu_slot.start` > 0")
+    recorded = sorted((r.data.metrics["gpu_slot.start"], r.data.metrics["gpu_slot.end"]) for r in stage_runs)
+    logged = sorted((h["start"], h["end"]) for h in holds if h["label"] == "stage 0 magnitude")
+    assert len(recorded) == len(logged) == 2
+    for (start, end), (log_start, log_end) in zip(recorded, logged):
+        assert start == pytest.approx(log_start, abs=2e-3) and end == pytest.approx(log_end, abs=2e-3)
