@@ -143,8 +143,16 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
     if method == "gptq":
         from frugalflow.quant.gptq import gptq_solver
 
-        solve = gptq_solver(arch, bits, group_size, symmetric, qparams, act_order=act_order, percdamp=percdamp,
-                            blocksize=blocksize)
+        gptq = gptq_solver(arch, bits, group_size, symmetric, qparams, act_order=act_order, percdamp=percdamp,
+                           blocksize=blocksize, release=True)
+
+        def solve(i, layer, stats):  # solved weights are freed while later groups solve, then rebuilt
+            out = gptq(i, layer, stats)
+            for name in arch.linears:
+                q, scale, zero = qparams[f"{arch.layers}.{i}.{name}"]
+                lin = layer.get_submodule(name)
+                lin.weight.data = rtn.dequantize(q, scale, zero, group_size).to(lin.weight.dtype).to(device)
+            return out
     else:
         solve = _rtn_solve(bits, group_size, symmetric, arch, qparams)
 

@@ -122,10 +122,12 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
 
 
 def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict, act_order: bool = False,
-                percdamp: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True):
+                percdamp: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True, release: bool = False):
     """The calibration driver's `solve` for GPTQ: quantizes every linear of layer i in place (weights
     replaced by their dequantized values), puts its codes in `qparams` {full name: (q, scale, zero)}
-    and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done."""
+    and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done.
+    `release`: leave each solved linear's weight empty instead (the caller rebuilds it from
+    `qparams`; the layer-streaming path does, to hold less while the MLP is solved)."""
 
     def solve(i, layer, stats):
         out = {}
@@ -146,7 +148,11 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
                 W_new = dequantize(q[r0:r1], scale[r0:r1], zero[r0:r1], group_size)
                 qparams[f"{arch.layers}.{i}.{name}"] = (ql, sl, zl)
                 out[name] = {"recon_error": relative_error(Wl, W_new, H), "loss": losses[r0:r1].sum().item()}
-                lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+                if release:
+                    lin.weight.data = torch.empty(0, dtype=lin.weight.dtype, device=lin.weight.device)
+                else:
+                    lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+                del W_new
                 r0 = r1
             for name in group:
                 stats[name].pop("H", None)
