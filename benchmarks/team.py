@@ -45,7 +45,8 @@ def embedded(proj: Path) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_", "AWS_"))}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", str(proj / "params.yaml")], cwd=proj,
-                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+                          env={**env, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"},
+                          capture_output=True, text=True)
     took = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"embedded run failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
