@@ -180,7 +180,9 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
-    # its own process group: on Ctrl-C or SIGTERM the server and every worker it forked are stopped
+    # its own process group: on Ctrl-C or SIGTERM the server and every worker it forked are stopped;
+    # owned by this process (FRUGALFLOW_OWNER), so if this one is SIGKILLed the next run stops it
+    _adopt()
     server = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
     try:
         return server.wait()

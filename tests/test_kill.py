@@ -234,8 +234,10 @@ def test_ui_stops_its_mlflow_server_on(sig, tmp_path):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, "the MLflow server still listens after the UI stopped"
         assert "MLflow UI stopped" in log.read_text()
+        assert not owned_by(proc.pid), "processes the UI started outlived it"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in [proc.pid, *owned_by(proc.pid)]:  # the server runs in its own process group
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
