@@ -20,6 +20,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from tasks.gpu_slot import api_url
+
 LOCK_TIMEOUT_S = 300
 LEASE_S = 120
 log = logging.getLogger(__name__)
@@ -37,12 +39,6 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     if tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri[len("sqlite:///"):])
     return None
-
-
-def _prefect_api() -> str | None:
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url or None
 
 
 def _ensure_limit(name: str) -> None:
@@ -83,7 +79,7 @@ def _prefect_lock(name: str, api: str):
 def promotion_lock(tracking_uri: str, model_name: str):
     """Hold the lock for `model_name` in the registry at `tracking_uri` while the block runs."""
     db = sqlite_path(tracking_uri)
-    api = None if db else _prefect_api()
+    api = None if db else api_url()
     if api:
         with _prefect_lock(limit_name(model_name), api):
             yield "prefect"
