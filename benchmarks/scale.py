@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--layers", default="7B:rtn=8,7B:gptq=2,1B:gptq=8",
                         help="SIZE:METHOD=N: time only the first N layers of that run (default: all layers)")
+    parser.add_argument("--name", default="scale", help="results file name: benchmarks/results/NAME.{json,md}")
     parser.add_argument("--limit-gb-7b", type=float, default=4.0, help="cgroup memory limit for the 7B runs")
     args = parser.parse_args()
     if args.cmd == "_run":
@@ -203,8 +204,8 @@ def main() -> None:
             log.write(json.dumps({k: v for k, v in r.items() if k != "error"}) + "\n")
             log.flush()
             RESULTS.mkdir(parents=True, exist_ok=True)  # after every run: a long benchmark keeps what it measured
-            (RESULTS / "scale.json").write_text(json.dumps(report, indent=1) + "\n")
-            (RESULTS / "scale.md").write_text(markdown(report))
+            (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+            (RESULTS / f"{args.name}.md").write_text(markdown(report))
         shutil.rmtree(path, ignore_errors=True)
     print(markdown(report))
 
