@@ -148,7 +148,15 @@ def _stage(store, tiny_model_dir):
                           tracking=tracking)
 
 
-def test_stage_output_is_sealed_reused_and_recomputed_when_damaged(store, tiny_model_dir, capfd):
+def _said(logged: list[str], capfd) -> list[str]:
+    """What the run logged: records seen by the handler, plus whatever reached stderr (Prefect's
+    console handler prints task-run logs there, or not, depending on what ran before)."""
+    lines = [*logged, *capfd.readouterr().err.splitlines()]
+    logged.clear()
+    return lines
+
+
+def test_stage_output_is_sealed_reused_and_recomputed_when_damaged(store, tiny_model_dir, capfd, logged):
     first = _stage(store, tiny_model_dir)
     out = Path(first["dir"])
     assert not first["cached"] and (out / "manifest.json").is_file()
@@ -162,7 +170,7 @@ def test_stage_output_is_sealed_reused_and_recomputed_when_damaged(store, tiny_m
     weights.write_bytes(original[: len(original) // 3])
     again = _stage(store, tiny_model_dir)
     assert not again["cached"] and weights.read_bytes() == original  # magnitude pruning is deterministic
-    assert any("model.safetensors" in line and "not reused" in line for line in capfd.readouterr().err.splitlines())
+    assert any("model.safetensors" in line and "not reused" in line for line in _said(logged, capfd))
     assert len(list(out.parent.glob(f"{out.name}.corrupt-*"))) == 1
     verify_manifest(out)
 
@@ -177,10 +185,10 @@ def test_stage_output_is_sealed_reused_and_recomputed_when_damaged(store, tiny_m
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
     assert _stage(store, tiny_model_dir)["cached"] and not stale.exists()
-    assert any(stale.name in line and "interrupted write" in line for line in capfd.readouterr().err.splitlines())
+    assert any(stale.name in line and "interrupted write" in line for line in _said(logged, capfd))
 
 
-def test_evaluation_entry_is_checksummed_and_recomputed_when_altered(store, tiny_model_dir, capfd):
+def test_evaluation_entry_is_checksummed_and_recomputed_when_altered(store, tiny_model_dir, capfd, logged):
     from tasks.evaluate import evaluate
 
     root, _ = store
@@ -198,8 +206,8 @@ def test_evaluation_entry_is_checksummed_and_recomputed_when_altered(store, tiny
     entry.write_text(entry.read_text().replace(f'"ppl": {first["ppl"]!r}', '"ppl": 1.0'))
     again = evaluate(*args, root=str(root))
     assert not again["cached"] and again["ppl"] == pytest.approx(first["ppl"], rel=1e-6)
-    err = capfd.readouterr().err
-    assert "evaluate tiny: cache entry not reused" in err and entry.name in err, err[-3000:]
+    said = [line for line in _said(logged, capfd) if "evaluate tiny: cache entry not reused" in line]
+    assert said and entry.name in said[0], said
     entry.write_text(entry.read_text()[:40])  # truncated, as by a kill during an in-place write
     assert not evaluate(*args, root=str(root))["cached"]
     assert read_json_checked(entry)["ppl"] == pytest.approx(first["ppl"], rel=1e-6)
