@@ -30,11 +30,16 @@ class Lines(logging.Handler):
 def logged():
     handler = Lines()
     loggers = [logging.getLogger(n) for n in ("prefect.task_runs", "frugalflow")]
+    # an earlier test's logging.config (alembic's fileConfig, say) may have disabled existing loggers
+    was = [(lg.disabled, lg.level) for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
+        lg.disabled = False
+        lg.setLevel(logging.INFO)
     yield handler.lines
-    for lg in loggers:
+    for lg, (disabled, level) in zip(loggers, was):
         lg.removeHandler(handler)
+        lg.disabled, lg.level = disabled, level
 
 
 # --------------------------------------------------------------------------- the primitives
