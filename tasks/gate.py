@@ -24,8 +24,8 @@ def champion_all_metrics(client: MlflowClient, model_name: str) -> dict | None:
     if champion is None:
         return None
     version = R.version_by_alias(client, model_name, "champion")
-    if version is not None and version.run_id:
-        metrics = client.get_run(version.run_id).data.metrics
+    if version is not None and R.candidate_run_id(version):
+        metrics = client.get_run(R.candidate_run_id(version)).data.metrics
         extra = {k[len("candidate."):]: v for k, v in metrics.items() if k.startswith("candidate.")}
         champion = {**extra, **champion}
     return champion

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from prefect import task
 
@@ -49,6 +50,8 @@ def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tra
         return {"registered": False, "version": None, "champion": False}
     source = model_uri or f"{client.get_run(run_id).info.artifact_uri}/model"  # models:/<model_id>: the pyfunc
     tags = {"verdict": "pass", "objective": verdict["objective"], **lineage_tags}
+    if model_dir:  # the final stage output's content key: a killed run's version of it is adopted
+        tags[R.MODEL_KEY] = Path(model_dir).name
     version = R.register_candidate(client, model_name, run_id, source, tags)
     logger.info("registered %s version %s as challenger", model_name, version)
     T.set_tags(client, run_id, {"frugalflow.registered_version": version})

@@ -6,6 +6,12 @@ A passing candidate becomes a new version with alias `challenger`; `promote` mov
 happens under the model's promotion lock (tasks/promotion_lock.py), and `promote_if_better`
 decides "beats the champion" under it, from the metrics recorded on both versions' runs, so
 racing promotions leave the best candidate champion and every move in the history.
+
+A run killed between creating its version and finishing (tasks/runstate.py tags that version
+`frugalflow.run_failed`) leaves a version no alias points at. The rerun of the same candidate
+(same final stage output, tag `frugalflow.model_key`) adopts that version instead of creating a
+second one: the version gets the rerun's tags and `frugalflow.adopted_by_run`, and its metrics are
+read from the adopting run from then on.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ from tasks.pyfunc import create_version
 HISTORY_TAG = "champion_history"
 HISTORY_LEN = 25
 METRIC_KEYS = ("ppl", "size_mb", "decode_tps")
+MODEL_KEY = "frugalflow.model_key"  # the final stage output's content key: same key, same model
+RUN_FAILED = "frugalflow.run_failed"  # set by tasks/runstate.py on versions of killed runs
+ADOPTED_BY = "frugalflow.adopted_by_run"
+KILLED_REGISTRATION = "frugalflow.registered_by_killed_run"
 
 
 def _now() -> str:
@@ -36,25 +46,59 @@ def version_by_alias(client: MlflowClient, name: str, alias: str):
         return None
 
 
+def candidate_run_id(version) -> str | None:
+    """The run whose evaluation a version stands for: the run that adopted it, else its own run."""
+    return version.tags.get(ADOPTED_BY) or version.run_id
+
+
 def champion_metrics(client: MlflowClient, name: str) -> dict | None:
     """The current champion's candidate metrics (from its run), or None if there is none."""
     version = version_by_alias(client, name, "champion")
-    if version is None or not version.run_id:
+    if version is None or not candidate_run_id(version):
         return None
-    metrics = client.get_run(version.run_id).data.metrics
+    metrics = client.get_run(candidate_run_id(version)).data.metrics
     found = {k: metrics[f"candidate.{k}"] for k in METRIC_KEYS if f"candidate.{k}" in metrics}
     return {**found, "version": str(version.version)} if found else None
 
 
+def killed_registration(client: MlflowClient, name: str, model_key: str | None):
+    """The version of `name` a killed run registered for the model `model_key` and nobody has
+    adopted or aliased since, or None."""
+    if not model_key:
+        return None
+    for version in client.search_model_versions(f"name = '{name}'"):
+        tags = version.tags
+        if tags.get(MODEL_KEY) == model_key and RUN_FAILED in tags and not tags.get(ADOPTED_BY):
+            full = client.get_model_version(name, str(version.version))  # search results carry no aliases
+            if not full.aliases:
+                return full
+    return None
+
+
+def _adopt(client: MlflowClient, version, run_id: str, tags: dict) -> None:
+    """Make a killed run's version the version of `run_id`, keeping the record of who created it."""
+    name, number = version.name, str(version.version)
+    client.set_model_version_tag(name, number, KILLED_REGISTRATION,
+                                 f"{version.run_id}: {version.tags[RUN_FAILED]}"[:5000])
+    for key, value in {**tags, ADOPTED_BY: run_id}.items():
+        client.set_model_version_tag(name, number, key, str(value)[:5000])
+    client.delete_model_version_tag(name, number, RUN_FAILED)
+
+
 def register_candidate(client: MlflowClient, name: str, run_id: str, source: str, tags: dict) -> str:
     """A new version of `name` (created if missing) with alias `challenger`, under the promotion
-    lock: the registry's alias writes are not safe against concurrent writers."""
+    lock: the registry's alias writes are not safe against concurrent writers. A version a killed
+    run registered for the same model (`tags[MODEL_KEY]`) is adopted instead of duplicated."""
     with promotion_lock(client.tracking_uri, name):
         try:
             client.get_registered_model(name)
         except MlflowException:
             client.create_registered_model(name, description="Compressed models produced by frugalflow")
-        version = create_version(client, name, source, run_id, tags)  # resolves models:/<model_id> on this store
+        version = killed_registration(client, name, tags.get(MODEL_KEY))
+        if version is not None:
+            _adopt(client, version, run_id, tags)
+        else:
+            version = create_version(client, name, source, run_id, tags)  # resolves models:/<model_id> here
         client.set_registered_model_alias(name, "challenger", str(version.version))
     return str(version.version)
 
@@ -97,9 +141,9 @@ def promote_if_better(client: MlflowClient, name: str, version: str, objective: 
     one on `objective` (both read from their runs now, not at gate time). Returns
     {"promoted", "reason", "champion" (the version that is champion afterwards), "entry"}."""
     with promotion_lock(client.tracking_uri, name):
-        mine = run_candidate_metrics(client, client.get_model_version(name, str(version)).run_id)
+        mine = run_candidate_metrics(client, candidate_run_id(client.get_model_version(name, str(version))))
         current = version_by_alias(client, name, "champion")
-        theirs = run_candidate_metrics(client, current.run_id) if current is not None else None
+        theirs = run_candidate_metrics(client, candidate_run_id(current)) if current is not None else None
         if current is not None and str(current.version) == str(version):
             return {"promoted": False, "reason": f"version {version} is already champion",
                     "champion": str(version), "entry": None}

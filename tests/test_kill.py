@@ -10,8 +10,9 @@ as the OOM killer would; its temporary Prefect server survives it until the reru
 Checked: a rerun reuses every finished stage and never a partial one; distillation resumes from its
 checkpoint and ends with weights bitwise equal to an uninterrupted distillation with the same seed
 (CPU); every killed run's MLflow runs end FAILED with a tag saying why; no registry version is
-duplicated or promoted from a killed run; no process a killed run started outlives the rerun's
-start. `frugalflow ui` stops its MLflow server on SIGTERM and on SIGINT.
+duplicated (the rerun adopts the version that the run killed during registration created); no
+process a killed run started outlives the rerun's start. `frugalflow ui` stops its MLflow server
+on SIGTERM and on SIGINT.
 """
 from __future__ import annotations
 
@@ -195,20 +196,23 @@ def test_every_killed_run_is_closed_failed_with_the_reason(killed):
 
 
 def test_no_registry_version_is_duplicated_or_promoted_from_a_killed_run(killed):
-    project, _ = killed
+    """The run killed during registration created version 1 and died; the rerun of the same
+    candidate adopted it (one version, promoted on the finished run's metrics), not a second."""
+    project, seen = killed
     client = client_for(project)
     versions = client.search_model_versions(f"name = '{MODEL}'")
-    by_run: dict = {}
-    for v in versions:
-        by_run.setdefault(v.run_id, []).append(v.version)
-    assert all(len(vs) == 1 for vs in by_run.values()), by_run  # never two versions of one run
+    assert [str(v.version) for v in versions] == ["1"], [(v.version, v.run_id, v.tags) for v in versions]
+    [version] = versions
+    killed_run, final_run = client.get_run(version.run_id), None
+    assert killed_run.info.status == "FAILED" and killed_run.data.tags["frugalflow.pid"] == str(seen["pids"][-1])
+    final_run = client.get_run(version.tags["frugalflow.adopted_by_run"])
+    assert final_run.info.status == "FINISHED" and final_run.data.tags["frugalflow.registered_version"] == "1"
+    assert version.tags["frugalflow.registered_by_killed_run"].startswith(f"{killed_run.info.run_id}: killed")
+    assert "frugalflow.run_failed" not in version.tags
+    assert version.tags["frugalflow.model_key"].startswith("2-kl-")
+    assert sorted(client.get_model_version(MODEL, "1").aliases) == ["challenger", "champion"]
     champion = client.get_model_version_by_alias(MODEL, "champion")
-    assert client.get_run(champion.run_id).info.status == "FINISHED"
-    killed_versions = [v for v in versions if client.get_run(v.run_id).info.status == "FAILED"]
-    assert len(killed_versions) == 1  # the run killed during registration created one, then died
-    assert killed_versions[0].tags["frugalflow.run_failed"].startswith("killed")
-    assert not client.get_model_version(MODEL, killed_versions[0].version).aliases
-    assert len(versions) == 2
+    assert str(champion.version) == "1" and champion.tags["champion_reason"] == "first passing candidate"
 
 
 def test_processes_a_killed_run_started_are_stopped_by_the_rerun(killed):
