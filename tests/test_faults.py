@@ -118,6 +118,7 @@ def test_tracking_store_locked_mid_stage(store, tiny_model_dir, monkeypatch):
 
     root, _ = store
     real = C.run_stage
+    real_close = C.close_failed
     holder = sqlite3.connect(root / "mlflow.db", timeout=1)
 
     def run_stage_then_lock_the_store(*args, **kwargs):
@@ -125,7 +126,12 @@ def test_tracking_store_locked_mid_stage(store, tiny_model_dir, monkeypatch):
         holder.execute("BEGIN EXCLUSIVE")  # another process holds the store: nobody else can write
         return out
 
+    def free_the_store_then_close(*args, **kwargs):
+        holder.rollback()  # the stage has given up: the other process lets go, the run can be closed
+        return real_close(*args, **kwargs)
+
     monkeypatch.setattr(C, "run_stage", run_stage_then_lock_the_store)
+    monkeypatch.setattr(C, "close_failed", free_the_store_then_close)
     try:
         with pytest.raises(Exception) as caught:
             stage(store, tiny_model_dir)
@@ -134,6 +140,11 @@ def test_tracking_store_locked_mid_stage(store, tiny_model_dir, monkeypatch):
         holder.close()
     code, message = failure(caught.value)
     assert code == 4 and "locked" in message, message
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store[1].uri)
+    [stage_run] = client.search_runs([store[1].experiment_id], "tags.mlflow.parentRunId != ''")
+    assert stage_run.info.status == "FAILED", stage_run.info  # closed once the store was free
     monkeypatch.setattr(C, "run_stage", real)
     again = stage(store, tiny_model_dir)  # the store is back: the sealed output is reused
     assert again["cached"]
