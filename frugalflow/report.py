@@ -1,5 +1,5 @@
 """The evaluation report of one run: a JSON-able dict, rendered as markdown (plots linked
-under `plots/`), as one self-contained HTML file (plots inlined) and as a short summary.
+under `plots/`), as one self-contained HTML file (plots inlined, from a Jinja2 template) and as a short summary.
 
 The report dict holds recipe, baseline, candidate, stages, verdict, lineage and, when the
 experiment's other runs are known, `candidates`: dicts with `run_id`, `label`, `ppl`,
@@ -11,9 +11,10 @@ there is one (`base_decode_tps`).
 from __future__ import annotations
 
 import base64
-import html
 from collections.abc import Mapping
 from pathlib import Path
+
+import jinja2
 
 from frugalflow.pareto import pareto_front
 
@@ -213,38 +214,18 @@ def summary_markdown(report: dict, where: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- HTML
-def _html_table(section) -> str:
-    title, headers, rows = section[:3]
-    marked = set(section[3]) if len(section) > 3 else set()
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in headers)
-
-    def cell(text: str) -> str:
-        cls = {"pass": ' class="pass"', "FAIL": ' class="fail"'}.get(text, "")
-        return f"<td{cls}>{e(str(text))}</td>"
-
-    current = ' class="current"'
-    body = "\n".join(f"<tr{current if r in marked else ''}>{''.join(cell(c) for c in row)}</tr>"
-                     for r, row in enumerate(rows))
-    return f"<h2>{e(title)}</h2>\n<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader("frugalflow", "templates"),
+                          autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 def to_html(report: dict, images: Mapping[str, str | Path] | None = None) -> str:
-    """One self-contained HTML page: the report's tables and the PNGs inlined as base64."""
-    e = html.escape
+    """One self-contained HTML page (templates/report.html.j2): the report's tables and the
+    PNGs inlined as base64."""
     word, reasons = _verdict_line(report)
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>frugalflow run: {e(report['recipe'])}</title>", f"<style>{CSS}</style></head><body>",
-             f"<h1>frugalflow run: {e(report['recipe'])}</h1>",
-             f'<p>Verdict: <span class="{word.lower()}">{word}</span></p>']
-    if reasons:
-        parts.append("<ul>" + "".join(f"<li>{e(r)}</li>" for r in reasons) + "</ul>")
-    parts += [_html_table(section) for section in sections(report)]
-    if images:
-        parts.append("<h2>Plots</h2>")
-        for key, path in images.items():
-            data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-            parts.append(f'<figure id="{e(key)}"><img alt="{e(caption(key))}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{e(caption(key))}</figcaption></figure>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    tables = [{"title": sec[0], "headers": sec[1], "rows": [[str(c) for c in row] for row in sec[2]],
+               "marked": set(sec[3]) if len(sec) > 3 else set()} for sec in sections(report)]
+    figures = [{"key": key, "caption": caption(key),
+                "data": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
+               for key, path in (images or {}).items()]
+    return _ENV.get_template("report.html.j2").render(recipe=report["recipe"], css=CSS,
+                                                       word=word, reasons=reasons, sections=tables, figures=figures)
