@@ -23,15 +23,17 @@ from tasks.runstate import close_failed, process_tags
 
 
 def start_parent_run(project: Project, name: str, tags: dict | None = None) -> T.Tracking:
-    """The flow's MLflow run, tagged with lineage and the Prefect flow run; params and recipe logged."""
+    """The flow's MLflow run, tagged with lineage, source and the Prefect flow run; params, recipe and
+    the prepared data splits (as MLflow datasets) logged."""
     client = T.connect(project.uri)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     recipe = project.recipe
     run = T.start_run(client, project.experiment_id, f"{name}-{stamp}",
-                      tags={**project.lineage_tags, "prefect.flow_run_id": flow_run.id or "",
+                      tags={**project.run_tags, "prefect.flow_run_id": flow_run.id or "",
                             "frugalflow.recipe": recipe.name, "frugalflow.params": str(project.params_path),
                             **process_tags(), **(tags or {})})
     T.log_params(client, run, flatten(recipe))
+    T.log_datasets(client, run, project.data_dir, project.data_key)
     T.log_text(client, run, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "recipe.yaml")
     return T.Tracking(uri=project.uri, experiment_id=project.experiment_id, parent_run_id=run)
 

@@ -54,6 +54,11 @@ class Project:
         return {"git_commit": self.lineage["git_commit"], "git_dirty": self.lineage["git_dirty"],
                 **{f"dvc.{path}": md5 for path, md5 in self.lineage["dvc"].items()}}
 
+    @property
+    def run_tags(self) -> dict:
+        """Lineage plus MLflow's source tags, for the runs a flow starts."""
+        return {**self.lineage_tags, **T.source_tags(self.lineage, f"frugalflow {self.recipe.name}")}
+
 
 def open_project(params: str, overrides: list[str]) -> Project:
     params_path = Path(params).resolve()

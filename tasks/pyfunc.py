@@ -9,6 +9,7 @@ transformers and the bundled `frugalflow`, not this repository's `tasks` or `flo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
@@ -199,8 +200,13 @@ def _logged_model_id(uri: str) -> str | None:
     return rest if rest.startswith("m-") and "/" not in rest and "@" not in rest else None
 
 
+@contextlib.contextmanager
 def _tracking_uri(uri: str):
-    """Point MLflow's fluent API (which Model.log uses) at `uri` for the duration."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    return _use_tracking_uri(uri)
+    """Point MLflow's fluent API (which Model.log uses) at `uri` for the duration (public
+    `mlflow.set_tracking_uri`; the previous URI is restored after)."""
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)

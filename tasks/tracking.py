@@ -104,3 +104,46 @@ def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -
 
 def log_json(client: MlflowClient, run_id: str, obj, artifact_file: str) -> None:
     log_text(client, run_id, json.dumps(obj, indent=2, default=str) + "\n", artifact_file)
+
+
+SPLITS = {"calib": "calibration", "train": "training", "eval": "evaluation"}  # file stem -> mlflow.data.context
+
+
+def source_tags(lineage: dict, name: str = "frugalflow") -> dict:
+    """MLflow's standard source tags (the runs table's Source and Version columns)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    return {MLFLOW_SOURCE_NAME: name, MLFLOW_SOURCE_TYPE: "LOCAL",
+            MLFLOW_GIT_COMMIT: lineage.get("git_commit") or "unknown"}
+
+
+def _file_md5(path: Path) -> str:
+    """The md5 DVC records for a file inside a tracked folder (the file's content md5)."""
+    import hashlib
+
+    digest = hashlib.md5()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_datasets(client: MlflowClient, run_id: str, data_dir: Path, data_key: str) -> list[str]:
+    """The prepared splits (calib/train/eval.safetensors) as MLflow dataset inputs of the run,
+    each with context calibration/training/evaluation and the file's DVC md5 as digest; the
+    source names the file and the DVC hash of the folder. Returns the logged names."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    for stem, context in SPLITS.items():
+        path = Path(data_dir) / f"{stem}.safetensors"
+        if not path.is_file():
+            continue
+        source = json.dumps({"path": str(path), "dvc_dir_md5": data_key})
+        dataset = Dataset(name=f"{Path(data_dir).name}/{stem}", digest=_file_md5(path), source_type="local",
+                          source=source)
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    return [d.dataset.name for d in inputs]
