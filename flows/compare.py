@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from frugalflow.errors import BadInput
 
+from flows.tables import render
 from tasks.registry import version_by_alias
 
 RUN_TAG = "frugalflow.recipe"  # set on every parent (flow) run, not on stage runs
@@ -130,10 +131,6 @@ def render_compare(rows: list[dict]) -> str:
     def cell(v) -> str:
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    table = [["", *(r["run"] for r in rows)]]
-    table += [[label, *(cell(r.get(key)) for r in rows)] for label, key in FIELDS]
+    table = [[label, *(cell(r.get(key)) for r in rows)] for label, key in FIELDS]
     table += [[key, *(r.get("params", {}).get(key, "-") for r in rows)] for key in differing_params(rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render(["", *(r["run"] for r in rows)], table)

@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 
 from mlflow import MlflowClient
 
+from flows.tables import render
 from tasks.registry import version_by_alias
 
 COLUMNS = ("run", "started", "recipe", "status", "verdict", "ppl", "size MB", "tok/s", "version")
@@ -42,7 +43,4 @@ def render_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
     def cell(v) -> str:
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    table = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in table)])
+    return render(list(columns), [[cell(r.get(c)) for c in columns] for r in rows])
