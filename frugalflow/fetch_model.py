@@ -71,6 +71,9 @@ def fetch_model(cfg: BaseModelConfig, out_dir: Path | None = None) -> Path:
             gguf_path = Path(tmp) / members[0]
             print(f"fetch_model: converting {gguf_path.name} to safetensors", flush=True)
             gguf_to_hf(gguf_path.parent, gguf_path.name, tmp_out)
+    from frugalflow.models import declare_fast_tokenizer
+
+    declare_fast_tokenizer(tmp_out)  # the GGUF's tokenizer says LlamaTokenizer: wrong in transformers 5.x
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_out.rename(out_dir)
     print(f"fetch_model: wrote {out_dir}", flush=True)

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from frugalflow.export.common import (ExportError, dense_weight, describe_fallback, is_symmetric, linears,
                                       load_for_export, write_atomically)
-from frugalflow.models import TOKENIZER_FILES, _dedupe
+from frugalflow.models import TOKENIZER_FILES, _dedupe, declare_fast_tokenizer
 from frugalflow.quant.int8 import Int8Linear
 from frugalflow.quant.pack import QuantLinear, pack_codes
 
@@ -154,6 +154,7 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, float_
             src = Path(tokenizer_dir or model_dir) / fname
             if src.is_file():
                 shutil.copy2(src, tmp / fname)
+        declare_fast_tokenizer(tmp)
 
     write_atomically(Path(out_dir), write, is_dir=True, overwrite=overwrite)
     formats: dict[str, int] = {}
