@@ -1,4 +1,4 @@
-"""`frugalflow`: the command line.
+"""`frugalflow`: the command line (a typer app; `cmd_*` hold what each command does).
 
     frugalflow validate [FILE | -p FILE] [-s K=V]   check a recipe, print a summary
     frugalflow run [-p FILE] [-s KEY=VALUE ...]      run the nightly flow once
@@ -23,12 +23,16 @@ SIGTERM stops a command as Ctrl-C does: runs are closed FAILED, servers it start
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.exceptions import TyperException
 
 from frugalflow.config import RecipeError
 from frugalflow.preflight import load_run_recipe
@@ -278,81 +282,151 @@ def cmd_team(args) -> int:
     return 4 if bad else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frugalflow", description="Model compression flows with tracking.",
-                                     epilog="Exit codes:" + __doc__.split("Exit codes:", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _one_of(*choices: str):
+    """A parser refusing anything else the way argparse did: `invalid choice: 'x' (choose from a, b)`."""
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"invalid choice: {value!r} (choose from {', '.join(choices)})")
+        return value
+    return parse
 
-    def with_store(p):
-        p.add_argument("-p", "--params", default="params.yaml")
-        p.add_argument("--tracking-uri", default=None, help="default: tracking.uri from the params")
-        return p
 
-    p = sub.add_parser("validate", help="check a recipe file")
-    p.add_argument("file", nargs="?", default="params.yaml")
-    p.add_argument("-p", "--params", default=None, help="the recipe file, as for run (instead of FILE)")
-    p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("run", help="run the compression flow once")
-    p.add_argument("-p", "--params", default="params.yaml")
-    p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_run)
-    p = sub.add_parser("sweep", help="run a grid of candidates; promote the Pareto-best passing one")
-    p.add_argument("-p", "--params", default="params.yaml")
-    p.add_argument("-g", "--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="values of one recipe key (repeat for more keys; adds to sweep.grid)")
-    p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--parallel", type=int, default=None, help="candidates at once (default sweep.max_parallel)")
-    p.set_defaults(func=cmd_sweep)
-    p = sub.add_parser("schedule", help="serve the nightly deployment (cron and time zone from params)")
-    p.add_argument("-p", "--params", default="params.yaml")
-    p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--check", action="store_true", help="validate the schedule, print the next runs, serve nothing")
-    p.set_defaults(func=cmd_schedule)
-    p = with_store(sub.add_parser("runs", help="recent runs"))
-    p.add_argument("-n", type=int, default=10)
-    p.set_defaults(func=cmd_runs)
-    p = with_store(sub.add_parser("compare", help="runs side by side"))
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or their first characters (frugalflow runs)")
-    p.set_defaults(func=cmd_compare)
-    p = with_store(sub.add_parser("promote", help="move champion to a version"))
-    p.add_argument("version")
-    p.add_argument("--reason", required=True)
-    p.set_defaults(func=cmd_promote)
-    p = with_store(sub.add_parser("rollback", help="move champion back"))
-    p.add_argument("--reason", required=True)
-    p.set_defaults(func=cmd_rollback)
-    p = sub.add_parser("export", help="write a model as GGUF or compressed-tensors for serving")
-    p.add_argument("model_dir", help="a dense or packed model directory (with its tokenizer)")
-    p.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"))
-    p.add_argument("--out", required=True, help="the .gguf file, or the compressed-tensors directory")
-    p.add_argument("--float-type", default="f16", choices=("f16", "f32"),
-                   help="GGUF type of embeddings and of layers without a quantized GGUF type")
-    p.add_argument("--require-exact", action="store_true",
-                   help="refuse instead of writing a quantized layer dequantized")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_export)
-    p = sub.add_parser("team", help="team mode on this machine: up, status, down (see infra/README.md)")
-    p.add_argument("action", choices=("up", "status", "down"))
-    p.add_argument("--home", type=Path, default=None, help="the team folder (default .team in the project)")
-    p.add_argument("--project", type=Path, default=None, help="the frugalflow checkout (default: here)")
-    p.add_argument("--port", action="append", default=[], metavar="SERVICE=PORT",
-                   help="postgres, s3, mlflow or prefect on another port (kept for later commands)")
-    p.set_defaults(func=cmd_team)
-    p = with_store(sub.add_parser("ui", help="open the MLflow UI on the store"))
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
-    p.set_defaults(func=cmd_ui)
-    return parser
+def _integer(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a valid integer") from None
+
+
+EXIT_CODES = "Exit codes:" + __doc__.split("Exit codes:", 1)[1]
+app = typer.Typer(name="frugalflow", help="Model compression flows with tracking.", add_completion=False,
+                  rich_markup_mode=None, pretty_exceptions_enable=False, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  epilog="\b\n" + EXIT_CODES.replace("\n\n", "\n\n\b\n"))
+
+# the options several commands share
+Params = Annotated[str, typer.Option("-p", "--params", metavar="FILE", help="the recipe file")]
+Sets = Annotated[Optional[list[str]], typer.Option("-s", "--set", metavar="KEY=VALUE",
+                                                    help="override a recipe key (repeatable)")]
+TrackingUri = Annotated[Optional[str], typer.Option("--tracking-uri", metavar="URI", help="default: tracking.uri from the params")]
+
+
+@app.command("validate", help="check a recipe file")
+def validate_command(file: Annotated[str, typer.Argument(metavar="FILE")] = "params.yaml",
+                     params: Annotated[Optional[str], typer.Option(
+                         "-p", "--params", metavar="FILE", help="the recipe file, as for run (instead of FILE)")] = None,
+                     set_: Sets = None) -> int:
+    return cmd_validate(Namespace(file=file, params=params, set=list(set_ or [])))
+
+
+@app.command("run", help="run the compression flow once")
+def run_command(params: Params = "params.yaml", set_: Sets = None) -> int:
+    return cmd_run(Namespace(params=params, set=list(set_ or [])))
+
+
+@app.command("sweep", help="run a grid of candidates; promote the Pareto-best passing one")
+def sweep_command(params: Params = "params.yaml",
+                  grid: Annotated[Optional[list[str]], typer.Option(
+                      "-g", "--grid", metavar="KEY=V1,V2",
+                      help="values of one recipe key (repeat for more keys; adds to sweep.grid)")] = None,
+                  set_: Sets = None,
+                  parallel: Annotated[Optional[int], typer.Option(
+                      parser=_integer, metavar="N", help="candidates at once (default sweep.max_parallel)")] = None) -> int:
+    return cmd_sweep(Namespace(params=params, grid=list(grid or []), set=list(set_ or []), parallel=parallel))
+
+
+@app.command("schedule", help="serve the nightly deployment (cron and time zone from params)")
+def schedule_command(file: Annotated[Optional[str], typer.Argument(metavar="FILE", help="the recipe file (or -p)")] = None,
+                     params: Params = "params.yaml", set_: Sets = None,
+                     check: Annotated[bool, typer.Option(
+                         "--check", help="validate the schedule, print the next runs, serve nothing")] = False) -> int:
+    return cmd_schedule(Namespace(params=file or params, set=list(set_ or []), check=check))
+
+
+@app.command("runs", help="recent runs")
+def runs_command(params: Params = "params.yaml", tracking_uri: TrackingUri = None,
+                 n: Annotated[int, typer.Option("-n", parser=_integer, metavar="N", help="how many")] = 10) -> int:
+    return cmd_runs(Namespace(params=params, tracking_uri=tracking_uri, n=n))
+
+
+@app.command("compare", help="runs side by side")
+def compare_command(runs: Annotated[list[str], typer.Argument(
+                        metavar="RUN...", help="run ids or their first characters (frugalflow runs)")],
+                    params: Params = "params.yaml", tracking_uri: TrackingUri = None) -> int:
+    return cmd_compare(Namespace(params=params, tracking_uri=tracking_uri, runs=list(runs)))
+
+
+Reason = Annotated[str, typer.Option("--reason", metavar="TEXT", help="why (kept in the alias history)")]
+
+
+@app.command("promote", help="move champion to a version")
+def promote_command(version: Annotated[str, typer.Argument(metavar="VERSION")], reason: Reason, params: Params = "params.yaml",
+                    tracking_uri: TrackingUri = None) -> int:
+    return cmd_promote(Namespace(params=params, tracking_uri=tracking_uri, version=version, reason=reason))
+
+
+@app.command("rollback", help="move champion back")
+def rollback_command(reason: Reason, params: Params = "params.yaml", tracking_uri: TrackingUri = None) -> int:
+    return cmd_rollback(Namespace(params=params, tracking_uri=tracking_uri, reason=reason))
+
+
+@app.command("export", help="write a model as GGUF or compressed-tensors for serving")
+def export_command(model_dir: Annotated[str, typer.Argument(
+                       metavar="MODEL_DIR", help="a dense or packed model directory (with its tokenizer)")],
+                   format_: Annotated[str, typer.Option("--format", parser=_one_of("gguf", "compressed-tensors"), metavar="gguf|compressed-tensors")],
+                   out: Annotated[str, typer.Option(metavar="PATH", help="the .gguf file, or the compressed-tensors directory")],
+                   float_type: Annotated[str, typer.Option(
+                       parser=_one_of("f16", "f32"), metavar="f16|f32",
+                       help="GGUF type of embeddings and of layers without a quantized GGUF type")] = "f16",
+                   require_exact: Annotated[bool, typer.Option(
+                       "--require-exact", help="refuse instead of writing a quantized layer dequantized")] = False,
+                   overwrite: Annotated[bool, typer.Option("--overwrite")] = False) -> int:
+    return cmd_export(Namespace(model_dir=model_dir, format=format_, out=out, float_type=float_type,
+                                require_exact=require_exact, overwrite=overwrite))
+
+
+@app.command("team", help="team mode on this machine: up, status, down (see infra/README.md)")
+def team_command(action: Annotated[str, typer.Argument(parser=_one_of("up", "status", "down"), metavar="up|status|down")],
+                 home: Annotated[Optional[Path], typer.Option(metavar="DIR", help="the team folder (default .team in the project)")]
+                 = None,
+                 project: Annotated[Optional[Path], typer.Option(metavar="DIR", help="the frugalflow checkout (default: here)")]
+                 = None,
+                 port: Annotated[Optional[list[str]], typer.Option(
+                     metavar="SERVICE=PORT",
+                     help="postgres, s3, mlflow or prefect on another port (kept for later commands)")] = None) -> int:
+    return cmd_team(Namespace(action=action, home=home, project=project, port=list(port or [])))
+
+
+@app.command("ui", help="open the MLflow UI on the store")
+def ui_command(params: Params = "params.yaml", tracking_uri: TrackingUri = None,
+               host: Annotated[str, typer.Option(metavar="HOST")] = "127.0.0.1",
+               port: Annotated[int, typer.Option(parser=_integer, metavar="PORT")] = 5000) -> int:
+    return cmd_ui(Namespace(params=params, tracking_uri=tracking_uri, host=host, port=port))
+
+
+def _parse_and_run(argv: list[str]) -> int:
+    """Parse `argv` with the typer app and run the command; usage errors exit 2 (message on
+    stderr), --help exits 0, as argparse did."""
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("frugalflow", list(argv)) as ctx:
+            return command.invoke(ctx)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort as exc:  # click turns Ctrl-C into Abort: give it back
+        raise KeyboardInterrupt from exc.__context__
+    except TyperException as exc:  # a usage error: the message on stderr, exit 2
+        exc.show()
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; map what went wrong to an exit code (see the module docstring)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
     restore = _sigterm_as_exit()
     try:
-        return args.func(args)
+        return _parse_and_run(argv)
     except Exception as exc:
         from tasks.services import exit_code_for
 
@@ -360,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         if known is None:
             raise  # a bug: Python prints the traceback and exits 1
         code, message = known
-        print(f"frugalflow {args.command}: {message}", file=sys.stderr)
+        print(f"frugalflow {command}: {message}", file=sys.stderr)
         return code
     finally:
         restore()

@@ -23,7 +23,6 @@ five-field cron that Prefect accepts and that fires at all, `schedule.timezone` 
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import sys
 from datetime import datetime, timezone
@@ -149,23 +148,15 @@ def serve_nightly(params_path: str | Path = "params.yaml", overrides: Iterable[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.schedule", description=serve_nightly.__doc__)
-    parser.add_argument("params", nargs="?", default="params.yaml")
-    parser.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--check", action="store_true", help="validate and print the schedule, serve nothing")
-    args = parser.parse_args(argv)
+    """`python -m flows.schedule [FILE] [-s K=V] [--check]`: the CLI's `schedule` command (one typer
+    app, flows/cli.py); bad input returns 2 and, unlike the CLI, no reachable server returns 1."""
+    from flows.cli import main as cli
+
     try:
-        if args.check:
-            print(check_nightly(args.params, args.set))
-            return 0
-        serve_nightly(args.params, args.set)
-    except RecipeError as exc:
-        print(f"invalid recipe {exc}", file=sys.stderr)
-        return 2
-    except (ConnectionError, FileNotFoundError) as exc:
-        print(f"frugalflow schedule: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        code = cli(["schedule", *(sys.argv[1:] if argv is None else argv)])
+    except SystemExit as exc:  # the recipe check and usage errors exit this way
+        code = exc.code if isinstance(exc.code, int) else 1
+    return 1 if code == 4 else code
 
 
 if __name__ == "__main__":
