@@ -53,8 +53,11 @@ def test_every_yaml_and_json_under_infra_parses():
     for path in files:
         docs = list(yaml.safe_load_all(path.read_text()))
         assert docs and all(isinstance(d, dict) for d in docs), path
-    for path in INFRA.rglob("*.json"):
-        assert json.loads(path.read_text())["Statement"], path
+    for path in INFRA.rglob("*.json"):  # bucket policies and the k8s work pool's job template
+        doc = json.loads(path.read_text())
+        assert isinstance(doc, dict) and doc, path
+        if path.parent.name == "minio":
+            assert doc["Statement"], path
 
 
 def test_shell_scripts_parse():
@@ -305,4 +308,17 @@ def test_worker_pool_limit_and_client_variables_agree_everywhere(team, compose):
         if "{host}" in template:
             for where in (worker_env[var], configmap[var]):
                 assert where.endswith(template.split("{host}")[1].format(**ports)), (var, where)
+        elif "{FRUGALFLOW_S3" not in template:  # fixed values (the GPU limit, the DVC remote, the models
+            # bucket) are the same for the local worker, the compose worker and the k8s worker
+            fixed = template.format(gpu_limit=gpu["name"],
+                                    **{f"{b}_bucket": n for b, n in team["s3"]["buckets"].items()})
+            assert worker_env[var] == fixed, (var, worker_env[var], fixed)
+            assert configmap[var] == fixed, (var, configmap[var], fixed)
     assert "MLFLOW_S3" not in json.dumps(team["client_env"])  # people never get the server's bucket key
+    # the worker's runs push DVC data to the DVC bucket and publish models to the models bucket
+    client = team["client_env"]
+    assert client["FRUGALFLOW_MODELS_URI"] == "s3://{models_bucket}"
+    from dvc.config import Config
+
+    remote = Config(str(ROOT / ".dvc"))["remote"][client["FRUGALFLOW_DVC_REMOTE"]]
+    assert remote["url"] == f's3://{team["s3"]["buckets"]["dvc"]}'

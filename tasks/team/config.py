@@ -139,6 +139,7 @@ class Team:
 
     def client_env(self) -> dict[str, str]:
         fill = {"host": self.host, "gpu_limit": self.gpu_limit,
+                **{f"{b}_bucket": name for b, name in self.spec["s3"]["buckets"].items()},
                 **{f"{s}_port": self.port(s) for s in SERVICES}, **self.env}
         return {k: v.format(**fill) for k, v in self.spec["client_env"].items()}
 
