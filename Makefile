@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser postgres team team-down demo test validate runs ui clean-runs
+.PHONY: install transformers5 browser postgres team team-down demo test validate runs ui clean-runs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,7 +48,19 @@ team: $(STAMP) postgres  ## team mode on this machine (PostgreSQL, S3, MLflow, P
 team-down: $(STAMP)
 	$(BIN)/frugalflow team down
 
-test: $(STAMP) browser postgres  ## the test suite (CPU only; starts its own local servers and a headless browser)
+# transformers 5.x beside the pinned 4.x, for tests/test_transformers5.py (written model dirs load
+# the same in both): only the packages 5.x needs at other versions, in a --target dir each, put
+# first on PYTHONPATH in front of the .venv (see requirements-transformers5*.lock).
+TF5 := $(VENV)/transformers5
+$(TF5)/5.25/.installed: requirements-transformers5.lock $(STAMP)
+	rm -rf $(TF5)/5.25 && $(BIN)/python -m pip install --quiet --no-deps --only-binary=:all: --target $(TF5)/5.25 -r $<
+	touch $@
+$(TF5)/5.17/.installed: requirements-transformers5.17.lock $(STAMP)
+	rm -rf $(TF5)/5.17 && $(BIN)/python -m pip install --quiet --no-deps --only-binary=:all: --target $(TF5)/5.17 -r $<
+	touch $@
+transformers5: $(TF5)/5.25/.installed $(TF5)/5.17/.installed
+
+test: $(STAMP) transformers5 browser postgres  ## the test suite (CPU only; starts its own local servers and a headless browser)
 	$(BIN)/python -m pytest -q
 
 validate: $(STAMP)
