@@ -269,21 +269,21 @@ def lazy_step(blocksize: int, multiple: int, device: torch.device) -> int:
     return max(multiple, step - step % multiple)
 
 
-def hessian_inverse_upper(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def hessian_inverse_upper(H: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of (H + damp I)^-1 with dead inputs (H_ii = 0) set to H_ii = 1,
     and the dead mask. Dampening grows tenfold while the factorisation fails. H is not modified;
     besides it, at most two n x n matrices live at once (layer streaming keeps 7B-sized MLP
     Hessians within its memory budget this way)."""
     with column_loop_threads(H.device):  # LAPACK's cholesky_inverse crawls with 2 threads on a busy CPU
-        return _hessian_inverse_upper(H.float(), percdamp)
+        return _hessian_inverse_upper(H.float(), dampening)
 
 
-def _hessian_inverse_upper(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _hessian_inverse_upper(H: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
     dead = torch.diag(H) == 0
     diag = torch.arange(H.shape[0], device=H.device)
     diag_h = torch.diag(H).clone()
     diag_h[dead] = 1
-    damp = percdamp * torch.mean(diag_h)
+    damp = dampening * torch.mean(diag_h)
     for _ in range(6):
         Hd = H.clone()
         Hd[dead, dead] = 1

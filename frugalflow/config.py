@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -84,17 +84,23 @@ class _Prune(Strict):
 class MagnitudePrune(_Prune):
     """Smallest |W| removed per layer."""
 
+    entry: ClassVar[str] = "frugalflow.prune.magnitude:run"  # the method's `run` (frugalflow/method.py)
+
     method: Literal["magnitude"]
 
 
 class WandaPrune(_Prune):
     """|W| * ||x|| scores per output row, from calibration activations (Sun et al. 2023)."""
 
+    entry: ClassVar[str] = "frugalflow.prune.wanda:run"  # the method's `run` (frugalflow/method.py)
+
     method: Literal["wanda"]
 
 
 class SparseGPTPrune(_Prune):
     """OBS pruning with blockwise updates of the remaining weights (Frantar & Alistarh 2023)."""
+
+    entry: ClassVar[str] = "frugalflow.prune.sparsegpt:run"  # the method's `run` (frugalflow/method.py)
 
     method: Literal["sparsegpt"]
     blocksize: int = Field(128, ge=1, le=4096)
@@ -106,6 +112,7 @@ class StructuredPrune(Strict):
     layers) pruning from calibration activations: a smaller dense model that transformers loads
     as it is."""
 
+    entry: ClassVar[str] = "frugalflow.prune.structured:run"  # the method's `run` (frugalflow/method.py)
     kind: Literal["prune"] = "prune"
     method: Literal["structured"]
     mlp_ratio: float = Field(0.25, ge=0.0, lt=1.0, description="share of MLP channels removed")
@@ -132,12 +139,16 @@ class _WeightQuant(Strict):
 class RTNQuant(_WeightQuant):
     """Round-to-nearest group-wise weight quantization, stored packed."""
 
+    entry: ClassVar[str] = "frugalflow.quant.rtn:run"  # the method's `run` (frugalflow/method.py)
+
     method: Literal["rtn"]
     stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
 
 
 class GPTQQuant(_WeightQuant):
     """Second-order weight quantization with error feedback (Frantar et al. 2022)."""
+
+    entry: ClassVar[str] = "frugalflow.quant.gptq:run"  # the method's `run` (frugalflow/method.py)
 
     method: Literal["gptq"]
     act_order: bool = False
@@ -149,6 +160,8 @@ class GPTQQuant(_WeightQuant):
 class AWQQuant(_WeightQuant):
     """Activation-aware scaling + clipping search, then RTN (Lin et al. 2023)."""
 
+    entry: ClassVar[str] = "frugalflow.quant.awq:run"  # the method's `run` (frugalflow/method.py)
+
     method: Literal["awq"]
     n_grid: int = Field(20, ge=2, le=200)
     clip_search: bool = True
@@ -157,12 +170,16 @@ class AWQQuant(_WeightQuant):
 class DynamicInt8Quant(Strict):
     """PyTorch-style dynamic int8: int8 weights per channel, activations quantized per token at run time."""
 
+    entry: ClassVar[str] = "frugalflow.quant.int8:run_dynamic"  # the method's `run` (frugalflow/method.py)
+
     kind: Literal["quantize"] = "quantize"
     method: Literal["dynamic_int8"]
 
 
 class StaticInt8Quant(Strict):
     """Static int8: int8 weights per channel, activation scales calibrated once."""
+
+    entry: ClassVar[str] = "frugalflow.quant.int8:run_static"  # the method's `run` (frugalflow/method.py)
 
     kind: Literal["quantize"] = "quantize"
     method: Literal["static_int8"]
@@ -171,6 +188,8 @@ class StaticInt8Quant(Strict):
 class _Distill(Strict):
     """Distillation from the uncompressed base model (the teacher); the student keeps its
     sparsity mask and quantization grid (straight-through estimator)."""
+
+    entry: ClassVar[str] = "frugalflow.distill.trainer:run"  # the method's `run` (frugalflow/method.py)
 
     kind: Literal["distill"] = "distill"
     steps: int = Field(20, ge=1, le=1_000_000)
@@ -216,9 +235,10 @@ class TSLDDistill(_Distill):
 Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, StructuredPrune, RTNQuant, GPTQQuant, AWQQuant,
                         DynamicInt8Quant, StaticInt8Quant, KLDistill, TSLDDistill],
                   Field(discriminator="method")]
-METHODS = {"magnitude": "prune", "wanda": "prune", "sparsegpt": "prune", "structured": "prune", "rtn": "quantize",
-           "gptq": "quantize", "awq": "quantize", "dynamic_int8": "quantize", "static_int8": "quantize",
-           "kl": "distill", "tsld": "distill"}
+STAGE_CLASSES = get_args(get_args(Stage)[0])
+# method name -> stage kind, derived from the union: a method is its config class (with its `entry`)
+METHODS = {get_args(cls.model_fields["method"].annotation)[0]: cls.model_fields["kind"].default
+           for cls in STAGE_CLASSES}
 
 
 # --------------------------------------------------------------------------- outputs

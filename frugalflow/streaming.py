@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from frugalflow.arch import arch_of, decoder_layers
 from frugalflow.calibration import _activation_store, _to, calibrate_layer, capture_inputs
 from frugalflow.models import QUANT_META, ModelLoadError, _check_dir, _copy_tokenizer, _fsync_tree, _swap_into_place
+from frugalflow.method import ERROR_KEY, MethodResult, layer_progress
 from frugalflow.quant import pack, rtn
 
 METHODS = ("rtn", "gptq")
@@ -105,7 +106,7 @@ def _rtn_solve(bits: int, group_size: int, symmetric: bool, arch, qparams: dict)
             scale, zero = rtn.compute_qparams(W, bits, group_size, symmetric)
             q = rtn.quantize(W, scale, zero, bits, group_size)
             W_q = rtn.dequantize(q, scale, zero, group_size)
-            out[name] = {"rel_error": float((W - W_q).norm() / W.norm().clamp(min=1e-12))}
+            out[name] = {ERROR_KEY: float((W - W_q).norm() / W.norm().clamp(min=1e-12))}
             qparams[f"{arch.layers}.{i}.{name}"] = (q, scale, zero)
         return out
     return solve
@@ -114,7 +115,7 @@ def _rtn_solve(bits: int, group_size: int, symmetric: bool, arch, qparams: dict)
 @torch.no_grad()
 def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, calib_windows: torch.Tensor | None,
                     *, bits: int, group_size: int, symmetric: bool, act_order: bool = False,
-                    percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8,
+                    dampening: float = 0.01, blocksize: int = 128, batch_size: int = 8,
                     device: str | torch.device = "cpu", float_dtype: torch.dtype = torch.float16,
                     tokenizer_dir: str | Path | None = None, layers: int | None = None,
                     on_progress: Callable[[int, int, dict], None] | None = None) -> dict:
@@ -143,7 +144,7 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
     if method == "gptq":
         from frugalflow.quant.gptq import gptq_solver
 
-        gptq = gptq_solver(arch, bits, group_size, symmetric, qparams, act_order=act_order, percdamp=percdamp,
+        gptq = gptq_solver(arch, bits, group_size, symmetric, qparams, act_order=act_order, dampening=dampening,
                            blocksize=blocksize, release=True)
 
         def solve(i, layer, stats):  # solved weights are freed while later groups solve, then rebuilt
@@ -197,7 +198,7 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
             mine = {k[len(prefix):]: v for k, v in qparams.items() if k.startswith(prefix)}
             for k in mine:
                 del qparams[prefix + k]
-            # as the in-memory stages pack: GPTQ records `symmetric`, RTN (stages.quantize_with_grids) does not
+            # as the in-memory stages pack: GPTQ records `symmetric`, RTN (rtn.run) does not
             pack.quantize_model(layer, mine, bits, group_size, symmetric=symmetric if method == "gptq" else None)
             meta = pack.quantization_meta(layer)
             modules_meta.update({prefix + k: v for k, v in meta["modules"].items()})
@@ -257,3 +258,14 @@ def _write_metadata(model, model_dir: Path, tmp: Path, modules: dict, float_dtyp
                                                                  indent=1) + "\n")
     if tokenizer_dir is not None:
         _copy_tokenizer(Path(tokenizer_dir), tmp)
+
+
+def run_streaming(stage, model_dir: Path, out_dir: Path, ctx: dict) -> MethodResult:
+    """The recipe entries of RTN and GPTQ with `stream: true`: the same output as in memory."""
+    progress = layer_progress(ctx, f"{stage.method} (streaming)")
+    stats = stream_quantize(model_dir, out_dir, stage.method, ctx["calib"]() if stage.method == "gptq" else None,
+                            bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
+                            act_order=getattr(stage, "act_order", False), dampening=getattr(stage, "dampening", 0.01),
+                            blocksize=getattr(stage, "blocksize", 128), device=ctx["device"], tokenizer_dir=model_dir,
+                            on_progress=lambda i, n, info: progress(i, n))
+    return MethodResult({"layers": stats["layers"], "seconds_per_layer": stats["seconds_per_layer"]})

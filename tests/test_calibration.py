@@ -129,7 +129,7 @@ def test_hessian_inverse_and_relative_error():
     X = torch.randn(200, 6)
     X[:, 2] = 0  # a dead input
     H = 2 / 200 * X.T @ X
-    U, dead = hessian_inverse_upper(H, percdamp=0.01)
+    U, dead = hessian_inverse_upper(H, dampening=0.01)
     assert dead.tolist() == [False, False, True, False, False, False]
     Hd = H.clone()
     Hd[2, 2] = 1

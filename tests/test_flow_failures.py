@@ -23,14 +23,14 @@ def runs_of(client, experiment: str) -> list:
 
 
 def test_a_stage_that_raises_fails_its_runs_and_registers_nothing(project, monkeypatch):
-    from frugalflow import stages
+    from frugalflow.quant import rtn
 
     def broken(stage, model_dir, out_dir, ctx):
         out_dir.mkdir(parents=True)
         (out_dir / "model.safetensors").write_bytes(b"half")  # a partial output, then the failure
         raise RuntimeError("injected failure in the rtn stage")
 
-    monkeypatch.setitem(stages.METHOD_RUNNERS, "rtn", broken)
+    monkeypatch.setattr(rtn, "run", broken)
     with pytest.raises(RuntimeError, match="injected failure"):
         run_flow(project, ["registry.model_name=tiny-broken-stage"])
     client = client_for(project)

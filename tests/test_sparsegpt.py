@@ -49,7 +49,7 @@ def test_fixed_mask_update_is_the_least_squares_solution():
     X = correlated_inputs(n=100, d=8)
     H = 2 / 100 * X.T @ X
     w = torch.tensor([[0.02, -0.04, 0.06, 0.02, 1.0, -0.8, 0.9, 1.2]])
-    W_new, keep, loss = sparsegpt_prune(w, H, 0.5, percdamp=0.0)
+    W_new, keep, loss = sparsegpt_prune(w, H, 0.5, dampening=0.0)
     assert keep.tolist() == [[False] * 4 + [True] * 4]
     P, K = slice(0, 4), slice(4, 8)
     expected = w[0, K] + torch.linalg.solve(H[K, K], H[K, P] @ w[0, P])

@@ -10,7 +10,8 @@ from frugalflow.arch import compressible_linears
 from frugalflow.data import prepare_data
 from frugalflow.models import load_model, model_stats
 from frugalflow.quant.pack import quantized_modules
-from frugalflow.stages import METHOD_RUNNERS, run_stage
+from frugalflow.method import entry_for
+from frugalflow.stages import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,21 @@ def test_quantization_methods_keep_a_pruned_mask(tmp_path, tiny_model_dir, data_
     assert torch.isfinite(logits).all()
 
 
-def test_every_schema_method_has_a_runner():
-    assert set(C.METHODS) == set(METHOD_RUNNERS)
+def test_every_schema_method_has_an_entry():
+    for method in C.METHODS:
+        assert callable(entry_for(stage(method))), method
+
+
+def test_search_results_are_written_with_the_stage(tmp_path, tiny_model_dir, data_dir):
+    import json
+
+    out = tmp_path / "awq"
+    stats = run_stage(stage("awq", bits=4, group_size=64, n_grid=4), tiny_model_dir, out, data_dir=data_dir,
+                      teacher_dir=tiny_model_dir)
+    assert stats["search"] == ["awq_clips", "awq_scales"]
+    scales = json.loads((out / "search" / "awq_scales.json").read_text())
+    assert scales and all(len(e["scales"]) > 0 and 0 <= e["alpha"] < 1 for e in scales)
+    assert all("recon_error" in s for s in stats["layers"].values())
 
 
 @pytest.mark.parametrize("method", ["kl", "tsld"])

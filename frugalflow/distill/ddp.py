@@ -90,7 +90,7 @@ def barrier() -> None:
 
 # --------------------------------------------------------------------------- launching
 def launch_stage(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
-    """Run a distill stage's `run_distill` in `stage.processes` processes under torchrun; returns
+    """Run a distill stage's `trainer.run` in `stage.processes` processes under torchrun; returns
     rank 0's stats. ctx as in stages.run_stage; its `report` gets rank 0's progress live."""
     report: Callable[[str, dict], None] = ctx["report"]
     with tempfile.TemporaryDirectory(prefix="frugalflow-ddp-") as tmp:
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from frugalflow import config as C
     from frugalflow import stages
+    from frugalflow.distill import trainer
     from frugalflow.data import load_windows
 
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
            "report": report, "calib": lambda: load_windows(spec["data_dir"], "calib")}
     torch.manual_seed(spec["seed"])
     try:
-        stats = stages.run_distill(stage, Path(spec["model_dir"]), Path(spec["out_dir"]), ctx)
+        stats = trainer.run(stage, Path(spec["model_dir"]), Path(spec["out_dir"]), ctx).stats
         if rank == 0:
             Path(spec["result"]).write_text(json.dumps({"stats": stats}, default=float))
         return 0

@@ -342,3 +342,57 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
     train_seconds = time.perf_counter() - train_t0
     return {"steps": steps, "final_loss": last_loss, "seconds_per_step": train_seconds / steps_run if steps_run
             else 0.0, "resumed_from": start, "steps_run": steps_run}
+
+
+def run(stage, model_dir: Path, out_dir: Path, ctx: dict):
+    """Recipe entry (config.KLDistill, config.TSLDDistill): distill on one process, or with
+    `processes` > 1 on that many under torchrun (distill/ddp.py), where every rank runs this
+    function and rank 0 evaluates and saves."""
+    from frugalflow.arch import compressible_linears
+    from frugalflow.data import load_windows
+    from frugalflow.distill import ddp
+    from frugalflow.evaluate.perplexity import perplexity
+    from frugalflow.method import MethodResult, float_model, quiet, quantize_with_grids, save
+    from frugalflow.models import load_model
+
+    rank, world = ddp.rank_and_size()
+    if stage.processes > 1 and world == 1:
+        return MethodResult(ddp.launch_stage(stage, model_dir, out_dir, ctx))
+    device = ctx["device"]
+    student, grids = float_model(model_dir, device)
+    # Keep a sparsity mask only after pruning: in a dense quantized model a weight that rounded
+    # to zero is not pruned and may move.
+    masks = {name: (m.weight.data != 0) for name, m in compressible_linears(student).items()
+             if bool((m.weight.data == 0).any())} if ctx["pruned"] else {}
+    teacher = load_model(ctx["teacher_dir"], device=device)
+    windows = torch.cat([load_windows(ctx["data_dir"], split) for split in stage.train_splits])
+    if len(windows) == 0:
+        raise ValueError(f"distillation needs training windows: the splits {stage.train_splits} are empty "
+                         "(data.train_windows / data.calib_windows)")
+    report = ctx.get("report", quiet)
+    eval_windows = load_windows(ctx["data_dir"], "eval")
+    ppl_before = perplexity(student, eval_windows) if rank == 0 else float("nan")
+    report(f"perplexity before distillation {ppl_before:.3f}", {"ppl_before": ppl_before})
+
+    def on_step(step: int, metrics: dict) -> None:
+        report(f"distill step {step}/{stage.steps} loss {metrics['loss']:.4f}", {"step": step, **metrics})
+
+    weights = {stage.method: 1.0, "ce": stage.ce_weight, "hidden": stage.hidden_weight}
+    stats = distill(student, teacher, windows, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
+                    seq_len=stage.seq_len, temperature=stage.temperature, warmup_steps=stage.warmup_steps,
+                    grad_clip=stage.grad_clip, loss=stage.method, tau=getattr(stage, "tau", 10.0),
+                    loss_weights={k: w for k, w in weights.items() if w}, grad_accum=stage.grad_accum,
+                    checkpoint_dir=ctx.get("checkpoint_dir"),
+                    checkpoint_every=stage.checkpoint_every, masks=masks or None, grids=grids or None,
+                    seed=ctx.get("seed", 0), on_step=on_step, device=device)
+    del teacher
+    stats["processes"] = world
+    if rank != 0:  # rank 0 evaluates and writes the output
+        return MethodResult(stats)
+    stats["ppl_before"], stats["ppl_after"] = ppl_before, perplexity(student, eval_windows)
+    stats["train_windows"] = len(windows)
+    report(f"perplexity after distillation {stats['ppl_after']:.3f}", {"ppl_after": stats["ppl_after"]})
+    if grids:
+        quantize_with_grids(student, grids)
+    save(student, out_dir, model_dir)
+    return MethodResult(stats)

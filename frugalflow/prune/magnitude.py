@@ -63,3 +63,13 @@ def prune_magnitude(model: nn.Module, sparsity: float,
             "rel_error": (removed_norm / W_norm).item() if W_norm > 0 else 0.0,
         }
     return report
+
+
+def run(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.MagnitudePrune)."""
+    from frugalflow.method import MethodResult, errors_as, float_model, save
+
+    model, _ = float_model(model_dir, ctx["device"])
+    layers = errors_as(prune_magnitude(model, stage.sparsity, stage.n_m), "rel_error")
+    save(model, out_dir, model_dir)
+    return MethodResult({"layers": layers}, {"sparsity": {n: s["sparsity"] for n, s in layers.items()}})

@@ -97,16 +97,16 @@ def _prune_columns(W, Hinv, dead, sparsity, n_m, blocksize, splits, per_row):
 
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None,
-                    blocksize: int = 128, percdamp: float = 0.01,
+                    blocksize: int = 128, dampening: float = 0.01,
                     per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune W [out, in] given H = 2/n X^T X [in, in]: (W_pruned float32, keep mask, OBS loss)."""
-    Hinv, dead = hessian_inverse_upper(H, percdamp)
+    Hinv, dead = hessian_inverse_upper(H, dampening)
     W_new, keep, losses = _prune(W, Hinv, dead, sparsity, n_m, blocksize, [W.shape[0]], per_row)
     return W_new, keep, losses.sum().item()
 
 
 def prune_sparsegpt(model: nn.Module, calib_windows: torch.Tensor, sparsity: float,
-                    n_m: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
+                    n_m: tuple[int, int] | None = None, blocksize: int = 128, dampening: float = 0.01,
                     device: str = "cpu", on_progress: Callable[[int, int], None] | None = None,
                     batch_size: int = 8, per_row: bool = False) -> dict[str, dict]:
     """Prune every decoder linear in place; per linear {"sparsity", "recon_error", "loss"}.
@@ -122,7 +122,7 @@ def prune_sparsegpt(model: nn.Module, calib_windows: torch.Tensor, sparsity: flo
             H = stats[group[0]]["H"]
             lins = [layer.get_submodule(n) for n in group]
             Ws = [lin.weight.data.float() for lin in lins]
-            Hinv, dead = hessian_inverse_upper(H, percdamp)
+            Hinv, dead = hessian_inverse_upper(H, dampening)
             W_new, keep, losses = _prune(torch.cat(Ws), Hinv, dead, sparsity, n_m, blocksize,
                                          [w.shape[0] for w in Ws], per_row)
             r0 = 0
@@ -137,3 +137,15 @@ def prune_sparsegpt(model: nn.Module, calib_windows: torch.Tensor, sparsity: flo
 
     return run_sequential(model, calib_windows, solve, needs=("H",), device=device,
                           batch_size=batch_size, on_progress=on_progress)
+
+
+def run(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.SparseGPTPrune)."""
+    from frugalflow.method import MethodResult, float_model, layer_progress, save
+
+    model, _ = float_model(model_dir, ctx["device"])
+    layers = prune_sparsegpt(model, ctx["calib"](), stage.sparsity, stage.n_m, blocksize=stage.blocksize,
+                             dampening=stage.dampening, device=ctx["device"],
+                             on_progress=layer_progress(ctx, "sparsegpt"))
+    save(model, out_dir, model_dir)
+    return MethodResult({"layers": layers}, {"sparsity": {n: s["sparsity"] for n, s in layers.items()}})

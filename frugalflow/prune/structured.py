@@ -325,3 +325,18 @@ def prune_structured(model: nn.Module, importance: dict, mlp_ratio: float = 0.25
     stats["param_reduction"] = 1.0 - after["n_params"] / before["n_params"]
     stats["kept"] = kept
     return stats
+
+
+def run(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.StructuredPrune): importance search on calibration data, then slicing."""
+    from frugalflow.method import MethodResult, float_model, layer_progress, save
+    from frugalflow.prune.importance import structured_importance
+
+    model, _ = float_model(model_dir, ctx["device"])
+    importance = structured_importance(model, ctx["calib"](), device=ctx["device"],
+                                       on_progress=layer_progress(ctx, "structured importance"))
+    stats = prune_structured(model, importance, mlp_ratio=stage.mlp_ratio, heads_ratio=stage.heads_ratio,
+                             hidden_ratio=stage.hidden_ratio, drop_layers=stage.drop_layers,
+                             heads_mode=stage.heads_mode)
+    save(model, out_dir, model_dir)
+    return MethodResult({"structure": stats}, {"importance": importance})

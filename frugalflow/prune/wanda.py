@@ -90,3 +90,14 @@ def prune_wanda(model: nn.Module, calib_windows: torch.Tensor, sparsity: float,
 
     return run_sequential(model, calib_windows, solve, needs=("H", "x_norm"), device=device,
                           batch_size=batch_size, on_progress=on_progress, h_stride=recon_stride)
+
+
+def run(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.WandaPrune)."""
+    from frugalflow.method import MethodResult, float_model, layer_progress, save
+
+    model, _ = float_model(model_dir, ctx["device"])
+    layers = prune_wanda(model, ctx["calib"](), stage.sparsity, stage.n_m, device=ctx["device"],
+                         on_progress=layer_progress(ctx, "wanda"))
+    save(model, out_dir, model_dir)
+    return MethodResult({"layers": layers}, {"sparsity": {n: s["sparsity"] for n, s in layers.items()}})

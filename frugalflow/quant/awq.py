@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from frugalflow.arch import arch_of
 from frugalflow.calibration import input_groups, relative_error, run_sequential
-from frugalflow.quant.rtn import compute_qparams, dequantize, fake_quantize, quantize
+from frugalflow.quant.rtn import compute_qparams, dequantize, fake_quantize, quantize, rtn_linears
 
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj")  # llm-awq: "due to qk bmm, it is hard to clip precisely"
 
@@ -181,14 +181,24 @@ def awq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, group
     result = awq_search(model, calib_windows, bits, group_size, symmetric, n_grid, clip_search, device,
                         on_progress, duo_scaling, batch_size)
     awq_apply(model, result)
-    qparams = {}
     arch = arch_of(model)
-    for i, layer in enumerate(model.get_submodule(arch.layers)):
-        for n in arch.linears:
-            lin = layer.get_submodule(n)
-            W = lin.weight.data.float()
-            scale, zero = compute_qparams(W, bits, group_size, symmetric)
-            q = quantize(W, scale, zero, bits, group_size)
-            lin.weight.data.copy_(dequantize(q, scale, zero, group_size, lin.weight.dtype))
-            qparams[f"{arch.layers}.{i}.{n}"] = (q.cpu(), scale.cpu(), zero.cpu())
+    linears = {f"{arch.layers}.{i}.{n}": layer.get_submodule(n)
+               for i, layer in enumerate(model.get_submodule(arch.layers)) for n in arch.linears}
+    qparams, _ = rtn_linears(linears, bits, group_size, symmetric, write_back=True)
     return qparams, result["stats"], result
+
+
+def run(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.AWQQuant): search, fold, RTN, pack; the searched scales and clips are kept."""
+    from frugalflow.method import MethodResult, errors_as, float_model, layer_progress, save
+    from frugalflow.quant import pack
+
+    model, _ = float_model(model_dir, ctx["device"])
+    qparams, layers, result = awq_quantize(model, ctx["calib"](), stage.bits, stage.group_size, stage.symmetric,
+                                           n_grid=stage.n_grid, clip_search=stage.clip_search,
+                                           device=ctx["device"], on_progress=layer_progress(ctx, "awq"))
+    model.to("cpu")
+    pack.quantize_model(model, qparams, stage.bits, stage.group_size, symmetric=stage.symmetric)
+    save(model, out_dir, model_dir)
+    return MethodResult({"layers": errors_as(layers, "awq_error")},
+                        {"awq_scales": result["scales"], "awq_clips": result["clips"]})

@@ -91,20 +91,20 @@ def _order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                         act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01,
+                         act_order: bool = False, blocksize: int = 128, dampening: float = 0.01,
                          mask: torch.Tensor | None = None):
     """Quantize W [out, in] given H = 2/n X^T X: (q uint8 [out, in], scale, zero [out, n_groups], loss).
 
     W ~ (q - zero) * scale group-wise along the input dim, in the original column order.
     """
     perm = _order(H, act_order)
-    Hinv, dead = hessian_inverse_upper(H[perm][:, perm], percdamp)
+    Hinv, dead = hessian_inverse_upper(H[perm][:, perm], dampening)
     q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, mask)
     return q, scale, zero, losses.sum().item()
 
 
 def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  act_order: bool = False, percdamp: float = 0.01, device: str = "cpu",
+                  act_order: bool = False, dampening: float = 0.01, device: str = "cpu",
                   on_progress: Callable[[int, int], None] | None = None, blocksize: int = 128,
                   batch_size: int = 8, preserve_zeros: bool = True):
     """GPTQ every decoder linear: (qparams {full name: (q, scale, zero)}, stats {name: {...}}).
@@ -114,7 +114,7 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
     With `preserve_zeros`, weights that are exactly zero (a pruned model) stay zero.
     """
     qparams: dict[str, tuple] = {}
-    solve = gptq_solver(arch_of(model), bits, group_size, symmetric, qparams, act_order=act_order, percdamp=percdamp,
+    solve = gptq_solver(arch_of(model), bits, group_size, symmetric, qparams, act_order=act_order, dampening=dampening,
                         blocksize=blocksize, preserve_zeros=preserve_zeros)
     stats = run_sequential(model, calib_windows, solve, needs=("H",), device=device,
                            batch_size=batch_size, on_progress=on_progress)
@@ -122,7 +122,7 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
 
 
 def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict, act_order: bool = False,
-                percdamp: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True, release: bool = False):
+                dampening: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True, release: bool = False):
     """The calibration driver's `solve` for GPTQ: quantizes every linear of layer i in place (weights
     replaced by their dequantized values), puts its codes in `qparams` {full name: (q, scale, zero)}
     and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done.
@@ -138,7 +138,7 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
             W = torch.cat(Ws)
             keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
             perm = _order(H, act_order)
-            Hinv, dead = hessian_inverse_upper(H[perm][:, perm] if act_order else H, percdamp)
+            Hinv, dead = hessian_inverse_upper(H[perm][:, perm] if act_order else H, dampening)
             q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep)
             del Hinv, W
             r0 = 0
@@ -160,3 +160,24 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
         return out
 
     return solve
+
+
+def run(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.GPTQQuant): codes packed as GPTQ chose them (or streamed layer by layer)."""
+    from frugalflow.method import MethodResult, float_model, layer_progress, save
+    from frugalflow.quant import pack
+    from frugalflow.quant.rtn import grid_summary
+
+    if stage.stream:
+        from frugalflow.streaming import run_streaming
+
+        return run_streaming(stage, model_dir, out_dir, ctx)
+    model, _ = float_model(model_dir, ctx["device"])
+    qparams, layers = gptq_quantize(model, ctx["calib"](), stage.bits, stage.group_size, stage.symmetric,
+                                    act_order=stage.act_order, dampening=stage.dampening,
+                                    blocksize=stage.blocksize, device=ctx["device"],
+                                    on_progress=layer_progress(ctx, "gptq"))
+    model.to("cpu")
+    pack.quantize_model(model, qparams, stage.bits, stage.group_size, symmetric=stage.symmetric)
+    save(model, out_dir, model_dir)
+    return MethodResult({"layers": layers}, {"grids": grid_summary(qparams)})

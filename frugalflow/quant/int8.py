@@ -339,3 +339,25 @@ def dequantize_int8_model(model: nn.Module) -> nn.Module:
             linear.bias.copy_(layer.bias.float())
         _set_submodule(model, name, linear)
     return model
+
+
+def run_dynamic(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.DynamicInt8Quant)."""
+    from frugalflow.method import MethodResult, errors_as, float_model, save
+
+    model, _ = float_model(model_dir, ctx["device"])
+    layers = quantize_dynamic_int8(model)
+    save(model.to("cpu"), out_dir, model_dir)
+    return MethodResult({"layers": errors_as(layers, "rel_error")})
+
+
+def run_static(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.StaticInt8Quant): activation scales calibrated once (kept as a search result)."""
+    from frugalflow.method import MethodResult, errors_as, float_model, layer_progress, save
+
+    model, _ = float_model(model_dir, ctx["device"])
+    layers = quantize_static_int8(model, ctx["calib"](), device=ctx["device"],
+                                  on_progress=layer_progress(ctx, "static int8"))
+    save(model.to("cpu"), out_dir, model_dir)
+    return MethodResult({"layers": errors_as(layers, "rel_error")},
+                        {"act_scales": {n: s["act_scale"] for n, s in layers.items() if "act_scale" in s}})

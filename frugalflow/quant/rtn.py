@@ -55,3 +55,51 @@ def fake_quantize(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) 
     scale, zero = compute_qparams(W, bits, group_size, symmetric)
     return dequantize(quantize(W, scale, zero, bits, group_size), scale, zero, group_size, W.dtype)
 
+
+
+@torch.no_grad()
+def rtn_linears(linears: dict, bits: int, group_size: int, symmetric: bool,
+                write_back: bool = False) -> tuple[dict, dict]:
+    """RTN of every named linear: ({name: (q, scale, zero)} on the CPU, {name: relative weight error}).
+
+    `write_back`: replace each weight by its dequantized value (the model then computes as packed)."""
+    qparams, errors = {}, {}
+    for name, lin in linears.items():
+        W = lin.weight.data.float()
+        scale, zero = compute_qparams(W, bits, group_size, symmetric)
+        q = quantize(W, scale, zero, bits, group_size)
+        W_q = dequantize(q, scale, zero, group_size)
+        errors[name] = float((W - W_q).norm() / W.norm().clamp(min=1e-12))
+        if write_back:
+            lin.weight.data.copy_(W_q.to(lin.weight.dtype))
+        qparams[name] = (q.cpu(), scale.cpu(), zero.cpu())
+    return qparams, errors
+
+
+def run(stage, model_dir, out_dir, ctx):
+    """Recipe entry (config.RTNQuant): RTN every compressible linear and store it packed (or stream it)."""
+    from frugalflow.arch import compressible_linears
+    from frugalflow.method import ERROR_KEY, float_model, save
+    from frugalflow.quant import pack
+
+    if stage.stream:
+        from frugalflow.streaming import run_streaming
+
+        return run_streaming(stage, model_dir, out_dir, ctx)
+    model, _ = float_model(model_dir, ctx["device"])
+    qparams, errors = rtn_linears(compressible_linears(model), stage.bits, stage.group_size, stage.symmetric)
+    pack.quantize_model(model, qparams, stage.bits, stage.group_size)
+    save(model, out_dir, model_dir)
+    return _result({n: {ERROR_KEY: e} for n, e in errors.items()}, qparams)
+
+
+def grid_summary(qparams: dict) -> dict:
+    """Small per-linear summary of chosen grids: groups, mean |scale|, mean zero point."""
+    return {name: {"groups": int(scale.numel()), "scale_mean": float(scale.float().abs().mean()),
+                   "zero_mean": float(zero.float().mean())} for name, (_q, scale, zero) in qparams.items()}
+
+
+def _result(layers: dict, qparams: dict):
+    from frugalflow.method import MethodResult
+
+    return MethodResult({"layers": layers}, {"grids": grid_summary(qparams)})
