@@ -3,17 +3,20 @@
 with the addresses, buckets, client environment, generated secrets and PostgreSQL logins.
 
 The session-scoped `team_stack` fixture (tests/conftest.py) starts one for the whole test session
-on first use and stops it (`team down`) at the end."""
+on first use and stops it (`team down`) at the end. `TeamStack.nightly_runs` triggers the session's
+two deployment runs of the nightly flow once (at the same time, picked up by the team's worker) and
+hands the same finished runs to every test that reads what they left."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import ROOT, free_port
+from helpers import ROOT, free_port, make_project, tail, tiny_recipe, wait_for
 
 from tasks.team import stack as team_stack
 from tasks.team.config import SERVICES, Team, open_team
@@ -40,6 +43,7 @@ class TeamStack:
     ports: dict[str, int]
     team: Team = field(repr=False)
     up_seconds: float = 0.0
+    _runs: dict | str | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ the contract's fields
     @property
@@ -118,6 +122,61 @@ class TeamStack:
 
         login = self.pg[db]
         return postgres.connect(self.team, login["dbname"], login["user"], login["password"])
+
+
+NIGHTLY_MODEL = "tiny-team"  # the registered model (and MLflow experiment) of the session's runs
+NIGHTLY_OVERRIDES = [[], ["stages.0.sparsity=0.3"]]
+
+
+def nightly_runs(stack: TeamStack, tiny_model_dir: Path, timeout: float = 480) -> dict:
+    """The session's two deployment runs of the nightly flow (tiny_recipe: magnitude 0.5 resp. 0.3,
+    rtn, kl; registered as NIGHTLY_MODEL), one tiny project each under the team folder, triggered at
+    once through the Prefect API and run by the team's worker, with the one-slot GPU limit between
+    them. Triggered on the first call; every later call returns the same {flow_run_id: (project,
+    flow_run)} (trigger order), or fails the same way if a run did not complete."""
+    import pytest
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(stack._runs, str):
+        pytest.fail(stack._runs)
+    if stack._runs is not None:
+        return stack._runs
+    scratch = stack.home / "nightly-projects"
+    model = shutil.copytree(tiny_model_dir, scratch / "tiny-llama")  # not under pytest's rotating basetemp
+    recipe = tiny_recipe(model, NIGHTLY_MODEL, data={"calib_windows": 4, "train_windows": 8, "eval_windows": 4},
+                         evaluation={"decode_tokens": 4, "decode_race_rounds": 0}, gates={"min_size_reduction": 1.0})
+    projects = []
+    for i in range(len(NIGHTLY_OVERRIDES)):
+        (scratch / f"project-{i}").mkdir()
+        projects.append(make_project(scratch / f"project-{i}", recipe))
+    started = time.monotonic()
+    with SyncPrefectClient(stack.prefect_api) as client:
+        deployment = client.read_deployment_by_name("frugalflow-nightly/nightly")
+        ids = [client.create_flow_run_from_deployment(
+            deployment.id, parameters={"params": str(p / "params.yaml"), "overrides": o}).id
+            for p, o in zip(projects, NIGHTLY_OVERRIDES)]
+
+        def finals():
+            try:
+                got = [client.read_flow_run(i) for i in ids]
+            except PrefectHTTPStatusError:  # a busy server's 5xx: ask again
+                return None
+            return got if all(r.state and r.state.is_final() for r in got) else None
+
+        done = wait_for(finals, timeout, 1)
+    worker_log = tail(stack.logs / "worker.log")
+    if not done:
+        stack._runs = f"deployment runs not final within {timeout} s; worker log:\n{worker_log}"
+    else:
+        failed = [f"flow run {r.id} ended {r.state.type}: {r.state.message}" for r in done if not r.state.is_completed()]
+        if failed:
+            stack._runs = "\n".join(failed) + f"\n{worker_log}"
+    if isinstance(stack._runs, str):
+        pytest.fail(stack._runs)
+    print(f"two deployment runs COMPLETED {time.monotonic() - started:.1f} s after they were triggered")
+    stack._runs = {str(r.id): (p, r) for p, r in zip(projects, done)}
+    return stack._runs
 
 
 def start_team(home: Path, project_root: Path | None = None) -> TeamStack:

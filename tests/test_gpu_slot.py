@@ -6,15 +6,16 @@ start/end of every hold in their Prefect logs shows."""
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
-from helpers import make_project, tail, tiny_recipe, wait_for
+import yaml
+from helpers import wait_for
+from team_stack import NIGHTLY_MODEL, nightly_runs
 
 from tasks import gpu_slot as G
 
 HOLD = re.compile(r"gpu slot '(?P<name>[^']+)' held: (?P<label>.+) from (?P<start>[\d.]+) to (?P<end>[\d.]+)")
-RUN_S = 480
+HOLD_LOGS_S = 30
 
 
 def prefect(stack):
@@ -83,44 +84,31 @@ def holds_in_logs(client, flow_run_id) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_deployment_runs_take_turns_on_the_slot(team_stack, tmp_path_factory, tiny_model_dir):
-    from prefect.exceptions import PrefectHTTPStatusError
-
-    # one stage and small evaluations; gates that fail keep the runs off the registry (not tested here)
-    recipe = tiny_recipe(tiny_model_dir, "tiny-gpu-slot", stages=[{"method": "magnitude", "sparsity": 0.5}],
-                         data={"calib_windows": 2, "train_windows": 2, "eval_windows": 2},
-                         evaluation={"decode_tokens": 2, "decode_race_rounds": 0},
-                         gates={"min_size_reduction": 100.0})
-    projects = [make_project(tmp_path_factory.mktemp(f"slot-{i}"), recipe) for i in range(2)]
+def test_two_deployment_runs_take_turns_on_the_slot(team_stack, tiny_model_dir):
     with prefect(team_stack) as client:
         assert client.read_global_concurrency_limit_by_name(team_stack.gpu_limit).limit == 1
         # the team's nightly deployment (infra/prefect.yaml) has no deployment-level limit: only the
         # GPU slot keeps two of its runs apart
         deployment = client.read_deployment_by_name("frugalflow-nightly/nightly")
         assert deployment.concurrency_limit is None and deployment.work_pool_name == team_stack.work_pool
-        ids = [client.create_flow_run_from_deployment(deployment.id, parameters={"params": str(p / "params.yaml")}).id
-               for p in projects]
-
-        def finals():
-            try:
-                got = [client.read_flow_run(i) for i in ids]
-            except PrefectHTTPStatusError:  # a busy server's 5xx: ask again
-                return None
-            return got if all(r.state and r.state.is_final() for r in got) else None
-
-        runs = wait_for(finals, RUN_S, 2)
-        assert runs, f"runs not final within {RUN_S} s; worker log:\n{tail(team_stack.logs / 'worker.log')}"
-        for run in runs:
-            assert run.state.is_completed(), f"{run.state.type}: {run.state.message}\n{tail(team_stack.logs / 'worker.log')}"
-        time.sleep(2)  # logs are shipped in batches
-        holds = [h for i in ids for h in holds_in_logs(client, i)]
+    # the session's two deployment runs, triggered at once (tests/team_stack.py; completed, or it fails)
+    done = nightly_runs(team_stack, tiny_model_dir)
+    ids = list(done)
+    runs = [run for _, run in done.values()]
+    with prefect(team_stack) as client:
+        holds = wait_for(lambda: (found := [h for i in ids for h in holds_in_logs(client, i)])
+                         and all(any(h["run"] == i and h["label"] == "evaluate candidate" for h in found) for i in ids)
+                         and found, HOLD_LOGS_S, 1)  # logs are shipped in batches
+        holds = holds or [h for i in ids for h in holds_in_logs(client, i)]
+    stages = [s["method"] for s in yaml.safe_load((next(iter(done.values()))[0] / "params.yaml").read_text())["stages"]]
+    stage_labels = {f"stage {i} {method}" for i, method in enumerate(stages)}
 
     # the two flow runs were in flight at the same time ...
     assert max(r.start_time for r in runs) < min(r.end_time for r in runs), [(r.start_time, r.end_time) for r in runs]
     # ... each held the slot for its baseline, its stage and its candidate evaluation ...
     for i in ids:
         labels = {h["label"] for h in holds if h["run"] == str(i)}
-        assert {"evaluate base model", "stage 0 magnitude", "evaluate candidate"} <= labels, labels
+        assert {"evaluate base model", "evaluate candidate"} | stage_labels <= labels, labels
     assert {h["name"] for h in holds} == {team_stack.gpu_limit}
     # ... and no two holds overlapped
     holds.sort(key=lambda h: h["start"])
@@ -132,10 +120,10 @@ def test_two_deployment_runs_take_turns_on_the_slot(team_stack, tmp_path_factory
     from mlflow import MlflowClient
 
     mlflow = MlflowClient(tracking_uri=team_stack.mlflow_uri)
-    experiment = mlflow.get_experiment_by_name("tiny-gpu-slot").experiment_id
+    experiment = mlflow.get_experiment_by_name(NIGHTLY_MODEL).experiment_id
     stage_runs = mlflow.search_runs([experiment], "metrics.`gpu_slot.start` > 0")
     recorded = sorted((r.data.metrics["gpu_slot.start"], r.data.metrics["gpu_slot.end"]) for r in stage_runs)
-    logged = sorted((h["start"], h["end"]) for h in holds if h["label"] == "stage 0 magnitude")
-    assert len(recorded) == len(logged) == 2
+    logged = sorted((h["start"], h["end"]) for h in holds if h["label"] in stage_labels)
+    assert len(recorded) == len(logged) == 2 * len(stages)  # every stage of both runs
     for (start, end), (log_start, log_end) in zip(recorded, logged):
         assert start == pytest.approx(log_start, abs=2e-3) and end == pytest.approx(log_end, abs=2e-3)

@@ -318,7 +318,8 @@ def test_worker_pool_limit_and_client_variables_agree_everywhere(team, compose):
     # the worker's runs push DVC data to the DVC bucket and publish models to the models bucket
     client = team["client_env"]
     assert client["FRUGALFLOW_MODELS_URI"] == "s3://{models_bucket}"
+    assert client["FRUGALFLOW_DVC_REMOTE"] == "s3://{dvc_bucket}"  # a URL: works for any project's .dvc/config
     from dvc.config import Config
 
-    remote = Config(str(ROOT / ".dvc"))["remote"][client["FRUGALFLOW_DVC_REMOTE"]]
+    remote = Config(str(ROOT / ".dvc"))["remote"]["team"]  # this repository's own name for it
     assert remote["url"] == f's3://{team["s3"]["buckets"]["dvc"]}'

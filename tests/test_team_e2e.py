@@ -14,17 +14,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, free_port, make_project, tail, tiny_recipe, wait_for
+from helpers import ROOT, free_port, tail, wait_for
+from team_stack import NIGHTLY_MODEL, nightly_runs
 
-NAME = "tiny-team"
-RUN_S, SERVE_S = 420, 180
+NAME = NIGHTLY_MODEL
+SERVE_S = 180
 pytestmark = pytest.mark.slow
 
 
@@ -41,45 +40,11 @@ def mlflow_client(stack):
 
 
 @pytest.fixture(scope="module")
-def scratch():
-    """A folder outside pytest's basetemp (concurrent pytest sessions rotate those away)."""
-    path = Path(tempfile.mkdtemp(prefix="frugalflow-team-e2e-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def runs(team_stack, scratch, tiny_model_dir):
-    """Two deployment runs (sparsity 0.5 and 0.3, one tiny project each) triggered at once; both
-    must reach COMPLETED. Returns {flow_run_id: (project, flow_run)} in trigger order."""
-    model = shutil.copytree(tiny_model_dir, scratch / "tiny-llama")
-    recipe = dict(data={"calib_windows": 4, "train_windows": 8, "eval_windows": 4},
-                  evaluation={"decode_tokens": 4}, gates={"min_size_reduction": 1.0})
-    projects = []
-    for i in range(2):
-        (scratch / f"project-{i}").mkdir()
-        projects.append(make_project(scratch / f"project-{i}", tiny_recipe(model, NAME, **recipe)))
-    overrides = [[], ["stages.0.sparsity=0.3"]]
-    started = time.monotonic()
-    with prefect(team_stack) as client:
-        deployment = client.read_deployment_by_name("frugalflow-nightly/nightly")
-        ids = [client.create_flow_run_from_deployment(
-            deployment.id, parameters={"params": str(p / "params.yaml"), "overrides": o}).id
-            for p, o in zip(projects, overrides)]
-
-        def finals():
-            got = [client.read_flow_run(i) for i in ids]
-            return got if all(r.state and r.state.is_final() for r in got) else None
-
-        done = wait_for(finals, RUN_S, 2)
-        if not done:
-            pytest.fail(f"deployment runs not final within {RUN_S} s; worker log:\n{tail(team_stack.logs / 'worker.log')}")
-    took = time.monotonic() - started
-    for run in done:
-        assert run.state.is_completed(), \
-            f"flow run {run.id} ended {run.state.type}: {run.state.message}\n{tail(team_stack.logs / 'worker.log')}"
-    print(f"two deployment runs COMPLETED {took:.1f} s after they were triggered")
-    return {str(r.id): (p, r) for p, r in zip(projects, done)}
+def runs(team_stack, tiny_model_dir):
+    """The session's two deployment runs (tests/team_stack.py `nightly_runs`: sparsity 0.5 and 0.3,
+    one tiny project each, triggered at once); both must reach COMPLETED. {flow_run_id: (project,
+    flow_run)} in trigger order."""
+    return nightly_runs(team_stack, tiny_model_dir)
 
 
 def test_runs_were_executed_by_the_worker_from_the_deployment(team_stack, runs):
@@ -136,6 +101,37 @@ def test_model_report_and_plots_are_objects_in_the_mlflow_bucket(team_stack, run
     # the worker's key (what people hold) is not the MLflow server's
     assert team_stack.client_env["AWS_ACCESS_KEY_ID"] != team_stack.team.s3_key("mlflow")[0]
     assert team_stack.team.s3_key("mlflow")[1] not in json.dumps(team_stack.client_env)
+
+
+def test_runs_pushed_dvc_data_and_published_versions_to_the_buckets(team_stack, runs):
+    """The worker's environment (infra/team.yaml client_env, not this test) makes every deployment
+    run push its DVC outputs to the DVC bucket and publish its registered version to the models bucket."""
+    import yaml
+
+    s3 = team_stack.s3("worker")
+
+    def keys(bucket: str, prefix: str = "") -> set[str]:
+        return {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", [])}
+
+    dvc_keys = keys(team_stack.buckets["dvc"])
+    for project, _ in runs.values():
+        outs = [out for stage in yaml.safe_load((project / "dvc.lock").read_text())["stages"].values()
+                for out in stage["outs"]]
+        assert {o["path"] for o in outs} >= {"models/base", "data"}, outs
+        for out in outs:  # DVC 3's remote layout: files/md5/<2 hex>/<rest>[.dir]
+            md5 = out["md5"]
+            assert f"files/md5/{md5[:2]}/{md5[2:]}" in dvc_keys, (out, sorted(dvc_keys)[:20])
+    client = mlflow_client(team_stack)
+    versions = client.search_model_versions(f"name = '{NAME}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    models_bucket = team_stack.buckets["models"]
+    for version in versions:
+        uri = version.tags.get("s3_uri", "")
+        assert uri.startswith(f"s3://{models_bucket}/"), (version.version, version.tags)
+        published = keys(models_bucket, uri.removeprefix(f"s3://{models_bucket}/").rstrip("/") + "/")
+        assert any(k.endswith("config.json") for k in published), (uri, published)
+        assert any(k.endswith(".safetensors") for k in published), (uri, published)
 
 
 def test_registry_aliases_challenger_and_champion(team_stack, runs):

@@ -2,14 +2,15 @@
 run: not in anything MLflow recorded (every row of its database: params, tags, metrics, registry),
 nor in any object of the S3 buckets (run and model artifacts, the report, DVC data, published
 models), nor in anything Prefect recorded (every row of its database: flow-run parameters, logs,
-artifacts, deployments), nor in any file git tracks. The scan runs after at least one deployment run
-of the nightly flow on the team stack (it triggers one when this file runs alone)."""
+artifacts, deployments), nor in any file git tracks. The scan runs after the session's deployment runs
+of the nightly flow on the team stack (tests/team_stack.py `nightly_runs`)."""
 from __future__ import annotations
 
 import subprocess
 
 import pytest
-from helpers import ROOT, make_project, tail, tiny_recipe, wait_for
+from helpers import ROOT
+from team_stack import nightly_runs
 
 pytestmark = pytest.mark.slow
 
@@ -44,23 +45,12 @@ def completed_deployment_runs(stack) -> list:
 
 
 @pytest.fixture(scope="module")
-def team_run(team_stack, tmp_path_factory, tiny_model_dir):
-    """A completed deployment run of the nightly flow on the team stack (one is triggered if none yet)."""
-    from prefect.client.orchestration import SyncPrefectClient
-
+def team_run(team_stack, tiny_model_dir):
+    """The completed deployment runs of the nightly flow on the team stack (the session's two,
+    tests/team_stack.py `nightly_runs`, triggered here if no test did yet)."""
+    nightly_runs(team_stack, tiny_model_dir)
     runs = completed_deployment_runs(team_stack)
-    if not runs:
-        project = make_project(tmp_path_factory.mktemp("secrets-project"), tiny_recipe(
-            tiny_model_dir, "tiny-team-secrets", stages=[{"method": "magnitude", "sparsity": 0.5}],
-            data={"calib_windows": 2, "train_windows": 2, "eval_windows": 2}, evaluation={"decode_tokens": 2},
-            gates={"min_size_reduction": 1.0}))
-        with SyncPrefectClient(team_stack.prefect_api) as client:
-            deployment = client.read_deployment_by_name("frugalflow-nightly/nightly")
-            run_id = client.create_flow_run_from_deployment(
-                deployment.id, parameters={"params": str(project / "params.yaml")}).id
-            final = wait_for(lambda: (r := client.read_flow_run(run_id)).state.is_final() and r, 480, 5)
-        assert final and final.state.is_completed(), tail(team_stack.logs / "worker.log")
-        runs = completed_deployment_runs(team_stack)
+    assert runs
     return runs
 
 
