@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from frugalflow.arch import compressible_linears
+from frugalflow.prune.wanda import check_n_m, nm_prune_mask
 
 
 def magnitude_mask(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None) -> torch.Tensor:
@@ -19,17 +20,8 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(W.shape)}")
     score = W.detach().abs().float()
     if n_m is not None:
-        n, m = n_m
-        if not 0 < n < m:
-            raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
-        out_features, in_features = W.shape
-        if in_features % m:
-            raise ValueError(f"in_features {in_features} is not a multiple of M={m} for {n}:{m} pruning")
-        groups = score.reshape(out_features, in_features // m, m)
-        order = torch.argsort(groups, dim=-1, descending=True, stable=True)
-        keep = torch.zeros_like(groups, dtype=torch.bool)
-        keep.scatter_(-1, order[..., :n], True)
-        return keep.reshape(W.shape)
+        check_n_m(n_m, W.shape[1])
+        return ~nm_prune_mask(score, *n_m)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     k = int(round(sparsity * W.numel()))

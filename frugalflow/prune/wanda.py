@@ -29,17 +29,18 @@ def check_n_m(n_m: tuple[int, int] | None, cols: int) -> None:
         return
     n, m = n_m
     if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < n < m, got {n}:{m}")
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
     if cols % m:
-        raise ValueError(f"N:M with m={m} needs in_features divisible by m, got {cols}")
+        raise ValueError(f"in_features {cols} is not a multiple of M={m} for {n}:{m} pruning")
 
 
 def nm_prune_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask, True where pruned: all but the n highest scores of every m consecutive columns."""
+    """Bool mask, True where pruned: all but the n highest scores of every m consecutive columns
+    (ties: the earlier column is kept). The one N:M rule of magnitude, Wanda and SparseGPT."""
     rows, cols = score.shape
     grouped = score.reshape(rows, cols // m, m)
-    idx = torch.topk(grouped, m - n, dim=-1, largest=False).indices
-    pruned = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, idx, True)
+    order = torch.argsort(grouped, dim=-1, descending=True, stable=True)
+    pruned = torch.ones_like(grouped, dtype=torch.bool).scatter_(-1, order[..., :n], False)
     return pruned.reshape(rows, cols)
 
 
