@@ -77,7 +77,7 @@ def publish(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracki
     promote a passing candidate. Returns the promotion record."""
     client = T.connect(tracking.uri)
     run = tracking.parent_run_id
-    client.log_artifacts(run, model_dir, "model")
+    T.log_dir(client, run, model_dir, "model")
     pyfunc = log_pyfunc(client, run, model_dir) if verdict["passed"] else None
     publish_report(build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage), tracking)
     return register_and_promote(verdict, recipe.registry.model_name, project.lineage_tags, tracking,

@@ -144,7 +144,8 @@ def _client(args):
 
 
 def cmd_runs(args) -> int:
-    from flows.run_table import recent_runs, render_table
+    from flows.tables import render_table
+    from tasks.run_table import recent_runs
 
     client, recipe, _ = _client(args)
     print(render_table(recent_runs(client, recipe.registry.model_name, args.n)))
@@ -152,7 +153,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from flows.compare import compare_runs, render_compare
+    from flows.tables import render_compare
+    from tasks.compare import compare_runs
 
     client, recipe, _ = _client(args)
     print(render_compare(compare_runs(client, args.runs, recipe.registry.model_name)))

@@ -57,7 +57,7 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
         verdict = judge(project, recipe, candidate, baseline, tracking)
         promotion = publish(project, recipe, model_dir, tracking, baseline=baseline, candidate=candidate,
                             stages=stages, verdict=verdict)
-        client.set_terminated(parent, "FINISHED")
+        T.end_run(client, parent, "FINISHED")
     except BaseException as exc:
         close_failed(client, parent, f"{type(exc).__name__}: {exc}")
         raise

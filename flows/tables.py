@@ -1,4 +1,4 @@
-"""Terminal tables for the CLI, drawn with rich: a header, a rule of dashes, one line per row;
+"""Terminal tables for the CLI (`runs`, `compare`), drawn with rich: a header, a rule of dashes, one line per row;
 columns two spaces apart, no borders, never wrapped (so they stay greppable in logs)."""
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tasks.compare import FIELDS, differing_params
+from tasks.run_table import COLUMNS
+
 # top, head, head rule, mid, row, foot rule, foot, bottom: 4 characters each (left, line, divider, right)
 PLAIN = box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
 
 
-def render(headers: list[str], rows: list[list[str]], first_column_header: bool = True) -> str:
+def render(headers: list[str], rows: list[list[str]]) -> str:
     """`rows` (lists of cell strings) under `headers`, left-aligned, as plain text."""
     table = Table(box=PLAIN, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), highlight=False,
                   show_header=True)
@@ -23,3 +26,27 @@ def render(headers: list[str], rows: list[list[str]], first_column_header: bool 
     out = io.StringIO()
     Console(file=out, width=100_000, color_system=None, force_terminal=False, soft_wrap=True).print(table)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
+
+
+def render_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    if not rows:
+        return "no frugalflow runs recorded yet: start one with `frugalflow run`"
+
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    return render(list(columns), [[cell(r.get(c)) for c in columns] for r in rows])
+
+
+def render_compare(rows: list[dict]) -> str:
+    """Fields down the side, one column per run (headed by its 8-character id), then the recipe
+    keys that differ between the runs."""
+    if not rows:
+        return "no runs to compare"
+
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    table = [[label, *(cell(r.get(key)) for r in rows)] for label, key in FIELDS]
+    table += [[key, *(r.get("params", {}).get(key, "-") for r in rows)] for key in differing_params(rows)]
+    return render(["", *(r["run"] for r in rows)], table)

@@ -102,6 +102,15 @@ def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -
         client.log_artifact(run_id, str(path), None if parent == "." else parent)
 
 
+def log_dir(client: MlflowClient, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+    """Every file under `local_dir` as artifacts of the run, under `artifact_path`."""
+    client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    client.set_terminated(run_id, status)
+
+
 def log_json(client: MlflowClient, run_id: str, obj, artifact_file: str) -> None:
     log_text(client, run_id, json.dumps(obj, indent=2, default=str) + "\n", artifact_file)
 

@@ -1,4 +1,4 @@
-"""`flows.compare`: flow runs side by side, built from runs recorded in a temporary sqlite
+"""`tasks.compare` and `flows.tables.render_compare`: flow runs side by side, built from runs recorded in a temporary sqlite
 store with the tags, params and metrics the nightly flow logs (no flow run needed)."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from flows.compare import compare_runs, render_compare, resolve_runs, stages_of
+from flows.tables import render_compare
+from tasks.compare import compare_runs, resolve_runs, stages_of
 
 MODEL = "cmp-model"
 

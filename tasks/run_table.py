@@ -1,11 +1,10 @@
-"""Recent flow runs as a terminal table (for `frugalflow runs`)."""
+"""Recent flow runs from the tracking store, as rows for `frugalflow runs` (flows/tables.py draws them)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
 from mlflow import MlflowClient
 
-from flows.tables import render
 from tasks.registry import version_by_alias
 
 COLUMNS = ("run", "started", "recipe", "status", "verdict", "ppl", "size MB", "tok/s", "version")
@@ -34,13 +33,3 @@ def recent_runs(client: MlflowClient, model_name: str, limit: int = 10) -> list[
             "version": version or "-",
         })
     return rows
-
-
-def render_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
-    if not rows:
-        return "no frugalflow runs recorded yet: start one with `frugalflow run`"
-
-    def cell(v) -> str:
-        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    return render(list(columns), [[cell(r.get(c)) for c in columns] for r in rows])

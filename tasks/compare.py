@@ -12,7 +12,6 @@ from mlflow import MlflowClient
 
 from frugalflow.errors import BadInput
 
-from flows.tables import render
 from tasks.registry import version_by_alias
 
 RUN_TAG = "frugalflow.recipe"  # set on every parent (flow) run, not on stage runs
@@ -120,17 +119,3 @@ def differing_params(rows: list[dict]) -> list[str]:
     keys = {k for r in rows for k in r.get("params", {})}
     differ = [k for k in keys if len({r.get("params", {}).get(k) for r in rows}) > 1]
     return sorted(differ, key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")])
-
-
-def render_compare(rows: list[dict]) -> str:
-    """Fields down the side, one column per run (headed by its 8-character id), then the recipe
-    keys that differ between the runs."""
-    if not rows:
-        return "no runs to compare"
-
-    def cell(v) -> str:
-        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    table = [[label, *(cell(r.get(key)) for r in rows)] for label, key in FIELDS]
-    table += [[key, *(r.get("params", {}).get(key, "-") for r in rows)] for key in differing_params(rows)]
-    return render(["", *(r["run"] for r in rows)], table)
