@@ -11,6 +11,7 @@ from frugalflow.errors import CorruptData
 from frugalflow.evaluate.suite import evaluate_model, evaluation_key
 from frugalflow.integrity import quarantine, read_json_checked, write_json_checked
 from frugalflow.pausepoints import pause_point
+from frugalflow.progress import ProgressBar
 from tasks.gpu_slot import gpu_slot
 
 
@@ -34,12 +35,15 @@ def evaluate(model_dir: str, data_dir: str, evaluation, cache_dir: str, device: 
             logger.warning("evaluate %s: cache entry not reused: %s; moved to %s, recomputing", label, exc,
                            moved.name)
 
+    bar = ProgressBar(f"evaluate {label}: windows")  # drawn only when stderr is a terminal
+
     def progress(done: int, total: int) -> None:
         pause_point(f"evaluate.{label}")
+        bar(done, total)
         if done == total or done % max(1, total // 4) == 0:
             logger.info("evaluate %s: perplexity %d/%d windows", label, done, total)
 
-    with gpu_slot(f"evaluate {label}"):
+    with gpu_slot(f"evaluate {label}"), bar:
         metrics = evaluate_model(Path(model_dir), Path(data_dir), evaluation, device=device, on_progress=progress,
                                  root=root_path)
     logger.info("evaluate %s: ppl %.3f, %.1f MB, decode %.1f tok/s (p50 %.1f ms, p95 %.1f ms), prefill %.0f tok/s, "
