@@ -107,6 +107,24 @@ class SparseGPTPrune(_Prune):
     dampening: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean diag(H) added")
 
 
+class OWLPrune(_Prune):
+    """Wanda at a per-layer sparsity set by each layer's share of outlier scores (Yin et al. 2023)."""
+
+    entry: ClassVar[str] = "frugalflow.prune.owl:run"  # the method's `run` (frugalflow/method.py)
+    method: Literal["owl"]
+    owl_lambda: float = Field(0.08, gt=0.0, le=0.5, description="layer sparsities span target +- lambda")
+    outlier_m: float = Field(5.0, gt=1.0, le=1000.0, description="outlier: a score above M x its layer's mean")
+
+    @model_validator(mode="after")
+    def _unstructured(self):
+        if self.pattern != "unstructured":
+            raise ValueError(f"owl sets a sparsity per layer: pattern must be 'unstructured', got {self.pattern!r}")
+        if not self.owl_lambda <= self.sparsity <= 0.99 - self.owl_lambda:
+            raise ValueError(f"owl needs owl_lambda <= sparsity <= 0.99 - owl_lambda (every layer's sparsity "
+                             f"in [0, 0.99]); got sparsity {self.sparsity}, owl_lambda {self.owl_lambda}")
+        return self
+
+
 class StructuredPrune(Strict):
     """Minitron-style width (MLP channels, attention heads, embedding channels) and depth (whole
     layers) pruning from calibration activations: a smaller dense model that transformers loads
@@ -232,8 +250,8 @@ class TSLDDistill(_Distill):
     tau: float = Field(10.0, gt=0.0, le=1000.0)
 
 
-Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, StructuredPrune, RTNQuant, GPTQQuant, AWQQuant,
-                        DynamicInt8Quant, StaticInt8Quant, KLDistill, TSLDDistill],
+Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, OWLPrune, StructuredPrune, RTNQuant, GPTQQuant,
+                        AWQQuant, DynamicInt8Quant, StaticInt8Quant, KLDistill, TSLDDistill],
                   Field(discriminator="method")]
 STAGE_CLASSES = get_args(get_args(Stage)[0])
 # method name -> stage kind, derived from the union: a method is its config class (with its `entry`)
