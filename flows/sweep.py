@@ -11,7 +11,9 @@ the machine's cores; a stage shared by two candidates is computed once under a f
 other waits for it. Processes, not threads: transformers builds models under process-wide
 patches, so two threads of one process cannot compute at once (tasks/compress.py). Evaluations
 start when every candidate is compressed and run one at a time in the flow's process, so that
-decode speeds are comparable.
+decode speeds are comparable. With `--cluster tcp://HOST:PORT` the stages go to an existing Dask
+cluster instead (Prefect's DaskTaskRunner, `cluster_runner`); Dask retries a lost worker's tasks
+on another.
 """
 from __future__ import annotations
 
@@ -70,6 +72,38 @@ def share_cores(workers: int) -> None:
 def sweep_runner(workers: int) -> ProcessPoolTaskRunner:
     """The task runner that computes `workers` candidates at once, one per process."""
     return ProcessPoolTaskRunner(max_workers=workers, initializer=share_cores, initargs=(workers,))
+
+
+def cluster_runner(address: str):
+    """The task runner that sends candidates to an existing Dask cluster (Prefect's DaskTaskRunner).
+
+    `address` is the scheduler's tcp://HOST:PORT; a malformed one is BadInput (exit 2), a scheduler
+    that does not answer is ServiceUnavailable (exit 4), both before any work starts."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from frugalflow.errors import BadInput, ServiceUnavailable
+
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tcp" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise BadInput(f"--cluster {address!r}: expected a Dask scheduler address tcp://HOST:PORT")
+    try:
+        socket.create_connection((parts.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise ServiceUnavailable(f"Dask scheduler at {address} does not answer ({exc}); start it with "
+                                 f"`dask scheduler --port {port}` or drop --cluster to use local processes") from None
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=address)
+
+
+def runner_for(workers: int, cluster: str | None = None):
+    """Dask cluster when `cluster` is given, else `workers` local processes."""
+    return cluster_runner(cluster) if cluster else sweep_runner(workers)
 
 
 def summary_markdown(rows: list[dict], objective: str) -> str:

@@ -1,0 +1,116 @@
+"""The sweep on a real Dask cluster on loopback (`dask scheduler` and two `dask worker` processes,
+each started in its own empty folder) through Prefect's DaskTaskRunner: candidates run on both
+workers, a shared stage is computed once, and the result matches the local process-pool sweep's
+selection rules. Bad and unreachable cluster addresses exit 2 and 4."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main as cli
+from helpers import client_for, make_project, tiny_recipe
+
+MODEL = "tiny-dask-sweep"
+GRID = ["stages.0.sparsity=0.2,0.6", "stages.1.bits=4,8"]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    recipe = tiny_recipe(tiny_model_dir, MODEL, gates={"max_ppl_increase_pct": 1000.0, "min_size_reduction": 4.0})
+    return make_project(tmp_path_factory.mktemp("dask-sweep"), recipe)
+
+
+@pytest.fixture(scope="module")
+def cluster(prefect_harness, tmp_path_factory):
+    from prefect.settings import PREFECT_API_URL
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
+    procs = []
+    try:
+        home = tmp_path_factory.mktemp("scheduler")
+        procs.append(subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                       "--no-dashboard"], cwd=home, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=open(home / "log", "w")))
+        for i in range(2):
+            home = tmp_path_factory.mktemp(f"worker{i}")
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                           "--no-nanny", "--no-dashboard", "--name", f"w{i}",
+                                           "--local-directory", str(home)],
+                                          cwd=home, env=env, start_new_session=True,
+                                          stdout=subprocess.DEVNULL, stderr=open(home / "log", "w")))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def sweep(cluster, project):
+    from flows.sweep import cluster_runner, sweep_flow
+
+    return sweep_flow.with_options(task_runner=cluster_runner(cluster))(
+        params=str(project / "params.yaml"), grid=GRID)
+
+
+def test_candidates_run_on_both_dask_workers_at_once(sweep, project):
+    client = client_for(project)
+    experiment = client.get_experiment_by_name(MODEL).experiment_id
+    candidates = client.search_runs([experiment], f"tags.`frugalflow.sweep_run` = '{sweep['run_id']}'")
+    assert sorted(r.info.run_name for r in candidates) == sorted(
+        ["sparsity=0.2,bits=4", "sparsity=0.2,bits=8", "sparsity=0.6,bits=4", "sparsity=0.6,bits=8"])
+    assert all(r.info.status == "FINISHED" and "ppl" in r.data.metrics for r in candidates)
+    ids = {r.info.run_id for r in candidates}
+    stage_runs = [r for r in client.search_runs([experiment], "tags.`frugalflow.stage` != ''")
+                  if r.data.tags.get("mlflow.parentRunId") in ids]
+    workers = {r.data.tags["frugalflow.worker"] for r in stage_runs}
+    assert f"{socket.gethostname()}:{os.getpid()}" not in workers  # not in the flow's process
+    assert len(workers) == 2  # the two dask workers
+    # the two workers computed at the same time: their stage runs' time windows overlap
+    windows = {w: (min(r.info.start_time for r in stage_runs if r.data.tags["frugalflow.worker"] == w),
+                   max(r.info.end_time for r in stage_runs if r.data.tags["frugalflow.worker"] == w))
+               for w in workers}
+    (a0, a1), (b0, b1) = windows.values()
+    assert a0 < b1 and b0 < a1
+    # each prune stage is shared by two candidates: computed once, the other takes it from the cache
+    prune = [r for r in stage_runs if r.data.tags["frugalflow.stage"] == "prune"]
+    assert sorted(r.data.tags["frugalflow.cached"] for r in prune) == ["False", "False", "True", "True"]
+    assert sweep["selected"] is not None
+    selected = [c for c in sweep["candidates"] if c["selected"]]
+    assert len(selected) == 1 and selected[0]["pareto"] and selected[0]["passed"]
+
+
+def test_bad_and_unreachable_cluster_addresses(project):
+    from flows.sweep import cluster_runner
+    from frugalflow.errors import BadInput, ServiceUnavailable
+
+    for bad in ("127.0.0.1:8786", "tcp://127.0.0.1", "http://127.0.0.1:8786", "tcp://127.0.0.1:99999"):
+        with pytest.raises(BadInput, match="tcp://HOST:PORT"):
+            cluster_runner(bad)
+    with pytest.raises(ServiceUnavailable, match="Dask scheduler"):
+        cluster_runner(f"tcp://127.0.0.1:{free_port()}")
