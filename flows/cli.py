@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     recipe = _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
-    from flows.sweep import candidate_recipes, sweep_flow, sweep_runner
+    from flows.sweep import candidate_recipes, runner_for, sweep_flow
 
     try:
         candidates = candidate_recipes(args.params, args.grid, args.set)  # every grid point, before any work
@@ -108,7 +108,8 @@ def cmd_sweep(args) -> int:
     _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
     _adopt()
     workers = args.parallel or recipe.sweep.max_parallel
-    result = sweep_flow.with_options(task_runner=sweep_runner(workers))(
+    runner = runner_for(workers, getattr(args, "cluster", None))  # exit 2/4 on a bad or silent --cluster
+    result = sweep_flow.with_options(task_runner=runner)(
         params=args.params, grid=args.grid, overrides=args.set)
     print(f"\nsweep {result['run_id']}: {len(result['candidates'])} candidates, selected: {result['selected'] or 'none'}")
     for c in result["candidates"]:
@@ -333,8 +334,12 @@ def sweep_command(params: Params = "params.yaml",
                       help="values of one recipe key (repeat for more keys; adds to sweep.grid)")] = None,
                   set_: Sets = None,
                   parallel: Annotated[Optional[int], typer.Option(
-                      parser=_integer, metavar="N", help="candidates at once (default sweep.max_parallel)")] = None) -> int:
-    return cmd_sweep(Namespace(params=params, grid=list(grid or []), set=list(set_ or []), parallel=parallel))
+                      parser=_integer, metavar="N", help="candidates at once (default sweep.max_parallel)")] = None,
+                  cluster: Annotated[Optional[str], typer.Option(
+                      metavar="tcp://HOST:PORT", help="send candidates to this Dask scheduler "
+                      "(default: local processes)")] = None) -> int:
+    return cmd_sweep(Namespace(params=params, grid=list(grid or []), set=list(set_ or []), parallel=parallel,
+                               cluster=cluster))
 
 
 @app.command("schedule", help="serve the nightly deployment (cron and time zone from params)")

@@ -114,3 +114,8 @@ def test_bad_and_unreachable_cluster_addresses(project):
             cluster_runner(bad)
     with pytest.raises(ServiceUnavailable, match="Dask scheduler"):
         cluster_runner(f"tcp://127.0.0.1:{free_port()}")
+
+    # through the CLI: exit 2 and 4 before the flow starts
+    params = str(project / "params.yaml")
+    assert cli(["sweep", "-p", params, "-g", GRID[0], "--cluster", "127.0.0.1:8786"]) == 2
+    assert cli(["sweep", "-p", params, "-g", GRID[0], "--cluster", f"tcp://127.0.0.1:{free_port()}"]) == 4
