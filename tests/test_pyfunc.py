@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
@@ -29,8 +30,8 @@ from frugalflow.arch import compressible_linears
 from frugalflow.models import QUANT_META, load_model, load_tokenizer, save_model
 from frugalflow.quant.pack import quantize_model
 from frugalflow.quant.rtn import compute_qparams, quantize
-from tasks.pyfunc import (DEFAULT_NEW_TOKENS, LOCK, REQUIREMENTS, TextGenerator, _tracking_uri, as_requests,
-                          log_pyfunc, pinned_requirements, register_pyfunc)
+from tasks.pyfunc import LOCK, REQUIREMENTS, _tracking_uri, log_pyfunc, pinned_requirements, register_pyfunc
+from tasks.pyfunc_model import DEFAULT_NEW_TOKENS, TextGenerator, as_requests
 
 NAME = "tiny-pyfunc"
 PROMPTS = ["def f(x):", "The class statement"]
@@ -170,7 +171,7 @@ def test_champion_loads_and_generates_like_the_library(store, monkeypatch):
 
 @pytest.mark.slow
 def test_model_needs_neither_tasks_nor_flows(store, tmp_path):
-    """The TextGenerator class is pickled by value and frugalflow comes from the model's code/."""
+    """The model is logged as code (tasks/pyfunc_model.py) and frugalflow comes from the model's code/."""
     local = mlflow.artifacts.download_artifacts(store["quantized"]["artifact_uri"], tracking_uri=store["uri"],
                                                 dst_path=str(tmp_path))
     script = (
@@ -188,6 +189,9 @@ def test_model_needs_neither_tasks_nor_flows(store, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["out"] == [reference(store["quantized"]["dir"], "def f(x):", 3)]
     assert Path(result["frugalflow"]).is_relative_to(Path(local) / "code")
+    mlmodel = yaml.safe_load((Path(local) / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"].get("model_code_path")  # models-from-code, no pickle
+    assert "saved_input_example_info" in mlmodel and mlmodel["signature"]["params"]
 
 
 # --------------------------------------------------------------------------- serving
