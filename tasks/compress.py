@@ -23,6 +23,7 @@ from prefect import get_run_logger, task
 from frugalflow.config import fingerprint
 from frugalflow.errors import CorruptData
 from frugalflow.integrity import quarantine, remove_stale_temps, seal_dir, temp_sibling, verify_manifest
+from frugalflow.method import SEARCH_DIR
 from frugalflow.pausepoints import pause_point
 from frugalflow.stages import run_stage
 from tasks import tracking as T
@@ -112,6 +113,8 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
             shutil.rmtree(str(out_dir) + ".ckpt", ignore_errors=True)
         T.log_metrics(client, run_id, {k: stats[k] for k in SUMMARY_KEYS if k in stats})
         T.log_json(client, run_id, stats, "stats.json")
+        if (out_dir / SEARCH_DIR).is_dir():  # the method's search result (frugalflow/method.py)
+            client.log_artifacts(run_id, str(out_dir / SEARCH_DIR), SEARCH_DIR)
         T.set_tags(client, run_id, {"frugalflow.cached": cached, "frugalflow.output_dir": out_dir,
                                     "frugalflow.worker": f"{socket.gethostname()}:{os.getpid()}"})
         client.set_terminated(run_id, "FINISHED")

@@ -57,6 +57,8 @@ def test_first_run_records_everything(two_runs, project):
     assert sorted(c.info.run_name for c in children) == ["0-prune-magnitude", "1-quantize-rtn", "2-distill-kl"]
     by_name = {c.info.run_name: c for c in children}
     assert by_name["0-prune-magnitude"].data.metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    searched = {a.path for a in client.list_artifacts(by_name["0-prune-magnitude"].info.run_id, "search")}
+    assert searched == {"search/sparsity.json"}  # the method's search result, logged with its stage
     loss_history = client.get_metric_history(by_name["2-distill-kl"].info.run_id, "loss")
     assert [h.step for h in loss_history] == [1, 2, 3]
     # registry: version 1 is challenger and champion, with verdict and lineage tags
