@@ -4,7 +4,9 @@ workers, a shared stage is computed once, and the result matches the local proce
 selection rules. Bad and unreachable cluster addresses exit 2 and 4."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import signal
 import socket
 import subprocess
@@ -34,14 +36,14 @@ def project(tmp_path_factory, tiny_model_dir):
     return make_project(tmp_path_factory.mktemp("dask-sweep"), recipe)
 
 
-@pytest.fixture(scope="module")
-def cluster(prefect_harness, tmp_path_factory):
+@contextlib.contextmanager
+def dask_cluster(tmp_path_factory, procs: list):
+    """A scheduler and two workers on loopback; `procs` gets [scheduler, worker0, worker1]."""
     from prefect.settings import PREFECT_API_URL
 
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
-    procs = []
     try:
         home = tmp_path_factory.mktemp("scheduler")
         procs.append(subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
@@ -68,6 +70,12 @@ def cluster(prefect_harness, tmp_path_factory):
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cluster(prefect_harness, tmp_path_factory):
+    with dask_cluster(tmp_path_factory, []) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +127,40 @@ def test_bad_and_unreachable_cluster_addresses(project):
     params = str(project / "params.yaml")
     assert cli(["sweep", "-p", params, "-g", GRID[0], "--cluster", "127.0.0.1:8786"]) == 2
     assert cli(["sweep", "-p", params, "-g", GRID[0], "--cluster", f"tcp://127.0.0.1:{free_port()}"]) == 4
+
+
+def test_a_killed_worker_s_candidates_are_retried_on_the_other(prefect_harness, tmp_path_factory, tiny_model_dir):
+    from distributed import Client
+
+    from flows.sweep import cluster_runner, sweep_flow
+
+    recipe = tiny_recipe(tiny_model_dir, MODEL + "-kill", gates={"max_ppl_increase_pct": 1000.0,
+                                                               "min_size_reduction": 4.0})
+    project = make_project(tmp_path_factory.mktemp("dask-kill"), recipe)
+    procs: list = []
+    killed = threading.Event()
+    with dask_cluster(tmp_path_factory, procs) as address:
+        victim = procs[1]
+
+        def kill_when_busy():  # SIGKILL worker 0 once it has been computing a stage for a moment
+            with Client(address, timeout=30) as client:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline and not killed.is_set():
+                    busy = [w for w, tasks in client.processing().items() if tasks]
+                    mine = [w for w, info in client.scheduler_info()["workers"].items() if info.get("name") == "w0"]
+                    if mine and mine[0] in busy:
+                        time.sleep(3)
+                        os.killpg(victim.pid, signal.SIGKILL)
+                        killed.set()
+                        return
+                    time.sleep(0.5)
+
+        killer = threading.Thread(target=kill_when_busy, daemon=True)
+        killer.start()
+        result = sweep_flow.with_options(task_runner=cluster_runner(address))(
+            params=str(project / "params.yaml"), grid=GRID)
+        killer.join(timeout=5)
+    assert killed.is_set() and victim.poll() is not None  # worker 0 died mid-sweep
+    assert [c["error"] for c in result["candidates"]] == [None] * 4  # every candidate still completed
+    assert all(c["metrics"] and "ppl" in c["metrics"] for c in result["candidates"])
+    assert result["selected"] is not None
