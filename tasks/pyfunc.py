@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -115,11 +116,17 @@ def _logged_model_id(uri: str) -> str | None:
 
 @contextlib.contextmanager
 def _tracking_uri(uri: str):
-    """Point MLflow's fluent API (which Model.log uses) at `uri` for the duration (public
-    `mlflow.set_tracking_uri`; the previous URI is restored after)."""
-    before = mlflow.get_tracking_uri()
+    """Point MLflow's fluent API (which Model.log uses) at `uri` for the duration, with the
+    public `mlflow.set_tracking_uri`; after, the previous state comes back exactly: the URI
+    (or none set) and MLFLOW_TRACKING_URI, which set_tracking_uri also writes."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env

@@ -260,3 +260,16 @@ def test_mlflow_models_serve_answers(store, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_tracking_uri_switch_leaves_no_trace(monkeypatch, tmp_path):
+    """mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI; after the switch neither the URI nor
+    the variable may linger (a later run in the process would resolve its store from it)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with _tracking_uri(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert mlflow.get_tracking_uri().endswith("a.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and not mlflow.is_tracking_uri_set()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with _tracking_uri(f"sqlite:///{tmp_path / 'b.db'}"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9"
