@@ -76,13 +76,12 @@ def float_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:
     """Load a model with plain float linears; returns it and the grids of any quantized linears."""
     from frugalflow.models import load_model
     from frugalflow.quant import pack
-    from frugalflow.quant.int8 import dequantize_int8_model
+    from frugalflow.quant.runtime import dequantize_all
 
     model = load_model(model_dir, device=device)
     grids = {name: (m.scales.float(), m.zeros.float(), m.bits, m.group_size)
              for name, m in pack.quantized_modules(model).items()}
-    pack.dequantize_model(model)
-    dequantize_int8_model(model)  # a stage after int8 works on float weights again
+    dequantize_all(model)  # a stage after a quantized one works on float weights again
     return model, grids
 
 

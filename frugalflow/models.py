@@ -29,6 +29,7 @@ from frugalflow.arch import compressible_linears
 from frugalflow.errors import BadInput, CorruptData
 from frugalflow.quant import int8
 from frugalflow.quant.pack import QuantLinear, quantization_meta, quantized_modules
+from frugalflow.quant.runtime import PackedLinear, packed_modules
 
 try:
     from transformers.modeling_utils import no_init_weights
@@ -240,7 +241,7 @@ def save_model(model: PreTrainedModel, out_dir: str | Path, tokenizer_dir: str |
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        if quantized_modules(model) or int8.int8_modules(model):
+        if packed_modules(model):
             _save_quantized(model, tmp, float_dtype or torch.float16)
         else:
             state = None
@@ -340,14 +341,8 @@ def model_stats(model: nn.Module) -> dict[str, float]:
     QuantLinear, code 0 being its zero."""
     zeros = bits = weights = 0
     for layer in compressible_linears(model).values():
-        if isinstance(layer, QuantLinear):
-            g = layer.in_features if layer.group_size == -1 else layer.group_size
-            zero_point = layer.zeros.repeat_interleave(g, dim=1)
-            zeros += int((layer.codes() == zero_point).sum())
-            bits += layer.storage_bits()
-            weights += layer.in_features * layer.out_features
-        elif isinstance(layer, int8.Int8Linear):
-            zeros += int((layer.qweight == 0).sum())
+        if isinstance(layer, PackedLinear):
+            zeros += layer.zero_count()
             bits += layer.storage_bits()
             weights += layer.in_features * layer.out_features
         else:
@@ -356,7 +351,7 @@ def model_stats(model: nn.Module) -> dict[str, float]:
             bits += W.numel() * W.element_size() * 8
             weights += W.numel()
     n_params = sum(p.numel() for p in model.parameters())
-    for layer in [*quantized_modules(model).values(), *int8.int8_modules(model).values()]:
+    for layer in packed_modules(model).values():
         n_params += layer.in_features * layer.out_features + (layer.bias.numel() if layer.bias is not None else 0)
     return {"sparsity": zeros / max(weights, 1), "bits_per_weight": bits / max(weights, 1),
             "n_params": n_params, "n_compressible_weights": weights}

@@ -19,11 +19,13 @@ from frugalflow.arch import compressible_linears
 from frugalflow.export import ExportError
 from frugalflow.export.compressed_tensors import export_compressed_tensors, pack_int32
 from frugalflow.export.gguf import export_gguf, rope_rows
+from frugalflow.method import quantize_with_grids
 from frugalflow.models import load_model, save_model
 from frugalflow.quant import int8, rtn
 from frugalflow.quant.int8 import dequantize_int8_model
-from frugalflow.quant.pack import _set_submodule, dequantize_model
-from frugalflow.stages import quantize_with_grids, run_stage
+from frugalflow.quant.pack import dequantize_model
+from frugalflow.quant.runtime import replace_module
+from frugalflow.stages import run_stage
 
 IDS = torch.tensor([[0, 5, 77, 200, 3, 9, 300, 42, 383]])
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -54,7 +56,7 @@ def models(tmp_path_factory, tiny_model_dir):
             elif name == "i8s":  # static int8 with a fixed activation scale (no calibration needed)
                 model = load_model(tiny_model_dir)
                 for lname, lin in compressible_linears(model).items():
-                    _set_submodule(model, lname, int8.Int8Linear.from_linear(lin, "static", act_scale=0.02))
+                    replace_module(model, lname, int8.Int8Linear.from_linear(lin, "static", act_scale=0.02))
                 save_model(model, out, tokenizer_dir=tiny_model_dir)
             elif name == "mixed":  # layer 0 at 4 bits (maps), layer 1 at 3 bits (does not)
                 model = load_model(tiny_model_dir)

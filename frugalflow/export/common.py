@@ -16,6 +16,7 @@ from frugalflow.arch import compressible_linears
 from frugalflow.models import load_model
 from frugalflow.quant.int8 import Int8Linear
 from frugalflow.quant.pack import QuantLinear
+from frugalflow.quant.runtime import PackedLinear
 
 
 class ExportError(ValueError):
@@ -55,7 +56,7 @@ def linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every compressible linear: nn.Linear, QuantLinear or Int8Linear, by full name."""
     out = compressible_linears(model)
     for name, m in out.items():
-        if not isinstance(m, (nn.Linear, QuantLinear, Int8Linear)):
+        if not isinstance(m, (nn.Linear, PackedLinear)):
             raise ExportError(f"{name} is a {type(m).__name__}; export knows nn.Linear, QuantLinear and "
                               "Int8Linear")
     return out

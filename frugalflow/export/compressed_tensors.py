@@ -37,6 +37,7 @@ from frugalflow.export.common import (ExportError, dense_weight, describe_fallba
 from frugalflow.models import TOKENIZER_FILES, _dedupe, declare_fast_tokenizer
 from frugalflow.quant.int8 import Int8Linear
 from frugalflow.quant.pack import QuantLinear, pack_codes
+from frugalflow.quant.runtime import PackedLinear
 
 PACKED_BITS = (2, 4, 8)
 
@@ -120,7 +121,7 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, float_
                           + "; a dense model is served from its plain HF directory")
     if require_exact and fallback:
         raise ExportError(f"no exact compressed-tensors scheme: {describe_fallback(fallback)}")
-    all_linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear, Int8Linear))]
+    all_linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, PackedLinear))]
     qconfig = quantization_config(schemes, [n for n in all_linears if n not in schemes])
 
     def write(tmp: Path) -> None:
@@ -141,7 +142,7 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, float_
             module_name = key.rpartition(".")[0]
             if module_name in schemes:
                 continue  # written above
-            elif module_name in plan and isinstance(modules[module_name], (QuantLinear, Int8Linear)):
+            elif module_name in plan and isinstance(modules[module_name], PackedLinear):
                 if key == f"{module_name}.qweight":  # a fallback: one dense weight (+ bias)
                     out[f"{module_name}.weight"] = dense_weight(modules[module_name]).to(float_dtype)
                 elif key == f"{module_name}.bias":

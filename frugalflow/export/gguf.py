@@ -30,6 +30,7 @@ from frugalflow.export.common import (ExportError, dense_weight, describe_fallba
                                       is_symmetric, linears, load_for_export, write_atomically)
 from frugalflow.quant.int8 import Int8Linear
 from frugalflow.quant.pack import QuantLinear
+from frugalflow.quant.runtime import PackedLinear
 
 Q = gguf.GGMLQuantizationType
 BLOCK = 32
@@ -251,7 +252,7 @@ def _write(model: nn.Module, plan: dict, path: Path, float_type: tuple, tokenize
         if tied and module_name == "lm_head":
             continue  # llama.cpp falls back to token_embd for a missing output.weight
         module = modules[module_name]
-        if isinstance(module, (QuantLinear, Int8Linear)) and leaf != "qweight":
+        if isinstance(module, PackedLinear) and leaf != "qweight":
             continue  # scales, zeros, act_scale, smooth: folded into the one tensor written for qweight
         gguf_name = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
         if gguf_name is None:

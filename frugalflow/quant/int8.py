@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from frugalflow.arch import arch_of, compressible_linears
 from frugalflow.calibration import input_groups, run_sequential
-from frugalflow.quant.pack import _set_submodule
+from frugalflow.quant.runtime import PackedLinear, dequantize_all, packed_modules, replace_module
 
 QMAX = 127
 MODES = ("dynamic", "static")
@@ -72,7 +72,7 @@ def int_matmul(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the layer
-class Int8Linear(nn.Module):
+class Int8Linear(PackedLinear):
     """y = x @ (qweight * scales[:, None])^T + bias with x quantized to int8 (see module doc).
 
     Buffers: qweight int8 [out, in]; scales [out] (float32 by default); act_scale [] float32
@@ -155,6 +155,9 @@ class Int8Linear(nn.Module):
         return sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.act_scale, self.smooth)
                    if t is not None)
 
+    def zero_count(self) -> int:
+        return int((self.qweight == 0).sum())
+
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [M, in] -> (int8 codes, float32 scale: [M, 1] per token or [] per tensor); with
         smoothing the codes are those of x / smooth."""
@@ -209,7 +212,7 @@ class Int8Linear(nn.Module):
 
 # --------------------------------------------------------------------------- model level
 def int8_modules(model: nn.Module) -> dict[str, Int8Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    return packed_modules(model, Int8Linear)
 
 
 def int8_meta(model: nn.Module) -> dict[str, dict]:
@@ -243,7 +246,7 @@ def quantize_dynamic_int8(model: nn.Module, scale_dtype: torch.dtype = torch.flo
     for name, linear in _float_linears(model).items():
         layer = Int8Linear.from_linear(linear, "dynamic", scale_dtype=scale_dtype)
         stats[name] = {"rel_error": _rel_error(linear.weight, layer)}
-        _set_submodule(model, name, layer)
+        replace_module(model, name, layer)
     return stats
 
 
@@ -320,7 +323,7 @@ def quantize_static_int8(model: nn.Module, calib_windows: torch.Tensor, device: 
             limit = float(q_layer.act_scale) * QMAX
             result[name] = {"rel_error": _rel_error(linear.weight, q_layer), "act_scale": float(q_layer.act_scale),
                             "clipped": float((amax > limit).float().mean())}
-            _set_submodule(layer, name, q_layer)
+            replace_module(layer, name, q_layer)
         return result
 
     return run_sequential(model, calib_windows, solve, needs=(), accumulate=accumulate, device=device,
@@ -331,14 +334,7 @@ def quantize_static_int8(model: nn.Module, calib_windows: torch.Tensor, device: 
 def dequantize_int8_model(model: nn.Module) -> nn.Module:
     """In place: every Int8Linear becomes an nn.Linear with its float32 dequantized weight
     (activation quantization is dropped)."""
-    for name, layer in int8_modules(model).items():
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.qweight.device, dtype=torch.float32)
-        linear.weight.copy_(layer.dequantize())
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias.float())
-        _set_submodule(model, name, linear)
-    return model
+    return dequantize_all(model, Int8Linear)
 
 
 def run_dynamic(stage, model_dir, out_dir, ctx):

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugalflow.quant.rtn import dequantize
+from frugalflow.quant.runtime import PackedLinear, dequantize_all, packed_modules, replace_module
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
@@ -89,7 +90,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
 
 
 # --------------------------------------------------------------------------- the layer
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     """y = x @ dequantize(qweight).T + bias, with qweight packed at `bits` per weight.
 
     Buffers: qweight uint8 packed codes, scales [out, n_groups] (fp16 by default),
@@ -149,6 +150,10 @@ class QuantLinear(nn.Module):
 
     def storage_bits(self) -> int:
         return sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.zeros))
+
+    def zero_count(self) -> int:
+        g = self.in_features if self.group_size == -1 else self.group_size
+        return int((self.codes() == self.zeros.repeat_interleave(g, dim=1)).sum())
 
     # ---------------------------------------------------------------- kernels
     def _group(self) -> int:
@@ -260,12 +265,7 @@ class QuantLinear(nn.Module):
 
 # --------------------------------------------------------------------------- model level
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    return packed_modules(model, QuantLinear)
 
 
 def quantize_model(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -284,21 +284,13 @@ def quantize_model(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torc
                              f"{(linear.out_features, linear.in_features)}")
         layer = QuantLinear.from_codes(q.to(linear.weight.device), scale, zero, bits, group_size,
                                        bias=linear.bias, scale_dtype=scale_dtype, symmetric=symmetric)
-        _set_submodule(model, name, layer)
+        replace_module(model, name, layer)
     return model
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """In place: every QuantLinear becomes an nn.Linear with float32 dequantized weights."""
-    for name, layer in quantized_modules(model).items():
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.qweight.device, dtype=torch.float32)
-        with torch.no_grad():
-            linear.weight.copy_(layer.dequantize(torch.float32))
-            if layer.bias is not None:
-                linear.bias.copy_(layer.bias.float())
-        _set_submodule(model, name, linear)
-    return model
+    return dequantize_all(model, QuantLinear)
 
 
 def quantization_meta(model: nn.Module) -> dict:
