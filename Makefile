@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install transformers5 browser postgres team team-down demo test validate runs ui clean-runs
+.PHONY: install lint transformers5 browser postgres team team-down demo test validate runs ui clean-runs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,7 +60,10 @@ $(TF5)/5.17/.installed: requirements-transformers5.17.lock $(STAMP)
 	touch $@
 transformers5: $(TF5)/5.25/.installed $(TF5)/5.17/.installed
 
-test: $(STAMP) transformers5 browser postgres  ## the test suite (CPU only; starts its own local servers and a headless browser)
+lint: $(STAMP)          ## ruff (configured in pyproject.toml); part of `make test`
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint transformers5 browser postgres  ## the test suite (CPU only; starts its own local servers and a headless browser)
 	$(BIN)/python -m pytest -q
 
 validate: $(STAMP)

@@ -42,7 +42,6 @@ from frugalflow.fetch_model import fetch_model  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
 
-
 # 25% of the width, Minitron's three width axes: a quarter of the MLP channels, of the attention
 # heads (one of the three KV groups with its query heads) and of the embedding channels, ranked by
 # activation importance on the calibration windows.

@@ -107,7 +107,8 @@ def main() -> None:
         f"- `team up` from nothing: {cold_up:.1f} s; `team down`: {down_s:.1f} s; `team up` again: {warm_up:.1f} s\n"
         f"- tiny-model nightly flow, {args.rounds} rounds interleaved, fresh project each: embedded "
         f"(`frugalflow run`) median {med['embedded']:.1f} s {result['flow_s']['embedded']}, team (deployment run by the worker, "
-        f"request to COMPLETED) median {med['team']:.1f} s {result['flow_s']['team']}: team/embedded {result['team_over_embedded']}x\n")
+        f"request to COMPLETED) median {med['team']:.1f} s {result['flow_s']['team']}: "
+        f"team/embedded {result['team_over_embedded']}x\n")
     print(json.dumps(result, indent=2))
 
 

@@ -18,8 +18,8 @@ from tasks.compress import compress_stage
 from tasks.evaluate import decode_race, evaluate
 from tasks.gate import gate
 from tasks.promote import register_and_promote
-from tasks.report import publish_report
 from tasks.pyfunc import log_pyfunc
+from tasks.report import publish_report
 
 HEADLINE = ("ppl", "size_mb", "decode_tps", "decode_speedup", "sparsity", "bits_per_weight")
 

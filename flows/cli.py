@@ -311,7 +311,8 @@ app = typer.Typer(name="frugalflow", help="Model compression flows with tracking
 Params = Annotated[str, typer.Option("-p", "--params", metavar="FILE", help="the recipe file")]
 Sets = Annotated[Optional[list[str]], typer.Option("-s", "--set", metavar="KEY=VALUE",
                                                     help="override a recipe key (repeatable)")]
-TrackingUri = Annotated[Optional[str], typer.Option("--tracking-uri", metavar="URI", help="default: tracking.uri from the params")]
+TrackingUri = Annotated[Optional[str],
+                        typer.Option("--tracking-uri", metavar="URI", help="default: tracking.uri from the params")]
 
 
 @app.command("validate", help="check a recipe file")
@@ -380,7 +381,8 @@ def rollback_command(reason: Reason, params: Params = "params.yaml", tracking_ur
 @app.command("export", help="write a model as GGUF or compressed-tensors for serving")
 def export_command(model_dir: Annotated[str, typer.Argument(
                        metavar="MODEL_DIR", help="a dense or packed model directory (with its tokenizer)")],
-                   format_: Annotated[str, typer.Option("--format", parser=_one_of("gguf", "compressed-tensors"), metavar="gguf|compressed-tensors")],
+                   format_: Annotated[str, typer.Option("--format", parser=_one_of("gguf", "compressed-tensors"),
+                                                        metavar="gguf|compressed-tensors")],
                    out: Annotated[str, typer.Option(metavar="PATH", help="the .gguf file, or the compressed-tensors directory")],
                    float_type: Annotated[str, typer.Option(
                        parser=_one_of("f16", "f32"), metavar="f16|f32",
@@ -394,7 +396,8 @@ def export_command(model_dir: Annotated[str, typer.Argument(
 
 @app.command("team", help="team mode on this machine: up, status, down (see infra/README.md)")
 def team_command(action: Annotated[str, typer.Argument(parser=_one_of("up", "status", "down"), metavar="up|status|down")],
-                 home: Annotated[Optional[Path], typer.Option(metavar="DIR", help="the team folder (default .team in the project)")]
+                 home: Annotated[Optional[Path],
+                                 typer.Option(metavar="DIR", help="the team folder (default .team in the project)")]
                  = None,
                  project: Annotated[Optional[Path], typer.Option(metavar="DIR", help="the frugalflow checkout (default: here)")]
                  = None,

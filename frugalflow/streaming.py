@@ -32,8 +32,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from frugalflow.arch import arch_of, decoder_layers
 from frugalflow.calibration import _activation_store, _to, calibrate_layer, capture_inputs
-from frugalflow.models import QUANT_META, ModelLoadError, _check_dir, _copy_tokenizer, _fsync_tree, _swap_into_place
 from frugalflow.method import ERROR_KEY, MethodResult, layer_progress
+from frugalflow.models import QUANT_META, ModelLoadError, _check_dir, _copy_tokenizer, _fsync_tree, _swap_into_place
 from frugalflow.quant import pack, rtn
 
 METHODS = ("rtn", "gptq")

@@ -11,7 +11,6 @@ import re
 from mlflow import MlflowClient
 
 from frugalflow.errors import BadInput
-
 from tasks.registry import version_by_alias
 
 RUN_TAG = "frugalflow.recipe"  # set on every parent (flow) run, not on stage runs

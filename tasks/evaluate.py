@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from frugalflow.evaluate.race import decode_race as race
 from frugalflow.errors import CorruptData
+from frugalflow.evaluate.race import decode_race as race
 from frugalflow.evaluate.suite import evaluate_model, evaluation_key
 from frugalflow.integrity import quarantine, read_json_checked, write_json_checked
 from frugalflow.pausepoints import pause_point

@@ -50,6 +50,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         import torch
+
         from frugalflow.models import load_model, load_tokenizer
 
         model_dir = context.artifacts["model_dir"]

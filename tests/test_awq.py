@@ -5,13 +5,12 @@ import copy
 
 import pytest
 import torch
+from test_calibration import build_tiny_opt
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from frugalflow.arch import compressible_linears, decoder_layers
 from frugalflow.quant.awq import awq_apply, awq_quantize, awq_search, search_clip, search_scales
 from frugalflow.quant.rtn import fake_quantize
-
-from test_calibration import build_tiny_opt
 
 
 def outlier_inputs(n=2048, d=64, seed=0):

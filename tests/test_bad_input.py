@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ROOT, client_for, make_project, tiny_recipe
 
 from flows.cli import main
-from helpers import ROOT, client_for, make_project, tiny_recipe
 
 MODEL = "tiny-bad-input"
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import client_for, make_project, tiny_recipe
 
 from flows.cli import main as cli
-from helpers import client_for, make_project, tiny_recipe
 
 MODEL = "tiny-dask-sweep"
 GRID = ["stages.0.sparsity=0.2,0.6", "stages.1.bits=4,8"]

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import hashlib
-
 import pydoc_data.topics
+
 import pytest
 
 from frugalflow.config import DataConfig

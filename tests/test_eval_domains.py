@@ -2,9 +2,9 @@
 gate, the decode race against the base model, and the side-by-side report."""
 from __future__ import annotations
 
+import pydoc_data.topics
 from pathlib import Path
 
-import pydoc_data.topics
 import pytest
 import yaml
 

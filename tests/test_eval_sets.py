@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import json
 import math
+import pydoc_data.topics
 import shutil
 
-import pydoc_data.topics
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from frugalflow.config import EvaluationConfig, RecipeError
-from frugalflow.recipe_io import recipe_from_dict
 from frugalflow.evaluate.perplexity import perplexity
 from frugalflow.evaluate.sets import project_root_of
 from frugalflow.evaluate.suite import evaluate_model, evaluation_key
 from frugalflow.models import load_model
+from frugalflow.recipe_io import recipe_from_dict
 
 WINDOW = 32
 TOPICS = pydoc_data.topics.topics

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import warnings
 
+import gguf
 import pytest
 import torch
-import gguf
 from gguf import GGUFReader, dequantize
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM

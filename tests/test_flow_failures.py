@@ -5,7 +5,6 @@ passes promotes nothing and says so. (tests/test_sweep_flow.py covers the sweep 
 from __future__ import annotations
 
 import pytest
-
 from helpers import client_for, make_project, run_flow, tiny_recipe
 
 NAME = "tiny-failures"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from frugalflow.config import GatesConfig, RecipeError
-from frugalflow.recipe_io import recipe_from_dict
 from frugalflow.gates import beats, check_gates, describe, lower_is_better, rank, verdict
+from frugalflow.recipe_io import recipe_from_dict
 
 BASE = {"ppl": 10.0, "size_mb": 400.0, "decode_tps": 20.0}
 

@@ -7,14 +7,23 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from conftest import build_tiny_llama
 from safetensors.torch import load_file
 
-from conftest import build_tiny_llama
 from frugalflow.arch import compressible_linears
 from frugalflow.models import load_model, model_stats, save_model
 from frugalflow.prune.magnitude import prune_magnitude
-from frugalflow.quant.int8 import (Int8Linear, dequantize_int8_model, int8_modules, int_matmul, observe,
-                                   quantize_dynamic_int8, quantize_static_int8, quantize_weight, smoothing_factors)
+from frugalflow.quant.int8 import (
+    Int8Linear,
+    dequantize_int8_model,
+    int8_modules,
+    int_matmul,
+    observe,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+    quantize_weight,
+    smoothing_factors,
+)
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 200, 383, 7, 64, 128]])
 

@@ -13,8 +13,15 @@ from safetensors.torch import save_file
 
 from frugalflow.config import EvaluationConfig, MagnitudePrune
 from frugalflow.errors import CorruptData
-from frugalflow.integrity import (atomic_write_bytes, load_checkpoint, read_json_checked, save_checkpoint, seal_dir,
-                                  verify_manifest, write_json_checked)
+from frugalflow.integrity import (
+    atomic_write_bytes,
+    load_checkpoint,
+    read_json_checked,
+    save_checkpoint,
+    seal_dir,
+    verify_manifest,
+    write_json_checked,
+)
 
 
 class Lines(logging.Handler):
@@ -108,9 +115,9 @@ def test_a_corrupt_checkpoint_is_set_aside_not_trusted(tmp_path, logged):
 
 
 def test_distillation_restarts_from_scratch_on_a_corrupt_checkpoint(tmp_path, tiny_model):
-    from frugalflow.distill.trainer import CHECKPOINT_FILE, distill
-
     from conftest import build_tiny_llama
+
+    from frugalflow.distill.trainer import CHECKPOINT_FILE, distill
 
     windows = torch.randint(0, 300, (4, 32))
 

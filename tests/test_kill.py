@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from helpers import ROOT, client_for, free_port, make_project, tail, tiny_recipe, wait_for, wait_healthy
+from safetensors.torch import load_file
 
 MODEL = "tiny-kill"
 POINTS = ["stage0.compute", "stage1.save", "stage2.step2", "evaluate.candidate", "register"]

@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 
 from frugalflow.arch import compressible_linears
 from frugalflow.config import EvaluationConfig, LMEvalConfig, RecipeError
-from frugalflow.recipe_io import recipe_from_dict
 from frugalflow.evaluate.harness import flatten_results, include_hash, metric_name
 from frugalflow.evaluate.suite import evaluate_model, evaluation_key
 from frugalflow.models import load_model, load_tokenizer, save_model
 from frugalflow.quant.pack import quantize_model
 from frugalflow.quant.rtn import compute_qparams, quantize
+from frugalflow.recipe_io import recipe_from_dict
 
 pytest.importorskip("lm_eval")
 

@@ -6,8 +6,15 @@ import math
 import pytest
 import torch
 
-from frugalflow.distill.losses import (IGNORE_INDEX, ce_loss, distill_loss, hidden_state_loss, kl_loss,
-                                       next_token_labels, tsld_loss)
+from frugalflow.distill.losses import (
+    IGNORE_INDEX,
+    ce_loss,
+    distill_loss,
+    hidden_state_loss,
+    kl_loss,
+    next_token_labels,
+    tsld_loss,
+)
 
 
 def _logits(*shape, seed=0):

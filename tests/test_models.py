@@ -11,8 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import frugalflow.models as models
 from frugalflow.arch import compressible_linears
-from frugalflow.models import (ModelLoadError, load_model, load_tokenizer, model_stats, save_model,
-                               weights_size_mb)
+from frugalflow.models import ModelLoadError, load_model, load_tokenizer, model_stats, save_model, weights_size_mb
 from frugalflow.prune.magnitude import prune_magnitude
 from frugalflow.quant.pack import dequantize_model, quantize_model, quantized_modules
 from frugalflow.quant.rtn import compute_qparams, quantize

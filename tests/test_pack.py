@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from frugalflow.arch import compressible_linears
-from frugalflow.quant.pack import (QuantLinear, dequantize_model, pack_codes, quantization_meta, quantize_model,
-                                   quantized_modules, unpack_codes)
+from frugalflow.quant.pack import (
+    QuantLinear,
+    dequantize_model,
+    pack_codes,
+    quantization_meta,
+    quantize_model,
+    quantized_modules,
+    unpack_codes,
+)
 from frugalflow.quant.rtn import compute_qparams, dequantize, quantize
 
 

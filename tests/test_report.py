@@ -178,6 +178,7 @@ def store(tmp_path: Path):
     its output dir, a quantize stage whose stats are only logged on its run, and a cached
     distill stage whose steps were logged by an earlier run with the same key."""
     from mlflow import MlflowClient
+
     from tasks import tracking as T
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

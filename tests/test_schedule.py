@@ -90,8 +90,13 @@ def read_deployment(deployment_id):
 
 def auto_scheduled_starts(deployment_id) -> list:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
-    from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     with get_client(sync_client=True) as client:
@@ -178,7 +183,7 @@ def test_deployment_schedule_matches_params_yaml(api):
 @pytest.mark.xfail(SQLALCHEMY_BREAKS_SCHEDULER, strict=True, reason=f"SQLAlchemy {sqlalchemy.__version__}: Prefect "
                    "3.8.8's scheduler bulk-inserts FlowRun.state, a hybrid property, which SQLAlchemy 2.1 refuses")
 def test_server_scheduler_places_runs_at_cron_times_in_the_time_zone(api, project):
-    from flows.schedule import nightly_deployment, next_runs
+    from flows.schedule import next_runs, nightly_deployment
 
     deployment_id = nightly_deployment(project / "params.yaml").apply()
     expected = [t.astimezone(timezone.utc) for t in next_runs(TINY_SCHEDULE["cron"], TINY_SCHEDULE["timezone"], 3)]

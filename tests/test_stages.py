@@ -8,9 +8,9 @@ import torch
 from frugalflow import config as C
 from frugalflow.arch import compressible_linears
 from frugalflow.data import prepare_data
-from frugalflow.models import load_model, model_stats
-from frugalflow.quant.pack import quantized_modules
 from frugalflow.method import entry_for
+from frugalflow.models import load_model
+from frugalflow.quant.pack import quantized_modules
 from frugalflow.stages import run_stage
 
 

@@ -10,7 +10,7 @@ from conftest import build_tiny_llama
 
 from frugalflow import config as C
 from frugalflow import streaming
-from frugalflow.data import prepare_data, load_windows
+from frugalflow.data import load_windows, prepare_data
 from frugalflow.models import QUANT_META, load_model
 from frugalflow.stages import run_stage
 

@@ -17,12 +17,12 @@ from frugalflow.models import load_model
 from frugalflow.prune.importance import structured_importance
 from frugalflow.prune.structured import head_counts, hidden_keep_count, mlp_keep_count, prune_structured
 
-V, H, I, NH, NKV, HD = 384, 64, 128, 4, 2, 16
+V, H, FF, NH, NKV, HD = 384, 64, 128, 4, 2, 16
 
 
 def build(layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=layers,
                          num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     return LlamaForCausalLM(config).eval()
@@ -30,7 +30,7 @@ def build(layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
 
 def build_opt(seed: int = 0) -> OPTForCausalLM:
     torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=V, hidden_size=H, ffn_dim=I, num_hidden_layers=3, num_attention_heads=NH,
+    config = OPTConfig(vocab_size=V, hidden_size=H, ffn_dim=FF, num_hidden_layers=3, num_attention_heads=NH,
                        max_position_embeddings=512, word_embed_proj_dim=H)
     return OPTForCausalLM(config).eval()
 
@@ -82,7 +82,7 @@ def masked_copy(model, stats):
     with torch.no_grad():
         for i, layer in enumerate(m.model.layers):
             if "mlp" in kept:
-                drop = sorted(set(range(I)) - set(kept["mlp"][i]))
+                drop = sorted(set(range(FF)) - set(kept["mlp"][i]))
                 layer.mlp.down_proj.weight[:, drop] = 0
             if "heads" in kept:
                 for h in sorted(set(range(NH)) - set(kept["heads"][i])):
@@ -121,7 +121,7 @@ def test_importance_matches_plain_forward_reference():
     imp = structured_importance(model, ids, batch_size=2, on_progress=lambda i, n: progress.append((i, n)))
     ref = reference_importance(model, ids)
     assert progress == [(0, 3), (1, 3), (2, 3)]
-    assert (imp["n_layers"], imp["intermediate_size"], imp["num_attention_heads"], imp["head_dim"]) == (3, I, NH, HD)
+    assert (imp["n_layers"], imp["intermediate_size"], imp["num_attention_heads"], imp["head_dim"]) == (3, FF, NH, HD)
     assert imp["hidden_size"] == H and len(imp["hidden"]) == H
     torch.testing.assert_close(torch.tensor(imp["hidden"]), ref["hidden"], rtol=1e-5, atol=1e-6)
     assert imp["n_tokens"] == ids.numel() and imp["n_windows"] == 5
@@ -141,7 +141,7 @@ def test_zeroed_mlp_channels_rank_lowest_and_go_first():
     # Activation importance reads the input of down_proj, so a channel is made dead on that side
     # (zero up_proj row -> act(gate) * 0 = 0); zeroing a down_proj column would not change its score.
     model, ids = build(), windows()
-    dead = [sorted(torch.randperm(I, generator=torch.Generator().manual_seed(10 + i))[:32].tolist()) for i in range(3)]
+    dead = [sorted(torch.randperm(FF, generator=torch.Generator().manual_seed(10 + i))[:32].tolist()) for i in range(3)]
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             layer.mlp.up_proj.weight[dead[i]] = 0
@@ -153,7 +153,7 @@ def test_zeroed_mlp_channels_rank_lowest_and_go_first():
         assert torch.sort(scores).indices[:32].sort().values.tolist() == dead[i]
     stats = prune_structured(model, imp, mlp_ratio=0.25)
     for i in range(3):
-        assert stats["kept"]["mlp"][i] == sorted(set(range(I)) - set(dead[i]))
+        assert stats["kept"]["mlp"][i] == sorted(set(range(FF)) - set(dead[i]))
     torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-5)
 
 
@@ -240,7 +240,7 @@ def test_save_and_plain_from_pretrained_round_trip(tmp_path, heads_mode):
 def test_parameter_count_matches_arithmetic():
     model, ids = build(), windows()
     imp = structured_importance(model, ids)
-    before = n_params_formula(3, I, NH, NKV)
+    before = n_params_formula(3, FF, NH, NKV)
     assert sum(p.numel() for p in model.parameters()) == before
     stats = prune_structured(model, imp, mlp_ratio=0.25, heads_ratio=0.5, drop_layers=1)
     after = n_params_formula(2, 96, 2, 1)
@@ -248,7 +248,7 @@ def test_parameter_count_matches_arithmetic():
     assert sum(p.numel() for p in model.parameters()) == after
     assert stats["param_reduction"] == pytest.approx(1 - after / before)
     # per layer: MLP 3*64*32 fewer, attention q/o 2*64*32 + k/v 2*64*16 fewer; plus one whole layer
-    assert before - after == 2 * (3 * H * 32 + 2 * H * 32 + 2 * H * 16) + (3 * H * I + 2 * H * NH * HD
+    assert before - after == 2 * (3 * H * 32 + 2 * H * 32 + 2 * H * 16) + (3 * H * FF + 2 * H * NH * HD
                                                                       + 2 * H * NKV * HD + 2 * H)
 
 
@@ -276,7 +276,7 @@ def test_keep_counts_and_validation():
 def test_opt_mlp_and_depth_round_trip(tmp_path):
     model, ids = build_opt(), windows()
     imp = structured_importance(model, ids)
-    assert imp["heads"] is None and len(imp["mlp"]) == 3 and len(imp["mlp"][0]) == I
+    assert imp["heads"] is None and len(imp["mlp"]) == 3 and len(imp["mlp"][0]) == FF
     with pytest.raises(ValueError, match="head pruning"):
         prune_structured(copy.deepcopy(model), imp, heads_ratio=0.5)
     original = copy.deepcopy(model)
@@ -284,7 +284,7 @@ def test_opt_mlp_and_depth_round_trip(tmp_path):
     masked = copy.deepcopy(original)
     with torch.no_grad():
         for i, layer in enumerate(masked.model.decoder.layers):
-            layer.fc2.weight[:, sorted(set(range(I)) - set(stats["kept"]["mlp"][i]))] = 0
+            layer.fc2.weight[:, sorted(set(range(FF)) - set(stats["kept"]["mlp"][i]))] = 0
         for i in stats["dropped_layers"]:
             gone = masked.model.decoder.layers[i]
             for lin in (gone.self_attn.out_proj, gone.fc2):
@@ -410,7 +410,7 @@ def test_hidden_counts_and_validation():
         prune_structured(copy.deepcopy(model), imp, mlp_ratio=0.0, hidden_ratio=0.05)
     with pytest.raises(ValueError, match="KV groups"):  # refused before any weight is sliced
         prune_structured(model, imp, mlp_ratio=0.25, heads_ratio=0.2, hidden_ratio=0.25)
-    assert model.config.hidden_size == H and model.model.layers[0].mlp.down_proj.weight.shape == (H, I)
+    assert model.config.hidden_size == H and model.model.layers[0].mlp.down_proj.weight.shape == (H, FF)
     prune_structured(model, imp, mlp_ratio=0.0, hidden_ratio=0.25)
     with pytest.raises(ValueError, match="another shape"):
         prune_structured(model, imp, mlp_ratio=0.0, hidden_ratio=0.25)
@@ -423,7 +423,7 @@ def test_hidden_counts_and_validation():
 
 def test_hidden_untied_lm_head_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=2,
                                          num_attention_heads=NH, num_key_value_heads=NKV, tie_word_embeddings=False,
                                          max_position_embeddings=512, bos_token_id=0, eos_token_id=0)).eval()
     ids = windows()

@@ -7,10 +7,10 @@ import os
 import socket
 
 import pytest
+from helpers import client_for, make_project, tiny_recipe
 
 from flows.cli import main as cli
 from frugalflow.pareto import pareto_front
-from helpers import client_for, make_project, tiny_recipe
 
 MODEL = "tiny-sweep"
 GRID = ["stages.0.sparsity=0.2,0.6", "stages.1.bits=4,8"]

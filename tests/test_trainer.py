@@ -10,8 +10,7 @@ from torch.nn.utils import parametrize
 
 from frugalflow.arch import compressible_linears
 from frugalflow.distill.losses import kl_loss
-from frugalflow.distill.trainer import (CHECKPOINT_FILE, attach_compression, distill, final_weights, lr_factor,
-                                        sample_batch)
+from frugalflow.distill.trainer import CHECKPOINT_FILE, attach_compression, distill, final_weights, lr_factor, sample_batch
 from frugalflow.quant import rtn
 
 FAST = dict(batch_size=2, seq_len=24, temperature=1.0, grad_clip=1.0)

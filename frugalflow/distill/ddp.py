@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from frugalflow import config as C
     from frugalflow import stages
-    from frugalflow.distill import trainer
     from frugalflow.data import load_windows
+    from frugalflow.distill import trainer
 
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     stage = TypeAdapter(C.Stage).validate_python(spec["stage"])

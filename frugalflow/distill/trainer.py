@@ -352,7 +352,7 @@ def run(stage, model_dir: Path, out_dir: Path, ctx: dict):
     from frugalflow.data import load_windows
     from frugalflow.distill import ddp
     from frugalflow.evaluate.perplexity import perplexity
-    from frugalflow.method import MethodResult, float_model, quiet, quantize_with_grids, save
+    from frugalflow.method import MethodResult, float_model, quantize_with_grids, quiet, save
     from frugalflow.models import load_model
 
     rank, world = ddp.rank_and_size()

@@ -14,7 +14,6 @@ import torch.nn as nn
 
 from frugalflow.arch import compressible_linears
 from frugalflow.models import load_model
-from frugalflow.quant.int8 import Int8Linear
 from frugalflow.quant.pack import QuantLinear
 from frugalflow.quant.runtime import PackedLinear
 

@@ -32,11 +32,18 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from frugalflow.export.common import (ExportError, dense_weight, describe_fallback, is_symmetric, linears,
-                                      load_for_export, write_atomically)
+from frugalflow.export.common import (
+    ExportError,
+    dense_weight,
+    describe_fallback,
+    is_symmetric,
+    linears,
+    load_for_export,
+    write_atomically,
+)
 from frugalflow.models import TOKENIZER_FILES, _dedupe, declare_fast_tokenizer
 from frugalflow.quant.int8 import Int8Linear
-from frugalflow.quant.pack import QuantLinear, pack_codes
+from frugalflow.quant.pack import pack_codes
 from frugalflow.quant.runtime import PackedLinear
 
 PACKED_BITS = (2, 4, 8)

@@ -21,15 +21,23 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 import torch.nn as nn
 
-import gguf
-from frugalflow.export.common import (ExportError, dense_weight, describe_fallback, group_of, head_dim,
-                                      is_symmetric, linears, load_for_export, write_atomically)
+from frugalflow.export.common import (
+    ExportError,
+    dense_weight,
+    describe_fallback,
+    group_of,
+    head_dim,
+    is_symmetric,
+    linears,
+    load_for_export,
+    write_atomically,
+)
 from frugalflow.quant.int8 import Int8Linear
-from frugalflow.quant.pack import QuantLinear
 from frugalflow.quant.runtime import PackedLinear
 
 Q = gguf.GGMLQuantizationType

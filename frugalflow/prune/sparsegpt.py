@@ -19,8 +19,14 @@ import torch
 import torch.nn as nn
 
 from frugalflow.arch import arch_of
-from frugalflow.calibration import (column_loop_threads, hessian_inverse_upper, input_groups, lazy_step,
-                                    relative_error, run_sequential)
+from frugalflow.calibration import (
+    column_loop_threads,
+    hessian_inverse_upper,
+    input_groups,
+    lazy_step,
+    relative_error,
+    run_sequential,
+)
 from frugalflow.prune.wanda import check_n_m, nm_prune_mask, prune_counts, row_prune_mask
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from frugalflow.arch import arch_of
 from frugalflow.calibration import input_groups, relative_error, run_sequential
-from frugalflow.quant.rtn import compute_qparams, dequantize, fake_quantize, quantize, rtn_linears
+from frugalflow.quant.rtn import fake_quantize, rtn_linears
 
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj")  # llm-awq: "due to qk bmm, it is hard to clip precisely"
 

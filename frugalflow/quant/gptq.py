@@ -18,8 +18,14 @@ import torch
 import torch.nn as nn
 
 from frugalflow.arch import arch_of
-from frugalflow.calibration import (column_loop_threads, hessian_inverse_upper, input_groups, lazy_step,
-                                    relative_error, run_sequential)
+from frugalflow.calibration import (
+    column_loop_threads,
+    hessian_inverse_upper,
+    input_groups,
+    lazy_step,
+    relative_error,
+    run_sequential,
+)
 from frugalflow.quant.rtn import compute_qparams, dequantize
 
 

@@ -179,7 +179,8 @@ def open_team(home: Path | None, project_dir: Path, ports: dict[str, int] | None
         if not env.get(var):
             env[var], changed = generate(var), True
     for service in SERVICES:
-        wanted = (ports or {}).get(service) or env.get(PORT_VARS[service]) or spec[service].get("local_port", spec[service]["port"])
+        wanted = ((ports or {}).get(service) or env.get(PORT_VARS[service])
+                  or spec[service].get("local_port", spec[service]["port"]))
         if env.get(PORT_VARS[service]) != str(wanted):
             env[PORT_VARS[service]], changed = str(wanted), True
     if changed:

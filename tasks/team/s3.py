@@ -8,8 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from tasks.team.config import Team, TeamError
 from tasks.team import procs
+from tasks.team.config import Team, TeamError
 
 
 def client(team: Team, key: tuple[str, str] | None = None):

@@ -8,11 +8,10 @@ seeded by the topic key. The committed file was made with Python 3.11.
 from __future__ import annotations
 
 import json
+import pydoc_data.topics
 import random
 import re
 from pathlib import Path
-
-import pydoc_data.topics
 
 N_CHOICES = 4
 MIN_CHARS, MAX_CHARS = 160, 480
