@@ -4,7 +4,7 @@ Pass 1, on the dense model: the outlier ratio D_l of decoder layer l is the shar
 Wanda scores |W_ij| * ||X_j||_2 (all its linears together) above `outlier_m` times their
 mean. D is rescaled to [0, 2 * lambda] and centred, and layer l gets sparsity
 target - (D'_l - mean D'): layers with more outliers keep more weights, the mean stays the
-target. Pass 2: Wanda in every layer at its own sparsity (exact per linear, as wanda.py).
+target. Pass 2: wanda.prune_wanda with those per-layer sparsities.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from frugalflow.arch import arch_of
-from frugalflow.calibration import input_groups, relative_error, run_sequential
-from frugalflow.prune.wanda import wanda_mask
+from frugalflow.calibration import input_groups, run_sequential
+from frugalflow.prune.wanda import prune_wanda
 
 
 def owl_sparsities(outlier_ratios: list[float], sparsity: float, owl_lambda: float) -> list[float]:
@@ -55,26 +55,10 @@ def prune_owl(model: nn.Module, calib_windows: torch.Tensor, sparsity: float, ow
               batch_size: int = 8, recon_stride: int = 8) -> tuple[dict[str, dict], dict]:
     """Prune every decoder linear in place: (per linear {"sparsity", "recon_error"},
     search {"outlier_ratio": [...], "layer_sparsity": [...]}) with recon_error as in wanda.py."""
-    arch = arch_of(model)
     ratios = outlier_ratios(model, calib_windows, outlier_m, device, batch_size)
     per_layer = owl_sparsities(ratios, sparsity, owl_lambda)
-
-    def solve(i, layer, stats):
-        out = {}
-        for group in input_groups(arch):
-            st = stats[group[0]]
-            for name in group:
-                lin = layer.get_submodule(name)
-                W = lin.weight.data.float()
-                keep = wanda_mask(W, st["x_norm"], per_layer[i])
-                W_new = W * keep
-                out[name] = {"sparsity": 1.0 - keep.float().mean().item(),
-                             "recon_error": relative_error(W, W_new, st["H"])}
-                lin.weight.data.copy_(W_new.to(lin.weight.dtype))
-        return out
-
-    layers = run_sequential(model, calib_windows, solve, needs=("H", "x_norm"), device=device,
-                            batch_size=batch_size, on_progress=on_progress, h_stride=recon_stride)
+    layers = prune_wanda(model, calib_windows, per_layer, device=device, on_progress=on_progress,
+                         batch_size=batch_size, recon_stride=recon_stride)
     return layers, {"outlier_ratio": ratios, "layer_sparsity": per_layer}
 
 

@@ -7,7 +7,7 @@ round(out * in * sparsity) weights are zeroed, spread over rows by `prune_counts
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -63,11 +63,12 @@ def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, sparsity: float,
     return ~row_prune_mask(score, prune_counts(*W.shape, sparsity, device=W.device))
 
 
-def prune_wanda(model: nn.Module, calib_windows: torch.Tensor, sparsity: float,
+def prune_wanda(model: nn.Module, calib_windows: torch.Tensor, sparsity: float | Sequence[float],
                 n_m: tuple[int, int] | None = None, device: str = "cpu",
                 on_progress: Callable[[int, int], None] | None = None,
                 batch_size: int = 8, recon_stride: int = 8) -> dict[str, dict]:
-    """Prune every decoder linear in place; per linear {"sparsity", "recon_error"}.
+    """Prune every decoder linear in place; per linear {"sparsity", "recon_error"}. `sparsity`: one
+    for every decoder layer, or one per layer (OWL's layer-wise sparsities, owl.py).
 
     recon_error = ||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from H built on
     every `recon_stride`-th token (1: exact; the default 8 makes it cheap next to the forward
@@ -75,14 +76,15 @@ def prune_wanda(model: nn.Module, calib_windows: torch.Tensor, sparsity: float,
     """
     arch = arch_of(model)
 
-    def solve(_i, layer, stats):
+    def solve(i, layer, stats):
         out = {}
+        target = sparsity if isinstance(sparsity, (int, float)) else sparsity[i]
         for group in input_groups(arch):
             st = stats[group[0]]
             for name in group:
                 lin = layer.get_submodule(name)
                 W = lin.weight.data.float()
-                keep = wanda_mask(W, st["x_norm"], sparsity, n_m)
+                keep = wanda_mask(W, st["x_norm"], target, n_m)
                 W_new = W * keep
                 out[name] = {"sparsity": 1.0 - keep.float().mean().item(),
                              "recon_error": relative_error(W, W_new, st["H"])}
