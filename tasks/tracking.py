@@ -154,5 +154,27 @@ def log_datasets(client: MlflowClient, run_id: str, data_dir: Path, data_key: st
                           source=source)
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
     if inputs:
-        client.log_inputs(run_id, datasets=inputs)
+        _log_inputs_racing(client, run_id, inputs)
     return [d.dataset.name for d in inputs]
+
+
+def _is_dataset_race(exc: Exception) -> bool:
+    """The store's check-then-insert of a dataset lost to a concurrent run that inserted the same
+    (experiment, name, digest) first: PostgreSQL's UniqueViolation on dataset_pk, SQLite's UNIQUE failure."""
+    text = str(exc)
+    return "datasets" in text and ("UniqueViolation" in text or "UNIQUE constraint failed" in text)
+
+
+def _log_inputs_racing(client: MlflowClient, run_id: str, inputs: list, attempts: int = 3) -> None:
+    """client.log_inputs, tried again when a concurrent run of the same experiment inserted the same
+    dataset between the store's lookup and its insert (two nightly runs on one server); the next try
+    finds that dataset and only links it to this run."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not _is_dataset_race(exc):
+                raise

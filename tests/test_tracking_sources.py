@@ -3,6 +3,8 @@ is the file's DVC md5 (what fills the runs table's Source, Version and Dataset c
 import hashlib
 import json
 
+import pytest
+
 from tasks import tracking as T
 
 
@@ -27,3 +29,71 @@ def test_splits_logged_as_datasets_with_dvc_digest_and_source_tags(tmp_path):
         assert digest == hashlib.md5(stem.encode() * 10).hexdigest()
         assert dtags["mlflow.data.context"] == context
         assert source["dvc_dir_md5"] == "feed.dir"
+
+
+def test_dataset_inserted_by_a_concurrent_run_is_linked_not_fatal(tmp_path):
+    """Two nightly runs of one experiment log the same splits at once: the store looks the dataset up,
+    the other run inserts it, and this run's insert fails on the unique key (seen on PostgreSQL in CI).
+    The genuine store error is produced here by inserting the duplicate row through the store's own
+    session; log_datasets tries again, finds the dataset and links it, and both runs list all splits."""
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.dbmodels.models import SqlDataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in ("calib", "train", "eval"):
+        (data / f"{stem}.safetensors").write_bytes(stem.encode() * 10)
+    client = T.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = T.experiment_id(client, "e", tmp_path / "mlartifacts")
+    first, second = (T.start_run(client, exp, name) for name in ("first", "second"))
+    T.log_datasets(client, first, data, "feed.dir")
+
+    store = client._tracking_client.store
+    digest = hashlib.md5(b"calib" * 10).hexdigest()
+    lost_race = None
+    try:
+        with store.ManagedSessionMaker(read_only=False) as session:
+            session.add(SqlDataset(dataset_uuid=uuid.uuid4().hex, experiment_id=int(exp), name="data/calib",
+                                   digest=digest, dataset_source_type="local", dataset_source="{}"))
+    except MlflowException as exc:
+        lost_race = exc
+    assert T._is_dataset_race(lost_race), str(lost_race)
+
+    calls = []
+    real = client.log_inputs
+
+    def racing(run_id, datasets):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise lost_race
+        return real(run_id, datasets=datasets)
+
+    client.log_inputs = racing
+    assert T.log_datasets(client, second, data, "feed.dir") == ["data/calib", "data/train", "data/eval"]
+    assert calls == [second, second]
+    for run_id in (first, second):
+        assert sorted(d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs) == [
+            "data/calib", "data/eval", "data/train"]
+    with store.ManagedSessionMaker() as session:
+        assert session.query(SqlDataset).count() == 3
+
+
+def test_other_store_errors_are_not_retried(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "calib.safetensors").write_bytes(b"x")
+    client = T.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    calls = []
+
+    def broken(run_id, datasets):
+        calls.append(run_id)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run 'r' not found")
+
+    client.log_inputs = broken
+    with pytest.raises(MlflowException, match="not found"):
+        T.log_datasets(client, "r", data, "feed.dir")
+    assert calls == ["r"]
