@@ -58,11 +58,25 @@ def to_windows(token_ids: list[int], window: int, limit: int) -> torch.Tensor:
     return torch.tensor(token_ids[: n * window], dtype=torch.long).reshape(n, window)
 
 
-def prepare_data(cfg: DataConfig, tokenizer_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+def tokenize_fn(tokenizer_dir: str | Path):
+    """text -> token ids without special tokens. A fast tokenizer's tokenizer.json is run by the
+    `tokenizers` library directly (the ids PreTrainedTokenizerFast gives, without importing
+    transformers); anything else goes through AutoTokenizer."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(path))
+        return lambda text: backend.encode(text, add_special_tokens=False).ids
     from transformers import AutoTokenizer
 
-    out_dir = Path(out_dir or cfg.path)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return lambda text: tokenizer(text, add_special_tokens=False).input_ids
+
+
+def prepare_data(cfg: DataConfig, tokenizer_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+    out_dir = Path(out_dir or cfg.path)
+    encode = tokenize_fn(tokenizer_dir)
     docs = load_corpus(cfg)
     keys = split_documents(docs)
     wanted = {"calib": cfg.calib_windows, "train": cfg.train_windows, "eval": cfg.eval_windows}
@@ -70,7 +84,7 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: str | Path, out_dir: str | Path
     tensors = {}
     for split in SPLITS:
         text = "\n\n".join(docs[k] for k in keys[split])
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = encode(text)
         windows = to_windows(ids, cfg.window, wanted[split])
         if len(windows) == 0 and wanted[split] > 0:
             raise ValueError(f"the {split} split of corpus {cfg.corpus!r} has {len(ids)} tokens, fewer than "

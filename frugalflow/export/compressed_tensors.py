@@ -41,7 +41,8 @@ from frugalflow.export.common import (
     load_for_export,
     write_atomically,
 )
-from frugalflow.models import TOKENIZER_FILES, _dedupe, declare_fast_tokenizer
+from frugalflow.fetch_model import declare_fast_tokenizer
+from frugalflow.models import TOKENIZER_FILES, _dedupe
 from frugalflow.quant.int8 import Int8Linear
 from frugalflow.quant.pack import pack_codes
 from frugalflow.quant.runtime import PackedLinear
