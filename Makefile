@@ -63,8 +63,11 @@ transformers5: $(TF5)/5.25/.installed $(TF5)/5.17/.installed
 lint: $(STAMP)          ## ruff (configured in pyproject.toml); part of `make test`
 	$(BIN)/ruff check .
 
+# Two pytest-xdist workers: much of the suite waits on servers and subprocesses (tests/conftest.py
+# keeps each module, and each shared server, on one worker). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint transformers5 browser postgres  ## the test suite (CPU only; starts its own local servers and a headless browser)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 validate: $(STAMP)
 	$(BIN)/frugalflow validate

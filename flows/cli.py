@@ -98,13 +98,14 @@ def cmd_run(args) -> int:
 def cmd_sweep(args) -> int:
     recipe = _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
     from flows.sweep import candidate_recipes, runner_for, sweep_flow
+    from flows.tables import render_sweep
 
     try:
         candidates = candidate_recipes(args.params, args.grid, args.set)  # every grid point, before any work
     except RecipeError as exc:
         print(f"invalid sweep {exc}", file=sys.stderr)
         return 2
-    print(f"sweep: {len(candidates)} candidates: {', '.join(c[0] for c in candidates)}")
+    print(f"sweep: {len(candidates)} candidates: {', '.join(c.label for c in candidates)}")
     _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
     _adopt()
     workers = args.parallel or recipe.sweep.max_parallel
@@ -112,13 +113,8 @@ def cmd_sweep(args) -> int:
     result = sweep_flow.with_options(task_runner=runner)(
         params=args.params, grid=args.grid, overrides=args.set)
     print(f"\nsweep {result['run_id']}: {len(result['candidates'])} candidates, selected: {result['selected'] or 'none'}")
-    for c in result["candidates"]:
-        m = c["metrics"] or {}
-        mark = "*" if c["selected"] else ("P" if c["pareto"] else " ")
-        state = c["error"] or ("pass" if c["passed"] else "fail")
-        print(f"  {mark} {c['label']:<32} ppl {m.get('ppl', float('nan')):8.3f}  {m.get('size_mb', float('nan')):7.1f} MB  "
-              f"{m.get('decode_tps', float('nan')):6.1f} tok/s  {state}")
-    print("  (* selected, P on the Pareto front)")
+    print(render_sweep(result["candidates"]))
+    print("(* selected, P on the Pareto front)")
     promo = result["promotion"]
     if promo["registered"]:
         print(f"  registered version {promo['version']}" + (" and promoted to champion" if promo["champion"] else ""))

@@ -149,14 +149,14 @@ def serve_nightly(params_path: str | Path = "params.yaml", overrides: Iterable[s
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.schedule [FILE] [-s K=V] [--check]`: the CLI's `schedule` command (one typer
-    app, flows/cli.py); bad input returns 2 and, unlike the CLI, no reachable server returns 1."""
+    app, flows/cli.py), with its exit codes: bad input 2, no reachable Prefect server 4."""
     from flows.cli import main as cli
 
     try:
         code = cli(["schedule", *(sys.argv[1:] if argv is None else argv)])
     except SystemExit as exc:  # the recipe check and usage errors exit this way
         code = exc.code if isinstance(exc.code, int) else 1
-    return 1 if code == 4 else code
+    return code
 
 
 if __name__ == "__main__":

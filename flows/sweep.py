@@ -17,7 +17,6 @@ on another.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -28,17 +27,12 @@ from flows.candidate import candidate_stages, evaluate_baseline, evaluate_candid
 from flows.nightly import start_parent_run
 from flows.project import load_flow_recipe, open_project, project_root
 from frugalflow.config import RecipeError
-from frugalflow.gates import rank
-from frugalflow.pareto import pareto_front
-from frugalflow.sweep import as_overrides, expand_grid, label, parse_grid_option
-from tasks import tracking as T
-from tasks.runstate import close_failed, process_tags
-
-FRONT = {"minimize": ("ppl", "size_mb"), "maximize": ("decode_tps",)}
+from frugalflow.sweep import Candidate, as_overrides, expand_grid, label, parse_grid_option, select
+from tasks.sweep_runs import SweepRuns
 
 
-def candidate_recipes(params: str, grid_options: list[str], overrides: list[str]) -> list[tuple[str, dict, object]]:
-    """(label, assignment, validated recipe) for every grid point of the recipe's `sweep.grid`
+def candidate_recipes(params: str, grid_options: list[str], overrides: list[str]) -> list[Candidate]:
+    """A Candidate (label, assignment, validated recipe) for every grid point of the recipe's `sweep.grid`
     plus `grid_options` (KEY=V1,V2); all are validated before any heavy work, and an invalid
     one names its grid point."""
     params_path = Path(params).resolve()
@@ -57,7 +51,7 @@ def candidate_recipes(params: str, grid_options: list[str], overrides: list[str]
             recipe = load_flow_recipe(params_path, root, overrides + as_overrides(assignment))
         except RecipeError as exc:
             raise RecipeError(f"sweep candidate {name}", exc.problems) from None
-        out.append((name, assignment, recipe))
+        out.append(Candidate(name, assignment, recipe))
     return out
 
 
@@ -106,19 +100,6 @@ def runner_for(workers: int, cluster: str | None = None):
     return cluster_runner(cluster) if cluster else sweep_runner(workers)
 
 
-def summary_markdown(rows: list[dict], objective: str) -> str:
-    lines = [f"# Sweep: {len(rows)} candidates (objective {objective})", "",
-             "| candidate | ppl | size MB | decode tok/s | gates | Pareto front | selected |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m = r.get("metrics") or {}
-        cells = [f"{m[k]:.3f}" if k in m else "-" for k in ("ppl", "size_mb", "decode_tps")]
-        gates = "failed to run" if r.get("error") else ("pass" if r["verdict"]["passed"] else "FAIL")
-        lines.append(f"| {r['label']} | {' | '.join(cells)} | {gates} | {'yes' if r.get('pareto') else ''} | "
-                     f"{'**yes**' if r.get('selected') else ''} |")
-    return "\n".join(lines) + "\n"
-
-
 @flow(name="frugalflow-sweep", log_prints=True, task_runner=sweep_runner(2))
 def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
                overrides: list[str] | None = None) -> dict:
@@ -126,76 +107,37 @@ def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
     overrides = list(overrides or [])
     candidates = candidate_recipes(params, list(grid or []), overrides)
     project = open_project(params, overrides)
-    recipe = project.recipe
-    logger.info("sweep of %d candidates: %s", len(candidates), "; ".join(c[0] for c in candidates))
-    sweep = start_parent_run(project, f"{recipe.name}-sweep", tags={"frugalflow.sweep": "true"})
-    client = T.connect(project.uri)
-    T.log_json(client, sweep.parent_run_id, {name: a for name, a, _ in candidates}, "sweep/grid.json")
-    rows: list[dict] = []
+    objective = project.recipe.registry.objective
+    logger.info("sweep of %d candidates: %s", len(candidates), "; ".join(c.label for c in candidates))
+    runs = SweepRuns(start_parent_run(project, f"{project.recipe.name}-sweep", tags={"frugalflow.sweep": "true"}))
     try:
+        runs.log_grid(candidates)
         baseline = evaluate_baseline(project)
-        T.log_metrics(client, sweep.parent_run_id, {f"baseline.{k}": v for k, v in baseline.items()})
-        for name, assignment, cand in candidates:
-            run = T.start_run(client, project.experiment_id, name, parent_run_id=sweep.parent_run_id,
-                              tags={**project.lineage_tags, "frugalflow.recipe": cand.name,
-                                    "frugalflow.sweep_run": sweep.parent_run_id,
-                                    "frugalflow.assignment": json.dumps(assignment), **process_tags()})
-            T.log_params(client, run, {f"sweep.{k}": v for k, v in assignment.items()})
-            tracking = T.Tracking(uri=project.uri, experiment_id=project.experiment_id, parent_run_id=run)
-            rows.append({"label": name, "assignment": assignment, "recipe": cand, "tracking": tracking,
-                         "future": candidate_stages.with_options(task_run_name=f"stages[{name}]")
-                         .submit(project, cand, tracking)})
-        for row in rows:
+        runs.log_baseline(baseline)
+        futures = [candidate_stages.with_options(task_run_name=f"stages[{c.label}]")
+                   .submit(project, c.recipe, runs.start_candidate(c, project.lineage_tags)) for c in candidates]
+        for c, future in zip(candidates, futures):
             try:
-                row["stages"] = row.pop("future").result()
+                c.stages = future.result()
             except Exception as exc:  # one broken candidate does not sink the sweep
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                logger.error("candidate %s failed: %s", row["label"], row["error"])
-                close_failed(client, row["tracking"].parent_run_id, row["error"])
-        for row in rows:  # once every stage is done: one at a time, in grid order
-            if "error" in row:
-                continue
-            row["dir"] = row["stages"][-1]["dir"]
-            row["metrics"] = evaluate_candidate(project, row["recipe"], row["dir"], row["tracking"], row["label"])
-            row["verdict"] = judge(project, row["recipe"], row["metrics"], baseline, row["tracking"])
-        done = [r for r in rows if "metrics" in r]
-        for i in pareto_front([r["metrics"] for r in done], **FRONT):
-            done[i]["pareto"] = True
-        passing = [r for r in done if r.get("pareto") and r["verdict"]["passed"]]
-        best = None
-        if passing:
-            ranked = rank([{**r["metrics"], "_row": k} for k, r in enumerate(passing)], recipe.registry.objective)
-            best = passing[ranked[0]["_row"]]
-            best["selected"] = True
-        for r in done:
-            T.set_tags(client, r["tracking"].parent_run_id, {"frugalflow.pareto": bool(r.get("pareto")),
-                                                             "frugalflow.selected": bool(r.get("selected"))})
+                c.error = f"{type(exc).__name__}: {exc}"
+                logger.error("candidate %s failed: %s", c.label, c.error)
+                runs.candidate_failed(c)
+        for c in candidates:  # once every stage is done: one at a time, in grid order
+            if c.error is None:
+                c.metrics = evaluate_candidate(project, c.recipe, c.model_dir, runs.tracking(c), c.label)
+                c.verdict = judge(project, c.recipe, c.metrics, baseline, runs.tracking(c))
+        best = select(candidates, objective)
         promotion = {"registered": False, "version": None, "champion": False}
         if best is not None:
-            logger.info("selected %s: on the Pareto front, passes its gates, best %s", best["label"],
-                        recipe.registry.objective)
-            promotion = publish(project, best["recipe"], best["dir"], best["tracking"], baseline=baseline,
-                                candidate=best["metrics"], stages=best["stages"], verdict=best["verdict"])
+            logger.info("selected %s: on the Pareto front, passes its gates, best %s", best.label, objective)
+            promotion = publish(project, best.recipe, best.model_dir, runs.tracking(best), baseline=baseline,
+                                candidate=best.metrics, stages=best.stages, verdict=best.verdict)
         else:
             logger.warning("no candidate on the Pareto front passed its gates; nothing registered")
-        for r in done:
-            client.set_terminated(r["tracking"].parent_run_id, "FINISHED")
-        table = [{"label": r["label"], "assignment": r["assignment"], "metrics": r.get("metrics"),
-                  "passed": r.get("verdict", {}).get("passed"), "pareto": bool(r.get("pareto")),
-                  "selected": bool(r.get("selected")), "run_id": r["tracking"].parent_run_id,
-                  "error": r.get("error")} for r in rows]
-        T.log_json(client, sweep.parent_run_id, table, "sweep/candidates.json")
-        T.log_text(client, sweep.parent_run_id, summary_markdown(rows, recipe.registry.objective),
-                   "sweep/summary.md")
-        T.set_tags(client, sweep.parent_run_id, {"frugalflow.selected": best["label"] if best else "none",
-                                                 "frugalflow.selected_run": best["tracking"].parent_run_id
-                                                 if best else ""})
-        client.set_terminated(sweep.parent_run_id, "FINISHED")
+        runs.finish(candidates, best, objective)
     except BaseException as exc:
-        close_failed(client, sweep.parent_run_id, f"{type(exc).__name__}: {exc}")
-        for r in rows:
-            if "metrics" not in r and "error" not in r:
-                close_failed(client, r["tracking"].parent_run_id, f"the sweep failed: {type(exc).__name__}")
+        runs.fail(candidates, exc)
         raise
-    return {"run_id": sweep.parent_run_id, "candidates": table, "selected": best["label"] if best else None,
-            "promotion": promotion, "baseline": baseline}
+    return {"run_id": runs.sweep.parent_run_id, "candidates": [c.record() for c in candidates],
+            "selected": best.label if best else None, "promotion": promotion, "baseline": baseline}

@@ -1,4 +1,4 @@
-"""Terminal tables for the CLI (`runs`, `compare`), drawn with rich: a header, a rule of dashes, one line per row;
+"""Terminal tables for the CLI (`runs`, `compare`, `sweep`), drawn with rich: a header, a rule of dashes, one line per row;
 columns two spaces apart, no borders, never wrapped (so they stay greppable in logs)."""
 from __future__ import annotations
 
@@ -50,3 +50,15 @@ def render_compare(rows: list[dict]) -> str:
     table = [[label, *(cell(r.get(key)) for r in rows)] for label, key in FIELDS]
     table += [[key, *(r.get("params", {}).get(key, "-") for r in rows)] for key in differing_params(rows)]
     return render(["", *(r["run"] for r in rows)], table)
+
+
+def render_sweep(candidates: list[dict]) -> str:
+    """One line per sweep candidate (its record): mark (* selected, P on the Pareto front), label,
+    ppl, size, decode speed, and pass / fail / the error that stopped it."""
+    def num(m: dict | None, key: str, fmt: str) -> str:
+        return format(m[key], fmt) if m and key in m else "-"
+
+    rows = [["*" if c["selected"] else "P" if c["pareto"] else "", c["label"], num(c["metrics"], "ppl", ".3f"),
+             num(c["metrics"], "size_mb", ".1f"), num(c["metrics"], "decode_tps", ".1f"),
+             c["error"] or ("pass" if c["passed"] else "fail")] for c in candidates]
+    return render(["", "candidate", "ppl", "size MB", "decode tok/s", "gates"], rows)

@@ -68,8 +68,16 @@ def quiet(message: str, metrics: dict) -> None:
 
 
 def layer_progress(ctx: dict, what: str) -> Callable[[int, int], None]:
-    report = ctx.get("report", quiet)
-    return lambda done, total: report(f"{what}: layer {done}/{total}", {})
+    """The (layer index, n_layers) callback of a layer loop: a report line and the stage's progress
+    bar (ctx["progress"]), both counting finished layers."""
+    report, bar = ctx.get("report", quiet), ctx.get("progress")
+
+    def progress(index: int, total: int) -> None:
+        report(f"{what}: layer {index + 1}/{total}", {})
+        if bar is not None:
+            bar(index + 1, total)
+
+    return progress
 
 
 def float_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:

@@ -32,17 +32,19 @@ def resolve_device(device: str) -> str:
 
 def run_stage(stage, model_dir: str | Path, out_dir: str | Path, *, data_dir: str | Path,
               teacher_dir: str | Path, device: str = "cpu", seed: int = 0,
-              checkpoint_dir: str | Path | None = None, pruned: bool = False, report: Report = quiet) -> dict:
+              checkpoint_dir: str | Path | None = None, pruned: bool = False, report: Report = quiet,
+              progress: Callable[[int, int], None] | None = None) -> dict:
     """Compress `model_dir` into `out_dir` with one stage config; returns the stage's stats.
 
-    `pruned`: an earlier stage pruned the model, so its zeros are a mask to keep."""
+    `pruned`: an earlier stage pruned the model, so its zeros are a mask to keep. `report(message,
+    metrics)` gets the stage's progress lines; `progress(done, total)` its layers or steps (a bar)."""
     if not hasattr(type(stage), "entry"):
         raise ValueError(f"unknown method {getattr(stage, 'method', stage)!r}; allowed: {', '.join(C.METHODS)}")
     runner = entry_for(stage)
     torch.manual_seed(seed)
     ctx = {"device": resolve_device(device), "data_dir": Path(data_dir), "teacher_dir": Path(teacher_dir),
            "seed": seed, "checkpoint_dir": checkpoint_dir, "pruned": pruned, "report": report,
-           "calib": lambda: load_windows(data_dir, "calib")}
+           "progress": progress, "calib": lambda: load_windows(data_dir, "calib")}
     started = time.perf_counter()
     result = runner(stage, Path(model_dir), Path(out_dir), ctx)
     stats = result.stats

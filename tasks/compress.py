@@ -25,6 +25,7 @@ from frugalflow.errors import CorruptData
 from frugalflow.integrity import quarantine, remove_stale_temps, seal_dir, temp_sibling, verify_manifest
 from frugalflow.method import SEARCH_DIR
 from frugalflow.pausepoints import pause_point
+from frugalflow.progress import ProgressBar
 from frugalflow.stages import run_stage
 from tasks import tracking as T
 from tasks.gpu_slot import gpu_slot
@@ -101,11 +102,12 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
                 if step:
                     pause_point(f"stage{index}.step{step}")
 
+            bar = ProgressBar(f"stage {index} {stage.method}")  # drawn only when stderr is a terminal
             with _COMPUTE, gpu_slot(f"stage {index} {stage.method}",  # one card, one stage at a time
-                                    record=lambda hold: T.log_metrics(client, run_id, hold.metrics())):
+                                    record=lambda hold: T.log_metrics(client, run_id, hold.metrics())), bar:
                 stats = run_stage(stage, input_dir, tmp, data_dir=data_dir, teacher_dir=teacher_dir,
                                   device=device, seed=seed, checkpoint_dir=str(out_dir) + ".ckpt", pruned=pruned,
-                                  report=report)
+                                  report=report, progress=bar)
             (tmp / "stats.json").write_text(json.dumps(stats, indent=1, default=float) + "\n")
             pause_point(f"stage{index}.save")
             seal_dir(tmp, out_dir)  # manifest + fsync + rename: complete or absent

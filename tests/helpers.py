@@ -40,6 +40,13 @@ def tiny_recipe(tiny_model_dir: Path, name: str, **sections) -> dict:
     return recipe
 
 
+def stage_config(method: str, **kw):
+    """One validated stage config, as the recipe loader builds it (e.g. stage_config("wanda", sparsity=0.5))."""
+    from frugalflow import config as C
+
+    return C.Recipe.model_validate({"stages": [{"method": method, **kw}]}).stages[0]
+
+
 def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
                    capture_output=True)

@@ -10,11 +10,11 @@ import gguf
 import pytest
 import torch
 from gguf import GGUFReader, dequantize
+from helpers import stage_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
 
 from flows.cli import main
-from frugalflow import config as C
 from frugalflow.arch import compressible_linears
 from frugalflow.export import ExportError
 from frugalflow.export.compressed_tensors import export_compressed_tensors, pack_int32
@@ -34,10 +34,6 @@ HF = dict(zip(LINEARS, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_pro
 FP16_EPS = 2.0 ** -11  # fp16 round-to-nearest relative error
 
 
-def stage(method: str, **kw):
-    return C.Recipe.model_validate({"stages": [{"method": method, **kw}]}).stages[0]
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_model_dir):
     """name -> model directory, built on first use."""
@@ -49,10 +45,10 @@ def models(tmp_path_factory, tiny_model_dir):
         if name not in built:
             out = root / name
             if name in specs:
-                run_stage(stage("rtn", **specs[name]), tiny_model_dir, out, data_dir=root,
+                run_stage(stage_config("rtn", **specs[name]), tiny_model_dir, out, data_dir=root,
                           teacher_dir=tiny_model_dir)
             elif name == "i8d":
-                run_stage(stage("dynamic_int8"), tiny_model_dir, out, data_dir=root, teacher_dir=tiny_model_dir)
+                run_stage(stage_config("dynamic_int8"), tiny_model_dir, out, data_dir=root, teacher_dir=tiny_model_dir)
             elif name == "i8s":  # static int8 with a fixed activation scale (no calibration needed)
                 model = load_model(tiny_model_dir)
                 for lname, lin in compressible_linears(model).items():

@@ -6,25 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import stage_config
 
-from frugalflow import config as C
 from frugalflow.arch import compressible_linears, decoder_layers
-from frugalflow.data import prepare_data
 from frugalflow.models import load_model
 from frugalflow.prune.owl import owl_sparsities
 from frugalflow.stages import run_stage
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("data")
-    prepare_data(C.DataConfig(window=64, calib_windows=8, train_windows=8, eval_windows=2, path=str(path)),
-                 tiny_model_dir)
-    return path
-
-
-def stage(method: str, **kw):
-    return C.Recipe.model_validate({"stages": [{"method": method, **kw}]}).stages[0]
 
 
 def test_layer_sparsities_keep_the_mean_and_follow_the_outliers():
@@ -38,15 +25,15 @@ def test_layer_sparsities_keep_the_mean_and_follow_the_outliers():
 
 def test_recipe_refuses_n_m_and_out_of_range():
     with pytest.raises(ValueError, match="unstructured"):
-        stage("owl", pattern="2:4")
+        stage_config("owl", pattern="2:4")
     with pytest.raises(ValueError, match="owl_lambda"):
-        stage("owl", sparsity=0.95, owl_lambda=0.1)
+        stage_config("owl", sparsity=0.95, owl_lambda=0.1)
 
 
-def test_owl_stage_prunes_each_layer_at_its_own_sparsity(tmp_path, tiny_model_dir, data_dir):
+def test_owl_stage_prunes_each_layer_at_its_own_sparsity(tmp_path, tiny_model_dir, tiny_data_dir):
     out = tmp_path / "owl"
-    stats = run_stage(stage("owl", sparsity=0.5, owl_lambda=0.1, outlier_m=2.0), tiny_model_dir, out,
-                      data_dir=data_dir, teacher_dir=tiny_model_dir)
+    stats = run_stage(stage_config("owl", sparsity=0.5, owl_lambda=0.1, outlier_m=2.0), tiny_model_dir, out,
+                      data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     search = json.loads((out / "search" / "owl.json").read_text())
     model = load_model(out)
     n_layers = len(decoder_layers(model))
@@ -62,10 +49,10 @@ def test_owl_stage_prunes_each_layer_at_its_own_sparsity(tmp_path, tiny_model_di
     assert "owl" in stats["search"]
 
 
-def test_tiny_lambda_is_wanda(tmp_path, tiny_model_dir, data_dir):
-    run_stage(stage("owl", sparsity=0.5, owl_lambda=1e-9), tiny_model_dir, tmp_path / "owl",
-              data_dir=data_dir, teacher_dir=tiny_model_dir)
-    run_stage(stage("wanda", sparsity=0.5), tiny_model_dir, tmp_path / "wanda",
-              data_dir=data_dir, teacher_dir=tiny_model_dir)
+def test_tiny_lambda_is_wanda(tmp_path, tiny_model_dir, tiny_data_dir):
+    run_stage(stage_config("owl", sparsity=0.5, owl_lambda=1e-9), tiny_model_dir, tmp_path / "owl",
+              data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
+    run_stage(stage_config("wanda", sparsity=0.5), tiny_model_dir, tmp_path / "wanda",
+              data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     a, b = compressible_linears(load_model(tmp_path / "owl")), compressible_linears(load_model(tmp_path / "wanda"))
     assert all(torch.equal(a[n].weight, b[n].weight) for n in a)

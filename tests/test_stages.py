@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import stage_config
 
 from frugalflow import config as C
 from frugalflow.arch import compressible_linears
-from frugalflow.data import prepare_data
 from frugalflow.method import entry_for
 from frugalflow.models import load_model
 from frugalflow.quant.pack import quantized_modules
 from frugalflow.stages import run_stage
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("data")
-    prepare_data(C.DataConfig(window=64, calib_windows=8, train_windows=8, eval_windows=2, path=str(path)),
-                 tiny_model_dir)
-    return path
-
-
-def stage(method: str, **kw):
-    return C.Recipe.model_validate({"stages": [{"method": method, **kw}]}).stages[0]
 
 
 @pytest.mark.parametrize("method, kw, sparsity", [
@@ -33,8 +21,8 @@ def stage(method: str, **kw):
     ("sparsegpt", {"pattern": "2:4"}, 0.5),
     ("wanda", {"pattern": "4:8"}, 0.5),
 ])
-def test_pruning_methods(tmp_path, tiny_model_dir, data_dir, method, kw, sparsity):
-    stats = run_stage(stage(method, **kw), tiny_model_dir, tmp_path / "out", data_dir=data_dir,
+def test_pruning_methods(tmp_path, tiny_model_dir, tiny_data_dir, method, kw, sparsity):
+    stats = run_stage(stage_config(method, **kw), tiny_model_dir, tmp_path / "out", data_dir=tiny_data_dir,
                       teacher_dir=tiny_model_dir)
     assert stats["sparsity"] == pytest.approx(sparsity, abs=1e-6)
     assert stats["bits_per_weight"] == 32
@@ -47,12 +35,12 @@ def test_pruning_methods(tmp_path, tiny_model_dir, data_dir, method, kw, sparsit
     ("gptq", {"bits": 4, "group_size": 32, "act_order": True}),
     ("awq", {"bits": 4, "group_size": 64, "n_grid": 4}),
 ])
-def test_quantization_methods_keep_a_pruned_mask(tmp_path, tiny_model_dir, data_dir, method, kw):
+def test_quantization_methods_keep_a_pruned_mask(tmp_path, tiny_model_dir, tiny_data_dir, method, kw):
     pruned = tmp_path / "pruned"
-    run_stage(stage("magnitude", sparsity=0.4), tiny_model_dir, pruned, data_dir=data_dir, teacher_dir=tiny_model_dir)
+    run_stage(stage_config("magnitude", sparsity=0.4), tiny_model_dir, pruned, data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     dense_zero = {n: (m.weight == 0) for n, m in compressible_linears(load_model(pruned)).items()}
     out = tmp_path / "quant"
-    stats = run_stage(stage(method, **kw), pruned, out, data_dir=data_dir, teacher_dir=tiny_model_dir)
+    stats = run_stage(stage_config(method, **kw), pruned, out, data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     model = load_model(out)
     modules = quantized_modules(model)
     assert len(modules) == len(dense_zero) and all(m.bits == kw["bits"] for m in modules.values())
@@ -65,14 +53,14 @@ def test_quantization_methods_keep_a_pruned_mask(tmp_path, tiny_model_dir, data_
 
 def test_every_schema_method_has_an_entry():
     for method in C.METHODS:
-        assert callable(entry_for(stage(method))), method
+        assert callable(entry_for(stage_config(method))), method
 
 
-def test_search_results_are_written_with_the_stage(tmp_path, tiny_model_dir, data_dir):
+def test_search_results_are_written_with_the_stage(tmp_path, tiny_model_dir, tiny_data_dir):
     import json
 
     out = tmp_path / "awq"
-    stats = run_stage(stage("awq", bits=4, group_size=64, n_grid=4), tiny_model_dir, out, data_dir=data_dir,
+    stats = run_stage(stage_config("awq", bits=4, group_size=64, n_grid=4), tiny_model_dir, out, data_dir=tiny_data_dir,
                       teacher_dir=tiny_model_dir)
     assert stats["search"] == ["awq_clips", "awq_scales"]
     scales = json.loads((out / "search" / "awq_scales.json").read_text())
@@ -81,12 +69,12 @@ def test_search_results_are_written_with_the_stage(tmp_path, tiny_model_dir, dat
 
 
 @pytest.mark.parametrize("method", ["kl", "tsld"])
-def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, data_dir, method):
+def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, tiny_data_dir, method):
     pruned, quant, out = tmp_path / "pruned", tmp_path / "quant", tmp_path / "distilled"
-    run_stage(stage("magnitude", sparsity=0.5), tiny_model_dir, pruned, data_dir=data_dir, teacher_dir=tiny_model_dir)
-    run_stage(stage("rtn", bits=4, group_size=32), pruned, quant, data_dir=data_dir, teacher_dir=tiny_model_dir)
-    stats = run_stage(stage(method, steps=3, batch_size=2, seq_len=32, lr=1e-2, ce_weight=0.5), quant, out,
-                      data_dir=data_dir, teacher_dir=tiny_model_dir, pruned=True)
+    run_stage(stage_config("magnitude", sparsity=0.5), tiny_model_dir, pruned, data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
+    run_stage(stage_config("rtn", bits=4, group_size=32), pruned, quant, data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
+    stats = run_stage(stage_config(method, steps=3, batch_size=2, seq_len=32, lr=1e-2, ce_weight=0.5), quant, out,
+                      data_dir=tiny_data_dir, teacher_dir=tiny_model_dir, pruned=True)
     before, after = quantized_modules(load_model(quant)), quantized_modules(load_model(out))
     pruned_model = load_model(pruned)
     changed = 0
@@ -100,22 +88,22 @@ def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, data_dir, me
     assert stats["steps"] == 3 and stats["sparsity"] >= 0.5 - 1e-3
 
 
-def test_distillation_trains_on_the_chosen_splits_only(tmp_path, tiny_model_dir, data_dir):
+def test_distillation_trains_on_the_chosen_splits_only(tmp_path, tiny_model_dir, tiny_data_dir):
     kw = dict(steps=1, batch_size=1, seq_len=16)
-    both = run_stage(stage("kl", **kw), tiny_model_dir, tmp_path / "both", data_dir=data_dir,
+    both = run_stage(stage_config("kl", **kw), tiny_model_dir, tmp_path / "both", data_dir=tiny_data_dir,
                      teacher_dir=tiny_model_dir)
-    train = run_stage(stage("kl", train_splits=["train"], **kw), tiny_model_dir, tmp_path / "train",
-                      data_dir=data_dir, teacher_dir=tiny_model_dir)
+    train = run_stage(stage_config("kl", train_splits=["train"], **kw), tiny_model_dir, tmp_path / "train",
+                      data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     assert (both["train_windows"], train["train_windows"]) == (8 + 8, 8)
     with pytest.raises(ValueError, match="train_splits"):  # never the evaluation windows
-        stage("kl", train_splits=["eval"])
+        stage_config("kl", train_splits=["eval"])
 
 
-def test_structured_pruning_gives_a_smaller_plain_model(tmp_path, tiny_model_dir, data_dir):
+def test_structured_pruning_gives_a_smaller_plain_model(tmp_path, tiny_model_dir, tiny_data_dir):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "structured"
-    stats = run_stage(stage("structured", mlp_ratio=0.25, drop_layers=1), tiny_model_dir, out, data_dir=data_dir,
+    stats = run_stage(stage_config("structured", mlp_ratio=0.25, drop_layers=1), tiny_model_dir, out, data_dir=tiny_data_dir,
                       teacher_dir=tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(out)  # no custom code
     assert model.config.intermediate_size == 96 and model.config.num_hidden_layers == 1

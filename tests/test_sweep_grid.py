@@ -1,11 +1,12 @@
-"""Sweep grids: option parsing, expansion order, labels, and overrides the recipe loader accepts."""
+"""Sweep grids: option parsing, expansion order, labels, and overrides the recipe loader accepts;
+the choice among evaluated candidates (Pareto front, then the best passing one)."""
 from __future__ import annotations
 
 import pytest
 
 from frugalflow.config import RecipeError
 from frugalflow.recipe_io import load_recipe
-from frugalflow.sweep import as_overrides, expand_grid, label, parse_grid_option
+from frugalflow.sweep import Candidate, as_overrides, expand_grid, label, parse_grid_option, select, summary_markdown
 
 
 def test_parse_grid_option_reads_yaml_scalars():
@@ -50,3 +51,49 @@ def test_override_keeps_n_m_patterns_as_strings(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("stages:\n  - {method: sparsegpt}\n")
     assert load_recipe(params, ["stages.0.pattern=2:4"]).stages[0].pattern == "2:4"
+
+
+def evaluated(name: str, ppl: float, size: float, tps: float, passed: bool) -> Candidate:
+    return Candidate(name, {"k": name}, recipe=None, run_id=f"run-{name}",
+                     metrics={"ppl": ppl, "size_mb": size, "decode_tps": tps}, verdict={"passed": passed})
+
+
+def test_select_marks_the_front_and_picks_its_best_passing_candidate():
+    cands = [evaluated("a", 10.0, 50, 20, True),   # front, passes
+             evaluated("b", 9.0, 60, 20, False),   # front (lowest ppl) but fails its gates
+             evaluated("c", 11.0, 55, 19, True),   # dominated by a
+             evaluated("d", 12.0, 30, 25, True),   # front, passes, worse ppl than a
+             Candidate("e", {}, recipe=None, error="RuntimeError: boom")]
+    best = select(cands, "ppl")
+    assert best is cands[0] and best.selected
+    assert [c.pareto for c in cands] == [True, True, False, True, False]
+    assert [c.selected for c in cands] == [True, False, False, False, False]
+    assert select(cands[:4], "size_mb").label == "d" and not cands[0].selected  # chosen afresh
+    select(cands, "ppl")
+    rows = [c.record() for c in cands]
+    assert rows[4] == {"label": "e", "assignment": {}, "metrics": None, "passed": None, "pareto": False,
+                       "selected": False, "run_id": None, "error": "RuntimeError: boom"}
+    table = summary_markdown(cands, "ppl")
+    assert "| a | 10.000 | 50.000 | 20.000 | pass | yes | **yes** |" in table
+    assert "| c | 11.000 | 55.000 | 19.000 | pass |  |  |" in table
+    assert "| e | - | - | - | failed to run |  |  |" in table
+
+
+def test_select_returns_none_when_no_front_candidate_passes():
+    cands = [evaluated("a", 10.0, 50, 20, False), evaluated("b", 11.0, 60, 19, True)]  # b is dominated
+    assert select(cands, "ppl") is None
+    assert not any(c.selected for c in cands) and [c.pareto for c in cands] == [True, False]
+
+
+def test_cli_sweep_table_marks_selected_and_front_and_shows_errors():
+    from flows.tables import render_sweep
+
+    cands = [evaluated("a", 10.0, 50, 20, True), evaluated("c", 11.0, 55, 19, True),
+             evaluated("d", 12.0, 30, 25, False), Candidate("e", {}, recipe=None, error="RuntimeError: boom")]
+    select(cands, "ppl")
+    lines = render_sweep([c.record() for c in cands]).splitlines()
+    assert lines[0].split() == ["candidate", "ppl", "size", "MB", "decode", "tok/s", "gates"]
+    assert lines[2].split() == ["*", "a", "10.000", "50.0", "20.0", "pass"]
+    assert lines[3].split() == ["c", "11.000", "55.0", "19.0", "pass"]
+    assert lines[4].split() == ["P", "d", "12.000", "30.0", "25.0", "fail"]
+    assert lines[5].split() == ["e", "-", "-", "-", "RuntimeError:", "boom"]

@@ -65,7 +65,7 @@ def ui(project, tmp_path_factory):
         stop(proc, signal.SIGTERM, 15)
 
 
-def browse(url: str, name: str, profile: Path) -> str:
+def browse(url: str, name: str, profile: Path, height: int = 1000) -> str:
     """Render `url` in headless Chromium (fresh profile, no network beyond 127.0.0.1), keep a
     screenshot and the DOM as test-artifacts/ui/<name>.{png,html}; the page's visible text."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def browse(url: str, name: str, profile: Path) -> str:
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-           "--window-size=1600,1000", f"--virtual-time-budget={VIRTUAL_MS}", f"--screenshot={png}",
+           f"--window-size=1600,{height}", f"--virtual-time-budget={VIRTUAL_MS}", f"--screenshot={png}",
            "--dump-dom", url]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=BROWSER_S)
     assert done.returncode == 0, f"chromium exited with {done.returncode}:\n{done.stderr[-3000:]}"
@@ -118,3 +118,29 @@ def test_ui_shows_both_runs_and_the_champion(two_runs, project, ui, tmp_path):
     model_page = browse(f"{ui}/#/models/tiny-ui", "registered-model", tmp_path / "profile-model")
     assert "Registered Models" in model_page, model_page[:2000]
     assert aliases_by_version(model_page) == expected, model_page[:3000]
+
+
+def test_compare_view_shows_both_runs_metrics_and_the_recipe_key_that_differs(two_runs, project, ui, tmp_path):
+    """As a person compares in the UI: the experiment's two latest flow runs in MLflow's compare view
+    (the page its runs table opens with two rows ticked), which lists their metrics and params."""
+    import json
+    from urllib.parse import quote
+
+    client = client_for(project)
+    experiment = client.get_experiment_by_name("tiny-ui").experiment_id
+    latest = [r for r in client.search_runs([experiment], order_by=["attributes.start_time DESC"])
+              if "mlflow.parentRunId" not in r.data.tags][:2]
+    assert {r.info.run_id for r in latest} == {r["run_id"] for r in two_runs}
+    ids = [r.info.run_id for r in latest]
+    page = browse(f"{ui}/#/compare-runs?runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([experiment]))}",
+                  "compare-runs", tmp_path / "profile-compare", height=2400)
+    assert "Comparing 2 Runs" in page, page[:2000]
+    for run in latest:
+        assert run.info.run_name in page, f"{run.info.run_name} not in the compare view:\n{page[:3000]}"
+    for metric in ("ppl", "size_mb", "decode_tps"):
+        assert re.search(rf"\b{metric}\b", page), f"metric {metric} not in the compare view:\n{page[:3000]}"
+    assert "stages.0.sparsity" in page, page[:3000]
+    sparsities = {r.data.params["stages.0.sparsity"] for r in latest}
+    assert sparsities == {"0.5", "0.4"}
+    for value in sparsities:
+        assert re.search(rf"\b{re.escape(value)}\b", page)

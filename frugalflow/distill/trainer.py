@@ -374,8 +374,12 @@ def run(stage, model_dir: Path, out_dir: Path, ctx: dict):
     ppl_before = perplexity(student, eval_windows) if rank == 0 else float("nan")
     report(f"perplexity before distillation {ppl_before:.3f}", {"ppl_before": ppl_before})
 
+    bar = ctx.get("progress")
+
     def on_step(step: int, metrics: dict) -> None:
         report(f"distill step {step}/{stage.steps} loss {metrics['loss']:.4f}", {"step": step, **metrics})
+        if bar is not None:
+            bar(step, stage.steps)
 
     weights = {stage.method: 1.0, "ce": stage.ce_weight, "hidden": stage.hidden_weight}
     stats = distill(student, teacher, windows, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
