@@ -421,12 +421,9 @@ class Recipe(Strict):
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
 
-    def fingerprint(self, *parts: Any) -> str:
-        """A short stable hash of config parts (pydantic models or plain values)."""
-        return fingerprint(*parts)
-
 
 def fingerprint(*parts: Any) -> str:
+    """A short stable hash of config parts (pydantic models or plain values): a stage's cache key."""
     blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

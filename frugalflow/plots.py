@@ -21,8 +21,8 @@ from frugalflow.pareto import pareto_front
 
 DPI = 100
 SIZE = (8.0, 5.0)  # inches: 800 x 500 pixels
-# per-linear error keys the stages record, in order of preference (see frugalflow/stages.py):
-# output reconstruction error on calibration inputs, AWQ's, then relative weight error
+# per-linear error keys in stats.json: every method records frugalflow.method.ERROR_KEY today;
+# runs recorded before that used AWQ's and the weight-space names, still read for old runs
 ERROR_KEYS = ("recon_error", "awq_error", "rel_error")
 LABELS = {"ppl": "perplexity (lower is better)", "size_mb": "size on disk, MB (lower is better)",
           "decode_tps": "decode tokens/s (higher is better)"}

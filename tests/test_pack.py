@@ -197,3 +197,35 @@ def test_int4_cuda_kernel_matches_naive(group_size, out_f, in_f, monkeypatch):
     t_int4 = timed(lambda: layer(x))
     t_bf16 = timed(lambda: torch.nn.functional.linear(x, W_deq))
     print(f"int4 {t_int4 * 1e6:.1f} us, bf16 {t_bf16 * 1e6:.1f} us for {out_f}x{in_f}")
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int3-channel", "int8-dynamic", "int8-static-smoothed"])
+def test_weight_grid_rebuilds_the_weight_each_format_applies(fmt):
+    """The one view exporters take of any packed linear: W = scales * (codes - zeros), per group (or
+    scales * codes for signed codes), and the input quantization where there is one."""
+    from frugalflow.quant.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 8)
+    if fmt.startswith(("int4", "int3")):
+        bits, group = (4, 32) if fmt == "int4-g32" else (3, -1)
+        scale, zero = compute_qparams(linear.weight.data, bits, group, symmetric=bits == 3)
+        layer = QuantLinear.from_codes(quantize(linear.weight.data, scale, zero, bits, group), scale, zero, bits, group)
+    else:
+        static = fmt == "int8-static-smoothed"
+        layer = Int8Linear.from_linear(linear, "static" if static else "dynamic", act_scale=0.05 if static else None,
+                                       smooth=torch.rand(64) + 0.5 if static else None)
+    grid = layer.weight_grid()
+    scales = grid.scales.float().repeat_interleave(grid.group, dim=1)
+    if grid.zeros is None:
+        W = scales * grid.codes.float()
+    else:
+        W = scales * (grid.codes.float() - grid.zeros.float().repeat_interleave(grid.group, dim=1))
+    if fmt == "int8-static-smoothed":  # the grid holds W * smooth; the layer divides its inputs by smooth
+        assert grid.act == {"mode": "static", "scale": layer.act_scale, "smoothed": True}
+        W = W / layer.smooth
+    else:
+        assert (grid.act is None) == fmt.startswith(("int4", "int3"))
+    assert torch.allclose(W, layer.dequantize(torch.float32), atol=1e-6)
+    assert grid.symmetric == (grid.zeros is None or bool((grid.zeros == 2 ** (grid.bits - 1)).all()))
+    assert grid.group == (64 if grid.group_size == -1 else grid.group_size)

@@ -14,7 +14,6 @@ import torch.nn as nn
 
 from frugalflow.arch import compressible_linears
 from frugalflow.models import load_model
-from frugalflow.quant.pack import QuantLinear
 from frugalflow.quant.runtime import PackedLinear
 
 
@@ -68,15 +67,6 @@ def describe_fallback(fallback: dict[str, str]) -> str:
         by_reason.setdefault(why, []).append(name)
     return "; ".join(f"{why} ({len(names)} layer{'s' * (len(names) > 1)}, e.g. {sorted(names)[0]})"
                      for why, names in by_reason.items())
-
-
-def group_of(layer: QuantLinear) -> int:
-    return layer.in_features if layer.group_size == -1 else layer.group_size
-
-
-def is_symmetric(layer: QuantLinear) -> bool:
-    """Every zero point sits at 2^(bits-1): W = (q - 2^(bits-1)) * scale, no offset to store."""
-    return bool((layer.zeros == 2 ** (layer.bits - 1)).all())
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:

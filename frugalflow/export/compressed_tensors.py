@@ -36,14 +36,12 @@ from frugalflow.export.common import (
     ExportError,
     dense_weight,
     describe_fallback,
-    is_symmetric,
     linears,
     load_for_export,
     write_atomically,
 )
 from frugalflow.fetch_model import declare_fast_tokenizer
 from frugalflow.models import TOKENIZER_FILES, _dedupe
-from frugalflow.quant.int8 import Int8Linear
 from frugalflow.quant.pack import pack_codes
 from frugalflow.quant.runtime import PackedLinear
 
@@ -64,34 +62,37 @@ def scheme_of(layer: nn.Module) -> tuple[dict | None, str]:
     """(compressed-tensors scheme {weights, input_activations, format}, or None; why not)."""
     if isinstance(layer, nn.Linear):
         return None, "dense layer"
-    if isinstance(layer, Int8Linear):
-        if layer.smooth is not None:
+    grid = layer.weight_grid()
+    if grid.act is not None:  # W8A8: signed 8-bit codes per row, inputs quantized at run time
+        if grid.act["smoothed"]:
             return None, "SmoothQuant-smoothed int8: the smoothing has no compressed-tensors counterpart"
-        act = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "dynamic": layer.mode == "dynamic",
-               "strategy": "token" if layer.mode == "dynamic" else "tensor"}
+        dynamic = grid.act["mode"] == "dynamic"
+        act = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "dynamic": dynamic,
+               "strategy": "token" if dynamic else "tensor"}
         weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
                    "dynamic": False}
         return {"weights": weights, "input_activations": act, "format": "int-quantized"}, ""
-    if layer.bits not in PACKED_BITS:
-        return None, f"{layer.bits}-bit codes: exported for 2, 4 and 8 bits only"
-    weights = {"num_bits": layer.bits, "type": "int", "symmetric": is_symmetric(layer),
-               "group_size": None if layer.group_size == -1 else layer.group_size,
-               "strategy": "channel" if layer.group_size == -1 else "group", "dynamic": False}
+    if grid.bits not in PACKED_BITS:
+        return None, f"{grid.bits}-bit codes: exported for 2, 4 and 8 bits only"
+    weights = {"num_bits": grid.bits, "type": "int", "symmetric": grid.symmetric,
+               "group_size": None if grid.group_size == -1 else grid.group_size,
+               "strategy": "channel" if grid.group_size == -1 else "group", "dynamic": False}
     return {"weights": weights, "input_activations": None, "format": "pack-quantized"}, ""
 
 
 def module_tensors(name: str, layer: nn.Module, scheme: dict) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear."""
-    if isinstance(layer, Int8Linear):
-        out = {f"{name}.weight": layer.qweight.clone(), f"{name}.weight_scale": layer.scales.clone()[:, None]}
-        if layer.mode == "static":
-            out[f"{name}.input_scale"] = layer.act_scale.float().reshape(1).clone()
+    grid = layer.weight_grid()
+    if scheme["format"] == "int-quantized":
+        out = {f"{name}.weight": grid.codes.clone(), f"{name}.weight_scale": grid.scales.clone()}
+        if grid.act["scale"] is not None:
+            out[f"{name}.input_scale"] = grid.act["scale"].float().reshape(1).clone()
     else:
-        out = {f"{name}.weight_packed": pack_int32(layer.codes(), layer.bits),
-               f"{name}.weight_scale": layer.scales.clone(),
+        out = {f"{name}.weight_packed": pack_int32(grid.codes, grid.bits),
+               f"{name}.weight_scale": grid.scales.clone(),
                f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
         if not scheme["weights"]["symmetric"]:
-            out[f"{name}.weight_zero_point"] = pack_int32(layer.zeros.t(), layer.bits).t().contiguous()
+            out[f"{name}.weight_zero_point"] = pack_int32(grid.zeros.t(), grid.bits).t().contiguous()
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().clone()
     return out

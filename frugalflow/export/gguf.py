@@ -30,14 +30,11 @@ from frugalflow.export.common import (
     ExportError,
     dense_weight,
     describe_fallback,
-    group_of,
     head_dim,
-    is_symmetric,
     linears,
     load_for_export,
     write_atomically,
 )
-from frugalflow.quant.int8 import Int8Linear
 from frugalflow.quant.runtime import PackedLinear
 
 Q = gguf.GGMLQuantizationType
@@ -55,22 +52,22 @@ def gguf_type(layer: nn.Module) -> tuple[Q | None, str]:
     """(GGUF type the layer's grid maps onto, or None; why not)."""
     if isinstance(layer, nn.Linear):
         return None, "dense layer"
-    if isinstance(layer, Int8Linear):
-        if layer.smooth is not None:
-            return None, "SmoothQuant-smoothed int8: the smoothing has no GGUF counterpart"
+    grid = layer.weight_grid()
+    if grid.act is not None and grid.act["smoothed"]:
+        return None, "SmoothQuant-smoothed int8: the smoothing has no GGUF counterpart"
+    if grid.zeros is None:  # signed 8-bit codes, one scale per row: Q8_0 blocks share the row's scale
         return (Q.Q8_0, "") if layer.in_features % BLOCK == 0 else (None, f"in_features % {BLOCK} != 0")
-    if group_of(layer) % BLOCK:
-        return None, f"group size {group_of(layer)} is not a multiple of GGUF's {BLOCK}-weight blocks"
-    sym = is_symmetric(layer)
-    if layer.bits == 4:
-        return (Q.Q4_0 if sym else Q.Q4_1), ""
-    if layer.bits == 5:
-        return (Q.Q5_0 if sym else Q.Q5_1), ""
-    if layer.bits == 8 and sym:
+    if grid.group % BLOCK:
+        return None, f"group size {grid.group} is not a multiple of GGUF's {BLOCK}-weight blocks"
+    if grid.bits == 4:
+        return (Q.Q4_0 if grid.symmetric else Q.Q4_1), ""
+    if grid.bits == 5:
+        return (Q.Q5_0 if grid.symmetric else Q.Q5_1), ""
+    if grid.bits == 8 and grid.symmetric:
         return Q.Q8_0, ""
-    if layer.bits == 8:
+    if grid.bits == 8:
         return None, "8-bit with zero points other than 128: GGUF has no 8-bit type with an offset"
-    return None, f"{layer.bits}-bit codes: no GGUF type stores them on a plain scale/offset grid"
+    return None, f"{grid.bits}-bit codes: no GGUF type stores them on a plain scale/offset grid"
 
 
 # --------------------------------------------------------------------------- block encoding
@@ -99,29 +96,24 @@ def encode_blocks(q: np.ndarray, d: np.ndarray, m: np.ndarray | None, qtype: Q) 
 def quantized_tensor(layer: nn.Module, qtype: Q, rows: torch.Tensor | None) -> tuple[np.ndarray, float]:
     """(GGUF block bytes, max |GGUF dequantized - our dequantized|) for one layer; `rows`
     reorders the output rows (rotary permutation) or is None."""
-    if isinstance(layer, Int8Linear):
-        q = layer.qweight
-        scale = layer.scales.float()[:, None].expand(-1, layer.in_features // BLOCK)
-        zero = None
-    else:
-        per = group_of(layer) // BLOCK
-        q = layer.codes()
-        scale = layer.scales.float().repeat_interleave(per, dim=1)
-        zero = layer.zeros.float().repeat_interleave(per, dim=1)
+    grid = layer.weight_grid()
+    per = grid.group // BLOCK
+    q = grid.codes
+    scale = grid.scales.float().repeat_interleave(per, dim=1)
+    zero = grid.zeros.float().repeat_interleave(per, dim=1) if grid.zeros is not None else None
     if rows is not None:
         q, scale = q[rows], scale[rows]
         zero = zero[rows] if zero is not None else None
     d = scale.numpy().astype(np.float16)
     m = None
-    if isinstance(layer, Int8Linear):
-        vals = q.numpy()  # int8 already: x = d * q
-        levels = vals
+    if zero is None:
+        vals = levels = q.numpy()  # signed codes already: x = d * q
     elif qtype == Q.Q8_0:
         vals = (q.to(torch.int16) - 128).to(torch.int8).numpy()
         levels = vals
     elif qtype in (Q.Q4_0, Q.Q5_0):  # zero 8 / 16 is exactly the offset ggml subtracts
         vals = q.numpy()
-        levels = vals.astype(np.int16) - 2 ** (layer.bits - 1)
+        levels = vals.astype(np.int16) - 2 ** (grid.bits - 1)
     else:
         vals = levels = q.numpy()
         m = (-scale * zero).numpy().astype(np.float16)

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from frugalflow.arch import arch_of, compressible_linears
 from frugalflow.calibration import input_groups, run_sequential
-from frugalflow.quant.runtime import PackedLinear, dequantize_all, packed_modules, replace_module
+from frugalflow.quant.runtime import PackedLinear, WeightGrid, dequantize_all, packed_modules, replace_module
 
 QMAX = 127
 MODES = ("dynamic", "static")
@@ -157,6 +157,12 @@ class Int8Linear(PackedLinear):
 
     def zero_count(self) -> int:
         return int((self.qweight == 0).sum())
+
+    def weight_grid(self) -> WeightGrid:
+        """Signed 8-bit codes with one scale per row, and the input's quantization."""
+        act = {"mode": self.mode, "scale": self.act_scale if self.mode == "static" else None,
+               "smoothed": self.smooth is not None}
+        return WeightGrid(self.qweight, self.scales[:, None], None, 8, -1, act)
 
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [M, in] -> (int8 codes, float32 scale: [M, 1] per token or [] per tensor); with

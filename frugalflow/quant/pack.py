@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugalflow.quant.rtn import dequantize
-from frugalflow.quant.runtime import PackedLinear, dequantize_all, packed_modules, replace_module
+from frugalflow.quant.runtime import PackedLinear, WeightGrid, dequantize_all, packed_modules, replace_module
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
@@ -154,6 +154,9 @@ class QuantLinear(PackedLinear):
     def zero_count(self) -> int:
         g = self.in_features if self.group_size == -1 else self.group_size
         return int((self.codes() == self.zeros.repeat_interleave(g, dim=1)).sum())
+
+    def weight_grid(self) -> WeightGrid:
+        return WeightGrid(self.codes(), self.scales, self.zeros, self.bits, self.group_size)
 
     # ---------------------------------------------------------------- kernels
     def _group(self) -> int:

@@ -2,13 +2,41 @@
 and the one module-swap helper.
 
 A packed linear keeps in_features, out_features, bias and a `qweight` buffer, and answers
-`dequantize(dtype)`, `storage_bits()` and `zero_count()`; code outside the formats asks these
-instead of testing the module type.
+`dequantize(dtype)`, `storage_bits()`, `zero_count()` and `weight_grid()`; code outside the
+formats (the exporters included) asks these instead of testing the module type.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """A packed linear's weight on its integer grid: W[:, group g] = scales[:, g] * (codes - zeros[:, g]),
+    or scales * codes where `zeros` is None (signed codes). `group_size` -1: one group per row.
+    `act`: the activation quantization applied at run time, None for weight-only formats, else
+    {"mode": "dynamic" | "static", "scale": the static per-tensor input scale or None, "smoothed":
+    whether a SmoothQuant vector divides the input first}."""
+
+    codes: torch.Tensor  # [out, in]: uint8 in [0, 2^bits) with zeros, int8 without
+    scales: torch.Tensor  # [out, n_groups]
+    zeros: torch.Tensor | None  # [out, n_groups]
+    bits: int
+    group_size: int
+    act: dict | None = None
+
+    @property
+    def group(self) -> int:
+        """Weights per group (the row length for one group per row)."""
+        return self.codes.shape[1] if self.group_size == -1 else self.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        """No offset to store: signed codes, or every zero point at 2^(bits-1)."""
+        return self.zeros is None or bool((self.zeros == 2 ** (self.bits - 1)).all())
 
 
 class PackedLinear(nn.Module):
@@ -25,6 +53,9 @@ class PackedLinear(nn.Module):
 
     def zero_count(self) -> int:
         """Weights stored as exactly zero (a pruned weight keeps this after quantization)."""
+        raise NotImplementedError
+
+    def weight_grid(self) -> WeightGrid:
         raise NotImplementedError
 
     @torch.no_grad()
