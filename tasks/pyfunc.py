@@ -120,7 +120,10 @@ def _tracking_uri(uri: str):
     public `mlflow.set_tracking_uri`; after, the previous state comes back exactly: the URI
     (or none set) and MLFLOW_TRACKING_URI, which set_tracking_uri also writes."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    # a URI set with set_tracking_uri, not one only read from the variable: restoring the variable's
+    # value through set_tracking_uri would pin it in MLflow's global, which MLflow's own temporary
+    # switches later write back into the variable, after the variable itself is gone
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() and env is None else None
     mlflow.set_tracking_uri(uri)
     try:
         yield

@@ -5,6 +5,7 @@ on the pydoc topics that ship with Python.
 """
 from __future__ import annotations
 
+import os
 import pydoc_data.topics
 from pathlib import Path
 
@@ -33,6 +34,36 @@ def build_tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForCau
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     return LlamaForCausalLM(config).eval()
+
+
+SERVICE_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "AWS_", "FRUGALFLOW_")
+PROCESS_WIDE = {"FRUGALFLOW_OWNER"}  # the CLI marks its process as the owner of what it starts, for good
+
+
+@pytest.fixture(autouse=True)
+def service_env_left_as_found(request):
+    """A test may change where tracking, Prefect or S3 point only for itself: what it leaves behind
+    in the environment is put back and fails the test (a later flow in the same worker process
+    would resolve its stores from it)."""
+    import sys
+
+    def snapshot() -> dict:
+        env = {k: v for k, v in os.environ.items() if k.startswith(SERVICE_ENV) and k not in PROCESS_WIDE}
+        mlflow = sys.modules.get("mlflow")  # MLflow's global URI, written back into the variable later
+        return {**env, "mlflow.set_tracking_uri": bool(mlflow and "MLFLOW_TRACKING_URI" not in os.environ
+                                                       and mlflow.is_tracking_uri_set())}
+
+    before = snapshot()
+    yield
+    after = snapshot()
+    if after != before:
+        if after["mlflow.set_tracking_uri"] and not before["mlflow.set_tracking_uri"]:
+            sys.modules["mlflow"].set_tracking_uri(None)
+        for key in set(after) - set(before) - {"mlflow.set_tracking_uri"}:
+            os.environ.pop(key, None)
+        os.environ.update({k: v for k, v in before.items() if k != "mlflow.set_tracking_uri"})
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        pytest.fail(f"{request.node.nodeid} left the environment changed: {changed}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -273,3 +273,5 @@ def test_tracking_uri_switch_leaves_no_trace(monkeypatch, tmp_path):
     with _tracking_uri(f"sqlite:///{tmp_path / 'b.db'}"):
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert not mlflow.is_tracking_uri_set()  # the variable's value was not pinned in MLflow's global

@@ -65,7 +65,7 @@ def test_streaming_equals_in_memory(tmp_path, tiny_model_dir, sharded_bf16_dir, 
         seen = []
         stats = run_stage(_stage(**stage, stream=True), src, tmp_path / "stream", data_dir=data_dir, teacher_dir=src,
                           report=lambda message, metrics: seen.append(message))
-        assert seen == [f"rtn (streaming): layer {i}/{n_layers}" for i in range(n_layers)]
+        assert seen == [f"rtn (streaming): layer {i}/{n_layers}" for i in range(1, n_layers + 1)]
         assert stats["bits_per_weight"] < 5 and len(stats["seconds_per_layer"]) == n_layers
     else:
         seen = []

@@ -21,7 +21,6 @@ writes the checkpoint, every rank reads it.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -143,12 +142,11 @@ def final_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- helpers
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup over `warmup_steps` (0-based step), then cosine decay towards 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """transformers' linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
 def sample_batch(windows: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -242,8 +240,7 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
         raise ValueError("the student has no trainable parameters")
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, settings["warmup_steps"], steps))
+    scheduler = lr_schedule(optimizer, settings["warmup_steps"], steps)
     autocast, scaler = _amp(device, amp)
     comp = list(_parametrized(student))
     rank, world = ddp.rank_and_size()
