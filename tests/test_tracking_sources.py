@@ -8,13 +8,18 @@ import pytest
 from tasks import tracking as T
 
 
-def test_splits_logged_as_datasets_with_dvc_digest_and_source_tags(tmp_path):
+def splits_and_store(tmp_path):
+    """A data folder with three small split files, a sqlite store and an experiment in it."""
     data = tmp_path / "data"
     data.mkdir()
     for stem in ("calib", "train", "eval"):
         (data / f"{stem}.safetensors").write_bytes(stem.encode() * 10)
     client = T.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = T.experiment_id(client, "e", tmp_path / "mlartifacts")
+    return data, client, T.experiment_id(client, "e", tmp_path / "mlartifacts")
+
+
+def test_splits_logged_as_datasets_with_dvc_digest_and_source_tags(tmp_path):
+    data, client, exp = splits_and_store(tmp_path)
     tags = T.source_tags({"git_commit": "abc123"}, "frugalflow tiny")
     run_id = T.start_run(client, exp, "r", tags=tags)
     assert T.log_datasets(client, run_id, data, "feed.dir") == ["data/calib", "data/train", "data/eval"]
@@ -41,12 +46,7 @@ def test_dataset_inserted_by_a_concurrent_run_is_linked_not_fatal(tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.store.tracking.dbmodels.models import SqlDataset
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for stem in ("calib", "train", "eval"):
-        (data / f"{stem}.safetensors").write_bytes(stem.encode() * 10)
-    client = T.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = T.experiment_id(client, "e", tmp_path / "mlartifacts")
+    data, client, exp = splits_and_store(tmp_path)
     first, second = (T.start_run(client, exp, name) for name in ("first", "second"))
     T.log_datasets(client, first, data, "feed.dir")
 
