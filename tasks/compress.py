@@ -5,7 +5,9 @@ data key + library source hash), so running again with unchanged inputs reuses t
 instead of recomputing it. A stage computes into a temporary sibling folder, writes `stats.json`
 and a `manifest.json` of every file's SHA-256 there, and renames it into place
 (frugalflow/integrity.py): the entry is complete or absent. On reuse the manifest is checked; a
-truncated or altered entry is logged, moved aside (`<name>.corrupt-<id>`) and recomputed.
+truncated or altered entry is logged, moved aside (`<name>.corrupt-<id>`) and recomputed. With a
+shared stage store (tasks/stage_store.py) an entry missing here is fetched from it, and a sealed
+entry is uploaded to it once.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from frugalflow.method import SEARCH_DIR
 from frugalflow.pausepoints import pause_point
 from frugalflow.progress import ProgressBar
 from frugalflow.stages import run_stage
+from tasks import stage_store
 from tasks import tracking as T
 from tasks.gpu_slot import gpu_slot
 from tasks.runstate import close_failed, process_tags
@@ -84,9 +87,12 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
                 moved = quarantine(out_dir)
                 logger.warning("stage %d %s: cache entry not reused: %s; moved to %s, recomputing", index,
                                stage.method, exc, moved.name)
+        store, shared = stage_store.store_uri(), ""
+        if not cached and store and stage_store.fetch(out_dir, store):  # another worker computed it
+            stats, cached, shared = json.loads(stats_file.read_text()), True, "fetched"
         if cached:
-            logger.info("stage %d %s: reusing %s (inputs unchanged, checksums verified)", index, stage.method,
-                        out_dir)
+            logger.info("stage %d %s: reusing %s (inputs unchanged, checksums verified%s)", index, stage.method,
+                        out_dir, f"; fetched from the stage store {store}" if shared else "")
         else:
             logger.info("stage %d %s: compressing %s -> %s", index, stage.method, input_dir, out_dir)
             tmp = temp_sibling(out_dir)
@@ -113,11 +119,16 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
             seal_dir(tmp, out_dir)  # manifest + fsync + rename: complete or absent
             tmp = None
             shutil.rmtree(str(out_dir) + ".ckpt", ignore_errors=True)
+        if store and not shared:
+            shared = "uploaded" if stage_store.publish(out_dir, store) else "present"
+            logger.info("stage %d %s: %s the stage store %s", index, stage.method,
+                        "uploaded to" if shared == "uploaded" else "already in", store)
         T.log_metrics(client, run_id, {k: stats[k] for k in SUMMARY_KEYS if k in stats})
         T.log_json(client, run_id, stats, "stats.json")
         if (out_dir / SEARCH_DIR).is_dir():  # the method's search result (frugalflow/method.py)
             client.log_artifacts(run_id, str(out_dir / SEARCH_DIR), SEARCH_DIR)
         T.set_tags(client, run_id, {"frugalflow.cached": cached, "frugalflow.output_dir": out_dir,
+                                    **({"frugalflow.stage_store": shared} if shared else {}),
                                     "frugalflow.worker": f"{socket.gethostname()}:{os.getpid()}"})
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:

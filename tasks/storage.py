@@ -147,12 +147,14 @@ def ensure_bucket(bucket: str, *, endpoint: str | None = None) -> bool:
     return True
 
 
-def upload_dir(local_dir: str | Path, bucket: str, prefix: str, *, endpoint: str | None = None) -> list[str]:
-    """Upload every file under `local_dir` to `s3://bucket/prefix/<relative path>`; the keys, sorted."""
+def upload_dir(local_dir: str | Path, bucket: str, prefix: str, *, endpoint: str | None = None,
+               last: str | None = None) -> list[str]:
+    """Upload every file under `local_dir` to `s3://bucket/prefix/<relative path>`; the keys, sorted
+    (the file at relative path `last`, when given, is uploaded after all the others)."""
     root = Path(local_dir)
     if not root.is_dir():
         raise NotADirectoryError(f"upload_dir: {root} is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.relative_to(root).as_posix() == last, p))
     if not files:
         raise StorageError(f"upload_dir: {root} holds no files; nothing to upload to s3://{bucket}/{prefix}")
     client = s3_client(endpoint)
@@ -164,6 +166,20 @@ def upload_dir(local_dir: str | Path, bucket: str, prefix: str, *, endpoint: str
             client.upload_file(str(path), bucket, key)
         keys.append(key)
     return keys
+
+
+def object_exists(bucket: str, key: str, *, endpoint: str | None = None) -> bool:
+    """Whether `s3://bucket/key` exists (the bucket itself must)."""
+    client = s3_client(endpoint)
+    _check_bucket(client, bucket, f"looking up key {key!r}")
+    with _errors(client, bucket, f"looking up key {key!r}"):
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return True
 
 
 def download_dir(bucket: str, prefix: str, local_dir: str | Path, *, endpoint: str | None = None) -> list[Path]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +202,58 @@ def test_registered_version_is_published_to_the_models_bucket(s3_env, tmp_path, 
     assert version.tags["s3_uri"] == "s3://frugalflow-published/published/tiny-pub/v2"
     S.download_dir("frugalflow-published", "published/tiny-pub/v2", tmp_path / "back")
     assert tree_bytes(tmp_path / "back") == files
+
+
+def test_stage_store_shares_a_stage_between_workers_that_share_no_folder(s3_env, tmp_path, tiny_model_dir,
+                                                                         prefect_harness, monkeypatch):
+    """FRUGALFLOW_STAGE_STORE: worker A computes a stage and uploads it (manifest last); worker B, with
+    its own empty artifacts folder, fetches it instead of computing (same bytes, checksums verified);
+    A again finds it already there; an entry damaged in the store is refused, naming it."""
+    import boto3
+
+    import tasks.compress as C
+    from frugalflow.config import MagnitudePrune
+    from frugalflow.errors import CorruptData
+    from frugalflow.integrity import MANIFEST
+    from tasks import tracking as T
+    from tasks.stage_store import STORE_ENV
+
+    S.ensure_bucket("stages")
+    monkeypatch.setenv(STORE_ENV, "s3://stages/cache")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = T.connect(uri)
+    exp = T.experiment_id(client, "store", tmp_path / "mlartifacts")
+    tracking = T.Tracking(uri=uri, experiment_id=exp, parent_run_id=T.start_run(client, exp, "parent"))
+
+    def stage_on(worker: str) -> dict:
+        return C.compress_stage(MagnitudePrune(method="magnitude", sparsity=0.5), 0, str(tiny_model_dir), "base",
+                                data_dir=str(tmp_path / "data"), data_key="data", teacher_dir=str(tiny_model_dir),
+                                artifacts_dir=str(tmp_path / worker), device="cpu", seed=0, pruned=False,
+                                tracking=tracking)
+
+    def shared(result: dict) -> str:
+        return client.get_run(result["run_id"]).data.tags.get("frugalflow.stage_store")
+
+    a = stage_on("worker-a")
+    assert not a["cached"] and shared(a) == "uploaded"
+    name = Path(a["dir"]).name
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="stages", Prefix=f"cache/{name}/")["Contents"]]
+    local = sorted(p.relative_to(a["dir"]).as_posix() for p in Path(a["dir"]).rglob("*") if p.is_file())
+    assert sorted(k.removeprefix(f"cache/{name}/") for k in keys) == local and MANIFEST in local
+
+    real = C.run_stage
+    monkeypatch.setattr(C, "run_stage", lambda *a, **k: pytest.fail("worker B computed a stage the store holds"))
+    b = stage_on("worker-b")
+    assert b["cached"] and shared(b) == "fetched" and b["key"] == a["key"] and Path(b["dir"]).name == name
+    for rel in local:
+        assert (Path(b["dir"]) / rel).read_bytes() == (Path(a["dir"]) / rel).read_bytes()
+    monkeypatch.setattr(C, "run_stage", real)
+
+    again = stage_on("worker-a")
+    assert again["cached"] and shared(again) == "present"
+
+    s3.put_object(Bucket="stages", Key=f"cache/{name}/model.safetensors", Body=b"damaged")
+    with pytest.raises(CorruptData, match=f"stage store entry s3://stages/cache/{name}"):
+        stage_on("worker-c")
+    assert not (tmp_path / "worker-c" / "stages" / name).exists()
