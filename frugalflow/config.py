@@ -12,7 +12,7 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from frugalflow.errors import BadInput
 
@@ -140,18 +140,20 @@ class StructuredPrune(Strict):
     drop_layers: int = Field(0, ge=0, le=1000, description="whole decoder layers removed")
 
 
+def _group_size(v: int) -> int:
+    if v not in (-1, 32, 64, 128):
+        raise ValueError(f"group_size must be one of -1 (per channel), 32, 64, 128; got {v}")
+    return v
+
+
+GroupSize = Annotated[int, AfterValidator(_group_size)]
+
+
 class _WeightQuant(Strict):
     kind: Literal["quantize"] = "quantize"
     bits: int = Field(4, ge=2, le=8)
-    group_size: int = Field(64, description="-1 for per-channel, else 32, 64 or 128")
+    group_size: GroupSize = Field(64, description="-1 for per-channel, else 32, 64 or 128")
     symmetric: bool = False
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v not in (-1, 32, 64, 128):
-            raise ValueError(f"group_size must be one of -1 (per channel), 32, 64, 128; got {v}")
-        return v
 
 
 class RTNQuant(_WeightQuant):
@@ -161,6 +163,17 @@ class RTNQuant(_WeightQuant):
 
     method: Literal["rtn"]
     stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
+
+
+class MixedPrecision(Strict):
+    """The decoder layers most sensitive to the stage's grid, measured (quant/sensitivity.py), kept on
+    a finer grid: as many as `share` of the decoder's linear weights allows."""
+
+    share: float = Field(gt=0.0, le=1.0, description="share of the decoder's linear weights on the finer grid")
+    bits: int = Field(8, ge=2, le=8)
+    group_size: GroupSize = Field(-1, description="-1 for per-channel (the int8 kernel's layout), else 32, 64 or 128")
+    windows: int = Field(4, ge=1, le=64, description="calibration windows the sensitivity is measured on")
+    tokens: int = Field(256, ge=16, le=8192, description="tokens of each of those windows")
 
 
 class GPTQQuant(_WeightQuant):
@@ -173,6 +186,13 @@ class GPTQQuant(_WeightQuant):
     stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
     blocksize: int = Field(128, ge=1, le=4096)
     dampening: float = Field(0.01, gt=0.0, le=1.0)
+    mixed: MixedPrecision | None = Field(None, description="sensitive layers on a finer grid; null = one grid")
+
+    @model_validator(mode="after")
+    def _mixed_in_memory(self):
+        if self.mixed is not None and self.stream:
+            raise ValueError("mixed precision measures sensitivity on the whole model: it needs stream: false")
+        return self
 
 
 class AWQQuant(_WeightQuant):

@@ -112,7 +112,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
 def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   act_order: bool = False, dampening: float = 0.01, device: str = "cpu",
                   on_progress: Callable[[int, int], None] | None = None, blocksize: int = 128,
-                  batch_size: int = 8, preserve_zeros: bool = True):
+                  batch_size: int = 8, preserve_zeros: bool = True, layer_grids: dict | None = None):
     """GPTQ every decoder linear: (qparams {full name: (q, scale, zero)}, stats {name: {...}}).
 
     The model's weights are replaced by their dequantized values (so later layers calibrate
@@ -121,22 +121,25 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
     """
     qparams: dict[str, tuple] = {}
     solve = gptq_solver(arch_of(model), bits, group_size, symmetric, qparams, act_order=act_order, dampening=dampening,
-                        blocksize=blocksize, preserve_zeros=preserve_zeros)
+                        blocksize=blocksize, preserve_zeros=preserve_zeros, layer_grids=layer_grids)
     stats = run_sequential(model, calib_windows, solve, needs=("H",), device=device,
                            batch_size=batch_size, on_progress=on_progress)
     return qparams, stats
 
 
 def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict, act_order: bool = False,
-                dampening: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True, release: bool = False):
+                dampening: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True, release: bool = False,
+                layer_grids: dict | None = None):
     """The calibration driver's `solve` for GPTQ: quantizes every linear of layer i in place (weights
     replaced by their dequantized values), puts its codes in `qparams` {full name: (q, scale, zero)}
     and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done.
+    `layer_grids` {layer index: (bits, group_size)}: those layers on another grid than the rest.
     `release`: leave each solved linear's weight empty instead (the caller rebuilds it from
     `qparams`; the layer-streaming path does, to hold less while the MLP is solved)."""
 
     def solve(i, layer, stats):
         out = {}
+        bits_i, group_i = (layer_grids or {}).get(i, (bits, group_size))
         for group in input_groups(arch):
             H = stats[group[0]]["H"]
             lins = [layer.get_submodule(n) for n in group]
@@ -145,13 +148,13 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
             keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
             perm = _order(H, act_order)
             Hinv, dead = hessian_inverse_upper(H[perm][:, perm] if act_order else H, dampening)
-            q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep)
+            q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits_i, group_i, symmetric, blocksize, keep)
             del Hinv, W
             r0 = 0
             for name, lin, Wl in zip(group, lins, Ws):
                 r1 = r0 + Wl.shape[0]
                 ql, sl, zl = q[r0:r1].cpu(), scale[r0:r1].cpu(), zero[r0:r1].cpu()
-                W_new = dequantize(q[r0:r1], scale[r0:r1], zero[r0:r1], group_size)
+                W_new = dequantize(q[r0:r1], scale[r0:r1], zero[r0:r1], group_i)
                 qparams[f"{arch.layers}.{i}.{name}"] = (ql, sl, zl)
                 out[name] = {"recon_error": relative_error(Wl, W_new, H), "loss": losses[r0:r1].sum().item()}
                 if release:
@@ -169,7 +172,8 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
 
 
 def run(stage, model_dir, out_dir, ctx):
-    """Recipe entry (config.GPTQQuant): codes packed as GPTQ chose them (or streamed layer by layer)."""
+    """Recipe entry (config.GPTQQuant): codes packed as GPTQ chose them (or streamed layer by layer);
+    with `mixed`, the most sensitive layers on the finer grid."""
     from frugalflow.method import MethodResult, float_model, layer_progress, save
     from frugalflow.quant import pack
     from frugalflow.quant.rtn import grid_summary
@@ -179,11 +183,31 @@ def run(stage, model_dir, out_dir, ctx):
 
         return run_streaming(stage, model_dir, out_dir, ctx)
     model, _ = float_model(model_dir, ctx["device"])
-    qparams, layers = gptq_quantize(model, ctx["calib"](), stage.bits, stage.group_size, stage.symmetric,
+    calib = ctx["calib"]()
+    search, layer_grids = {}, {}
+    if stage.mixed is not None:
+        search["sensitivity"] = mixed_layers(model, calib, stage, layer_progress(ctx, "sensitivity"))
+        fine = (stage.mixed.bits, stage.mixed.group_size)
+        layer_grids = {i: fine for i in search["sensitivity"]["fine_layers"]}
+    qparams, layers = gptq_quantize(model, calib, stage.bits, stage.group_size, stage.symmetric,
                                     act_order=stage.act_order, dampening=stage.dampening,
                                     blocksize=stage.blocksize, device=ctx["device"],
-                                    on_progress=layer_progress(ctx, "gptq"))
+                                    on_progress=layer_progress(ctx, "gptq"), layer_grids=layer_grids)
     model.to("cpu")
-    pack.quantize_model(model, qparams, stage.bits, stage.group_size, symmetric=stage.symmetric)
+    pack.quantize_layers(model, qparams, (stage.bits, stage.group_size), layer_grids, symmetric=stage.symmetric)
     save(model, out_dir, model_dir)
-    return MethodResult({"layers": layers}, {"grids": grid_summary(qparams)})
+    return MethodResult({"layers": layers}, {"grids": grid_summary(qparams), **search})
+
+
+def mixed_layers(model, calib, stage, on_progress=None) -> dict:
+    """The sensitivity search of a `mixed` stage: {"kl": per-layer KL, "fine_layers": chosen indices}."""
+    from frugalflow.arch import arch_of, decoder_layers
+    from frugalflow.quant.sensitivity import choose_layers, layer_sensitivity
+
+    mixed = stage.mixed
+    kl = layer_sensitivity(model, calib[:mixed.windows, :mixed.tokens], stage.bits, stage.group_size,
+                           stage.symmetric, on_progress=on_progress)
+    names = arch_of(model).linears
+    weights = [sum(layer.get_submodule(n).weight.numel() for n in names) for layer in decoder_layers(model)]
+    return {"kl": kl, "fine_layers": choose_layers(kl, weights, mixed.share),
+            "grid": [stage.bits, stage.group_size], "fine_grid": [mixed.bits, mixed.group_size]}

@@ -291,6 +291,21 @@ def quantize_model(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torc
     return model
 
 
+def quantize_layers(model: nn.Module, qparams: dict[str, tuple], grid: tuple[int, int],
+                    layer_grids: dict[int, tuple[int, int]], symmetric: bool | None = None) -> nn.Module:
+    """quantize_model with a (bits, group_size) per decoder layer: `grid` unless `layer_grids` names it."""
+    from frugalflow.arch import arch_of
+
+    prefix = arch_of(model).layers + "."
+    by_grid: dict[tuple[int, int], dict] = {}
+    for name, codes in qparams.items():
+        index = int(name[len(prefix):].split(".")[0])
+        by_grid.setdefault(layer_grids.get(index, grid), {})[name] = codes
+    for (bits, group_size), part in by_grid.items():
+        quantize_model(model, part, bits, group_size, symmetric=symmetric)
+    return model
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """In place: every QuantLinear becomes an nn.Linear with float32 dequantized weights."""
     return dequantize_all(model, QuantLinear)
