@@ -43,28 +43,11 @@ from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noqa: E402
 from frugalflow.recipe_io import load_recipe  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
+from frugalflow.teacher_text import generated_windows  # noqa: E402
 
 
 def key_of(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def generated_windows(teacher_dir: Path, n: int, length: int, seed: int, batch: int = 16) -> torch.Tensor:
-    """[n, length] token ids the teacher samples (temperature 1, top-p 0.95) from its BOS token."""
-    model, tok = load_model(teacher_dir), load_tokenizer(teacher_dir)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    torch.manual_seed(seed)
-    out = []
-    for start in range(0, n, batch):
-        rows = min(batch, n - start)
-        ids = torch.full((rows, 1), bos, dtype=torch.long)
-        with torch.inference_mode():
-            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=1.0, top_p=0.95, max_new_tokens=length, min_new_tokens=length,
-                                 pad_token_id=tok.eos_token_id)
-        out.append(seq[:, 1:length + 1])
-        print(f"generated {start + rows}/{n} sequences of {length} tokens", flush=True)
-    return torch.cat(out)
 
 
 def distill_data(variant: str, data: Path, teacher: Path, work: Path, splits: list[str], gen_len: int,
