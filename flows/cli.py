@@ -109,7 +109,8 @@ def cmd_sweep(args) -> int:
     _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
     _adopt()
     workers = args.parallel or recipe.sweep.max_parallel
-    runner = runner_for(workers, getattr(args, "cluster", None))  # exit 2/4 on a bad or silent --cluster
+    cluster = getattr(args, "cluster", None) or recipe.sweep.cluster
+    runner = runner_for(workers, cluster)  # exit 2/4 on a bad or silent cluster address
     result = sweep_flow.with_options(task_runner=runner)(
         params=args.params, grid=args.grid, overrides=args.set)
     print(f"\nsweep {result['run_id']}: {len(result['candidates'])} candidates, selected: {result['selected'] or 'none'}")
@@ -334,7 +335,7 @@ def sweep_command(params: Params = "params.yaml",
                       parser=_integer, metavar="N", help="candidates at once (default sweep.max_parallel)")] = None,
                   cluster: Annotated[Optional[str], typer.Option(
                       metavar="tcp://HOST:PORT", help="send candidates to this Dask scheduler "
-                      "(default: local processes)")] = None) -> int:
+                      "(default: sweep.cluster, else local processes)")] = None) -> int:
     return cmd_sweep(Namespace(params=params, grid=list(grid or []), set=list(set_ or []), parallel=parallel,
                                cluster=cluster))
 

@@ -402,6 +402,15 @@ class SweepConfig(Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict,
                                        description="dotted recipe key -> values, e.g. stages.0.sparsity: [0.1, 0.3]")
     max_parallel: int = Field(2, ge=1, le=64, description="candidates compressed at once")
+    cluster: str | None = Field(None, description="Dask scheduler tcp://HOST:PORT for the candidates; "
+                                                  "null = local processes (`frugalflow sweep --cluster` overrides)")
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"tcp://[^\s/:]+:\d{1,5}/?", v):
+            raise ValueError(f"expected a Dask scheduler address tcp://HOST:PORT, got {v!r}")
+        return v
 
     @field_validator("grid")
     @classmethod

@@ -127,6 +127,11 @@ def test_bad_and_unreachable_cluster_addresses(project):
     params = str(project / "params.yaml")
     assert cli(["sweep", "-p", params, "-g", GRID[0], "--cluster", "127.0.0.1:8786"]) == 2
     assert cli(["sweep", "-p", params, "-g", GRID[0], "--cluster", f"tcp://127.0.0.1:{free_port()}"]) == 4
+    # the recipe key: refused by the recipe loader, or a scheduler that does not answer
+    with pytest.raises(SystemExit) as refused:
+        cli(["sweep", "-p", params, "-g", GRID[0], "-s", "sweep.cluster=127.0.0.1:8786"])
+    assert refused.value.code == 2
+    assert cli(["sweep", "-p", params, "-g", GRID[0], "-s", f"sweep.cluster=tcp://127.0.0.1:{free_port()}"]) == 4
 
 
 def test_a_killed_worker_s_candidates_are_retried_on_the_other(prefect_harness, tmp_path_factory, tiny_model_dir):
