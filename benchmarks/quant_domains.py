@@ -51,10 +51,7 @@ def quantize(model, settings: dict, calib: torch.Tensor) -> None:
         rtn_linears(compressible_linears(model), 4, 64, False, write_back=True)
         return
     stage = GPTQQuant(**settings)
-    grids = {}
-    if stage.mixed is not None:
-        fine = (stage.mixed.bits, stage.mixed.group_size)
-        grids = {i: fine for i in mixed_layers(model, calib, stage)["fine_layers"]}
+    grids = mixed_layers(model, calib, stage)[1] if stage.mixed is not None else {}
     gptq_quantize(model, calib, 4, 64, False, act_order=True, dampening=stage.dampening, layer_grids=grids)
 
 

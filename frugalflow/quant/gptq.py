@@ -186,9 +186,7 @@ def run(stage, model_dir, out_dir, ctx):
     calib = ctx["calib"]()
     search, layer_grids = {}, {}
     if stage.mixed is not None:
-        search["sensitivity"] = mixed_layers(model, calib, stage, layer_progress(ctx, "sensitivity"))
-        fine = (stage.mixed.bits, stage.mixed.group_size)
-        layer_grids = {i: fine for i in search["sensitivity"]["fine_layers"]}
+        search["sensitivity"], layer_grids = mixed_layers(model, calib, stage, layer_progress(ctx, "sensitivity"))
     qparams, layers = gptq_quantize(model, calib, stage.bits, stage.group_size, stage.symmetric,
                                     act_order=stage.act_order, dampening=stage.dampening,
                                     blocksize=stage.blocksize, device=ctx["device"],
@@ -199,8 +197,9 @@ def run(stage, model_dir, out_dir, ctx):
     return MethodResult({"layers": layers}, {"grids": grid_summary(qparams), **search})
 
 
-def mixed_layers(model, calib, stage, on_progress=None) -> dict:
-    """The sensitivity search of a `mixed` stage: {"kl": per-layer KL, "fine_layers": chosen indices}."""
+def mixed_layers(model, calib, stage, on_progress=None) -> tuple[dict, dict]:
+    """The sensitivity search of a `mixed` stage: ({"kl": per-layer KL, "fine_layers": chosen indices, ...},
+    {chosen index: the finer (bits, group_size)}) (the `layer_grids` of gptq_quantize)."""
     from frugalflow.arch import arch_of, decoder_layers
     from frugalflow.quant.sensitivity import choose_layers, layer_sensitivity
 
@@ -209,5 +208,7 @@ def mixed_layers(model, calib, stage, on_progress=None) -> dict:
                            stage.symmetric, on_progress=on_progress)
     names = arch_of(model).linears
     weights = [sum(layer.get_submodule(n).weight.numel() for n in names) for layer in decoder_layers(model)]
-    return {"kl": kl, "fine_layers": choose_layers(kl, weights, mixed.share),
-            "grid": [stage.bits, stage.group_size], "fine_grid": [mixed.bits, mixed.group_size]}
+    fine = choose_layers(kl, weights, mixed.share)
+    found = {"kl": kl, "fine_layers": fine, "grid": [stage.bits, stage.group_size],
+             "fine_grid": [mixed.bits, mixed.group_size]}
+    return found, {i: (mixed.bits, mixed.group_size) for i in fine}
