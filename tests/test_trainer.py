@@ -253,3 +253,22 @@ def test_mixed_loss_with_hidden_states(windows, teacher):
                     loss_weights={"kl": 1.0, "hidden": 0.5, "ce": 0.1}, on_step=lambda s, m: seen.append(m), **FAST)
     assert stats["steps_run"] == 3 and all({"kl", "hidden", "ce"} <= set(m) for m in seen)
     assert all(math.isclose(m["loss"], m["kl"] + 0.5 * m["hidden"] + 0.1 * m["ce"], rel_tol=1e-4) for m in seen)
+
+
+def test_mixed_precision_follows_the_hardware(monkeypatch):
+    """bf16 autocast on a CPU only where it computes bf16 natively; fp32 (no autocast) elsewhere."""
+    from frugalflow.distill import trainer
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    autocast, scaler = trainer._amp(cpu, True)
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    autocast, scaler = trainer._amp(cpu, True)
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert scaler is None
+    autocast, _ = trainer._amp(cpu, False)
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
