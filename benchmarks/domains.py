@@ -1,7 +1,8 @@
 """Quality outside the calibration domain, SmolLM2-135M: the default recipe's perplexity change on
 every evaluation set, and the share of the compression gap that distillation closes on each.
 
-    python benchmarks/domains.py [--variant default|generated|mixed] [--steps N] [--lr X] [--rounds 5]
+    python benchmarks/domains.py [--variant default|generated|mixed] [--method tsld|kl] [--steps N] [--lr X]
+                                 [--rounds 5]
 
 The stages are params.yaml's (default: Wanda 10% -> GPTQ w4 g64 -> TSLD 60 steps), run with the
 library's `run_stage` into `--work` (outputs named by their settings, reused when present). The
@@ -12,6 +13,8 @@ change only what the distillation stage trains on:
 - generated: text the teacher samples itself from its begin-of-sequence token (no domain), as
   many sequences as the default trains on windows, `--gen-len` tokens each;
 - mixed: half of each.
+`--method kl` trains the same steps with plain KL instead of the recipe's loss (same data, same
+settings otherwise), to compare the losses at equal steps.
 Measured: perplexity of the base model, of the prune+quantize output (before distillation) and
 of the final output on every set; gap closed = (before - after) / (before - base); size on
 disk; decode tokens/s of base fp32, base bf16, final fp32 and final bf16, HF generate, 64 new
@@ -36,6 +39,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from frugalflow.config import KLDistill, TSLDDistill  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
 from frugalflow.evaluate.sets import set_windows  # noqa: E402
@@ -44,6 +48,9 @@ from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noq
 from frugalflow.recipe_io import load_recipe  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
 from frugalflow.teacher_text import generated_windows  # noqa: E402
+
+
+STAGE_BY_METHOD = {"tsld": TSLDDistill, "kl": KLDistill}
 
 
 def key_of(*parts) -> str:
@@ -79,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--variant", choices=("default", "generated", "mixed"), default="default")
+    parser.add_argument("--method", choices=("tsld", "kl"), help="distillation loss (default: the recipe's)")
     parser.add_argument("--steps", type=int, help="distillation steps (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="distillation learning rate (default: the recipe's)")
     parser.add_argument("--gen-len", type=int, default=256)
@@ -94,6 +102,9 @@ def main() -> None:
     if last.kind != "distill":
         raise SystemExit(f"{args.params}: the last stage is {last.method}, not a distillation stage")
     last = last.model_copy(update={k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
+    if args.method and args.method != last.method:  # the same settings under the other loss
+        last = STAGE_BY_METHOD[args.method](**{k: v for k, v in last.model_dump().items() if k != "tau"}
+                                            | {"method": args.method})
 
     current, seconds = base, {}
     for i, stage in enumerate(compress):
