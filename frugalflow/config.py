@@ -241,8 +241,11 @@ class _Distill(Strict):
     ce_weight: float = Field(0.0, ge=0.0, description="weight of the ground-truth cross-entropy term (TSLD's "
                              "authors train with it; benchmarks/distill.py: 0.5)")
     hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE term")
-    train_splits: list[Literal["train", "calib"]] = Field(
-        ["train", "calib"], min_length=1, description="prepared splits trained on (never the eval split)")
+    train_splits: list[Literal["train", "calib", "generated"]] = Field(
+        ["train", "calib"], min_length=1, description="prepared splits trained on (never the eval split); "
+        "generated: text the teacher samples from its begin-of-sequence token (no domain)")
+    generated_sequences: int = Field(64, ge=1, le=1_000_000, description="with train_splits generated: how many")
+    generated_tokens: int = Field(256, ge=8, le=8192, description="with train_splits generated: tokens each")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     processes: int = Field(1, ge=1, le=1024, description="training processes on this host (torchrun, "
                            "DistributedDataParallel: gloo on the CPU, nccl with one GPU each); batch_size stays the "

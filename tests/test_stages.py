@@ -8,6 +8,7 @@ from helpers import stage_config
 
 from frugalflow import config as C
 from frugalflow.arch import compressible_linears
+from frugalflow.data import load_windows
 from frugalflow.method import entry_for
 from frugalflow.models import load_model
 from frugalflow.quant.pack import quantized_modules
@@ -95,6 +96,12 @@ def test_distillation_trains_on_the_chosen_splits_only(tmp_path, tiny_model_dir,
     train = run_stage(stage_config("kl", train_splits=["train"], **kw), tiny_model_dir, tmp_path / "train",
                       data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     assert (both["train_windows"], train["train_windows"]) == (8 + 8, 8)
+    # the teacher's own samples, beside a prepared split: the longer windows cut into chunks of the shorter
+    mixed = run_stage(stage_config("kl", train_splits=["train", "generated"], generated_sequences=3,
+                                   generated_tokens=16, **kw), tiny_model_dir, tmp_path / "mixed",
+                      data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
+    window = load_windows(tiny_data_dir, "train").shape[1]
+    assert mixed["train_windows"] == 8 * (window // 16) + 3
     with pytest.raises(ValueError, match="train_splits"):  # never the evaluation windows
         stage_config("kl", train_splits=["eval"])
 

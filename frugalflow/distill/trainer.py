@@ -349,6 +349,25 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
             else 0.0, "resumed_from": start, "steps_run": steps_run}
 
 
+def training_windows(stage, data_dir, teacher_dir, seed: int, report: Callable, device: str = "cpu") -> torch.Tensor:
+    """The stage's `train_splits` as one tensor of windows: prepared splits, and with `generated` the
+    teacher's own samples (seeded, so every rank draws the same). Splits of different lengths are
+    cut into chunks of the shortest, so no token is dropped beyond a window's remainder."""
+    from frugalflow.data import load_windows
+    from frugalflow.teacher_text import generated_windows
+
+    parts = []
+    for split in stage.train_splits:
+        if split == "generated":
+            parts.append(generated_windows(teacher_dir, stage.generated_sequences, stage.generated_tokens, seed,
+                                           device=str(device), on_batch=lambda done, n: report(
+                                               f"teacher generated {done}/{n} sequences", {})))
+        else:
+            parts.append(load_windows(data_dir, split))
+    length = min(p.shape[1] for p in parts)
+    return torch.cat([p[:, : p.shape[1] // length * length].reshape(-1, length) for p in parts])
+
+
 def run(stage, model_dir: Path, out_dir: Path, ctx: dict):
     """Recipe entry (config.KLDistill, config.TSLDDistill): distill on one process, or with
     `processes` > 1 on that many under torchrun (distill/ddp.py), where every rank runs this
@@ -369,12 +388,12 @@ def run(stage, model_dir: Path, out_dir: Path, ctx: dict):
     # to zero is not pruned and may move.
     masks = {name: (m.weight.data != 0) for name, m in compressible_linears(student).items()
              if bool((m.weight.data == 0).any())} if ctx["pruned"] else {}
-    teacher = load_model(ctx["teacher_dir"], device=device)
-    windows = torch.cat([load_windows(ctx["data_dir"], split) for split in stage.train_splits])
+    report = ctx.get("report", quiet)
+    windows = training_windows(stage, ctx["data_dir"], ctx["teacher_dir"], ctx.get("seed", 0), report, device)
     if len(windows) == 0:
         raise ValueError(f"distillation needs training windows: the splits {stage.train_splits} are empty "
                          "(data.train_windows / data.calib_windows)")
-    report = ctx.get("report", quiet)
+    teacher = load_model(ctx["teacher_dir"], device=device)
     eval_windows = load_windows(ctx["data_dir"], "eval")
     ppl_before = perplexity(student, eval_windows) if rank == 0 else float("nan")
     report(f"perplexity before distillation {ppl_before:.3f}", {"ppl_before": ppl_before})
