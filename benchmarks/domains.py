@@ -1,15 +1,16 @@
 """Quality outside the calibration domain, SmolLM2-135M: the default recipe's perplexity change on
 every evaluation set, and the share of the compression gap that distillation closes on each.
 
-    python benchmarks/domains.py [--variant default|generated|mixed] [--method tsld|kl] [--steps N] [--lr X]
+    python benchmarks/domains.py [--variant default|corpus|generated|mixed] [--method tsld|kl] [--steps N] [--lr X]
                                  [--rounds 5]
 
-The stages are params.yaml's (default: Wanda 10% -> GPTQ w4 g64 -> TSLD 60 steps), run with the
+The stages are params.yaml's (default: Wanda 10% -> GPTQ w4 g64, mixed -> TSLD 180 steps), run with the
 library's `run_stage` into `--work` (outputs named by their settings, reused when present). The
 sets: the prepared eval split (in-domain: Python's documentation, which the recipe calibrates
 and distils on) and every `evaluation.sets` entry of params.yaml (out of domain). The variants
 change only what the distillation stage trains on:
-- default: the stage's own splits (train + calib windows of the calibration corpus);
+- default: the stage's own `train_splits` (the default recipe's: text the teacher generates);
+- corpus: train + calib windows of the calibration corpus;
 - generated: text the teacher samples itself from its begin-of-sequence token (no domain), as
   many sequences as the default trains on windows, `--gen-len` tokens each;
 - mixed: half of each.
@@ -49,7 +50,6 @@ from frugalflow.recipe_io import load_recipe  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
 from frugalflow.teacher_text import generated_windows  # noqa: E402
 
-
 STAGE_BY_METHOD = {"tsld": TSLDDistill, "kl": KLDistill}
 
 
@@ -61,9 +61,10 @@ def distill_data(variant: str, data: Path, teacher: Path, work: Path, splits: li
                  seed: int) -> tuple[Path, list[str], str]:
     """(data folder, splits to train on, description) for the variant's distillation."""
     if variant == "default":
-        n = sum(len(load_windows(data, s)) for s in splits)
-        return data, splits, f"{' + '.join(splits)} windows of the calibration corpus ({n} x 512 tokens)"
-    real = torch.cat([load_windows(data, s) for s in splits])
+        return data, splits, "the stage's train_splits: " + ", ".join(splits)
+    real = torch.cat([load_windows(data, s) for s in ("train", "calib")])
+    if variant == "corpus":
+        return data, ["train", "calib"], f"train + calib windows of the calibration corpus ({len(real)} x 512 tokens)"
     n_gen = len(real) if variant == "generated" else len(real) // 2
     folder = work / f"data_{variant}_{key_of(n_gen, gen_len, seed)}"
     if not (folder / "train.safetensors").is_file():
@@ -85,7 +86,7 @@ def distill_data(variant: str, data: Path, teacher: Path, work: Path, splits: li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
-    parser.add_argument("--variant", choices=("default", "generated", "mixed"), default="default")
+    parser.add_argument("--variant", choices=("default", "corpus", "generated", "mixed"), default="default")
     parser.add_argument("--method", choices=("tsld", "kl"), help="distillation loss (default: the recipe's)")
     parser.add_argument("--steps", type=int, help="distillation steps (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="distillation learning rate (default: the recipe's)")
