@@ -349,25 +349,6 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
             else 0.0, "resumed_from": start, "steps_run": steps_run}
 
 
-def training_windows(stage, data_dir, teacher_dir, seed: int, report: Callable, device: str = "cpu") -> torch.Tensor:
-    """The stage's `train_splits` as one tensor of windows: prepared splits, and with `generated` the
-    teacher's own samples (seeded, so every rank draws the same). Splits of different lengths are
-    cut into chunks of the shortest, so no token is dropped beyond a window's remainder."""
-    from frugalflow.data import load_windows
-    from frugalflow.teacher_text import generated_windows
-
-    parts = []
-    for split in stage.train_splits:
-        if split == "generated":
-            parts.append(generated_windows(teacher_dir, stage.generated_sequences, stage.generated_tokens, seed,
-                                           device=str(device), on_batch=lambda done, n: report(
-                                               f"teacher generated {done}/{n} sequences", {})))
-        else:
-            parts.append(load_windows(data_dir, split))
-    length = min(p.shape[1] for p in parts)
-    return torch.cat([p[:, : p.shape[1] // length * length].reshape(-1, length) for p in parts])
-
-
 def run(stage, model_dir: Path, out_dir: Path, ctx: dict):
     """Recipe entry (config.KLDistill, config.TSLDDistill): distill on one process, or with
     `processes` > 1 on that many under torchrun (distill/ddp.py), where every rank runs this
@@ -375,6 +356,7 @@ def run(stage, model_dir: Path, out_dir: Path, ctx: dict):
     from frugalflow.arch import compressible_linears
     from frugalflow.data import load_windows
     from frugalflow.distill import ddp
+    from frugalflow.distill.train_data import training_windows
     from frugalflow.evaluate.perplexity import perplexity
     from frugalflow.method import MethodResult, float_model, quantize_with_grids, quiet, save
     from frugalflow.models import load_model
