@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import torch
+from helpers import stage_config
 
+from frugalflow.distill.train_data import training_windows
 from frugalflow.teacher_text import generated_windows
 
 
@@ -16,10 +18,6 @@ def test_generated_windows_are_seeded_samples_of_the_requested_shape(tiny_model_
 
 
 def test_distillation_trains_on_the_teacher_s_samples_seeded(tiny_model_dir, tiny_data_dir):
-    from helpers import stage_config
-
-    from frugalflow.distill.train_data import training_windows
-
     stage = stage_config("tsld", train_splits=["generated"], generated_sequences=5, generated_tokens=12)
     seen = []
     windows = training_windows(stage, tiny_data_dir, tiny_model_dir, 7, lambda msg, m: seen.append(msg))
