@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefect import task
 
 from flows.project import Project
+from flows.workspace import on_worker
 from frugalflow.config import Recipe
 from frugalflow.report import build_report
 from tasks import tracking as T
@@ -31,15 +32,21 @@ def run_stages(project: Project, recipe: Recipe, tracking: T.Tracking) -> list[d
         result = compress_stage(stage, index, current_dir, current_key, data_dir=str(project.data_dir),
                                 data_key=project.data_key, teacher_dir=str(project.base_dir),
                                 artifacts_dir=str(project.artifacts), device=project.device, seed=recipe.seed,
-                                pruned=any(s.kind == "prune" for s in recipe.stages[:index]), tracking=tracking)
+                                pruned=any(s.kind == "prune" for s in recipe.stages[:index]), tracking=tracking,
+                                store=project.stage_store)
         stages.append({"method": stage.method, "kind": stage.kind, **result})
         current_dir, current_key = result["dir"], result["key"]
     return stages
 
 
 @task(name="candidate-stages")
-def candidate_stages(project: Project, recipe: Recipe, tracking: T.Tracking) -> list[dict]:
-    """`run_stages` as one task, so a sweep can submit candidates to the flow's task runner."""
+def candidate_stages(project: Project, recipe: Recipe, tracking: T.Tracking,
+                     inputs: dict[str, str] | None = None) -> list[dict]:
+    """`run_stages` as one task, so a sweep can submit candidates to the flow's task runner. With
+    `inputs` (flows/workspace.py) the worker shares no folder with the flow: it works in its own
+    and takes the base model and data from the stage store."""
+    if inputs:
+        project = on_worker(project, inputs)
     return run_stages(project, recipe, tracking)
 
 

@@ -16,6 +16,7 @@ from tasks import tracking as T
 from tasks.lineage import update_data
 from tasks.preflight import preflight
 from tasks.runstate import close_orphans
+from tasks.stage_store import store_uri
 
 
 def project_root(params_path: Path) -> Path:
@@ -48,6 +49,7 @@ class Project:
     data_dir: Path
     base_key: str
     data_key: str
+    stage_store: str | None = None  # tasks/stage_store.py: S3 prefix shared by workers, or None
 
     @property
     def lineage_tags(self) -> dict:
@@ -72,4 +74,4 @@ def open_project(params: str, overrides: list[str]) -> Project:
                    uri=uri, experiment_id=experiment, lineage=lineage, artifacts=root / recipe.artifacts_dir,
                    base_dir=root / recipe.base_model.path, data_dir=root / recipe.data.path,
                    base_key=lineage["dvc"].get(recipe.base_model.path, ""),
-                   data_key=lineage["dvc"].get(recipe.data.path, ""))
+                   data_key=lineage["dvc"].get(recipe.data.path, ""), stage_store=store_uri())

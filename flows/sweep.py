@@ -13,7 +13,9 @@ patches, so two threads of one process cannot compute at once (tasks/compress.py
 start when every candidate is compressed and run one at a time in the flow's process, so that
 decode speeds are comparable. With `--cluster tcp://HOST:PORT` the stages go to an existing Dask
 cluster instead (Prefect's DaskTaskRunner, `cluster_runner`); Dask retries a lost worker's tasks
-on another.
+on another. With a stage store (FRUGALFLOW_STAGE_STORE) the cluster's workers share nothing but
+the stores (flows/workspace.py): inputs and stage outputs move through S3, tracking goes to the
+recipe's MLflow server; without one they must see the project folder at the same path.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.candidate import candidate_stages, evaluate_baseline, evaluate_candidate, judge, publish
 from flows.nightly import start_parent_run
 from flows.project import load_flow_recipe, open_project, project_root
+from flows.workspace import bring_back, publish_inputs
 from frugalflow.config import RecipeError
 from frugalflow.sweep import Candidate, as_overrides, expand_grid, label, parse_grid_option, select
 from tasks.sweep_runs import SweepRuns
@@ -95,6 +99,14 @@ def cluster_runner(address: str):
     return DaskTaskRunner(address=address)
 
 
+def on_cluster() -> bool:
+    """Whether this flow run sends its tasks to Dask."""
+    from prefect_dask import DaskTaskRunner
+
+    context = FlowRunContext.get()
+    return context is not None and isinstance(context.task_runner, DaskTaskRunner)
+
+
 def runner_for(workers: int, cluster: str | None = None):
     """Dask cluster when `cluster` is given, else `workers` local processes."""
     return cluster_runner(cluster) if cluster else sweep_runner(workers)
@@ -114,11 +126,19 @@ def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
         runs.log_grid(candidates)
         baseline = evaluate_baseline(project)
         runs.log_baseline(baseline)
+        inputs = None
+        if on_cluster() and project.stage_store:
+            inputs = publish_inputs(project)
+            logger.info("share-nothing workers: inputs %s in the stage store %s", ", ".join(inputs.values()),
+                        project.stage_store)
+        elif on_cluster():
+            logger.warning("no stage store (FRUGALFLOW_STAGE_STORE): the Dask workers must see %s", project.root)
         futures = [candidate_stages.with_options(task_run_name=f"stages[{c.label}]")
-                   .submit(project, c.recipe, runs.start_candidate(c, project.lineage_tags)) for c in candidates]
+                   .submit(project, c.recipe, runs.start_candidate(c, project.lineage_tags), inputs)
+                   for c in candidates]
         for c, future in zip(candidates, futures):
             try:
-                c.stages = future.result()
+                c.stages = bring_back(project, future.result()) if inputs else future.result()
             except Exception as exc:  # one broken candidate does not sink the sweep
                 c.error = f"{type(exc).__name__}: {exc}"
                 logger.error("candidate %s failed: %s", c.label, c.error)

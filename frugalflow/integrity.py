@@ -107,7 +107,7 @@ def write_manifest(folder: str | Path) -> dict:
     """Record size and SHA-256 of every file in `folder` (recursively) in its manifest.json."""
     folder = Path(folder)
     files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / MANIFEST}
     write_json_checked(folder / MANIFEST, files)
     return files
 
@@ -118,7 +118,7 @@ def verify_manifest(folder: str | Path) -> None:
     if not (folder / MANIFEST).is_file():
         raise CorruptData(f"{folder / MANIFEST}: missing (an unfinished or pre-checksum entry)")
     files = read_json_checked(folder / MANIFEST)
-    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST}
     if extra := sorted(present - set(files)):
         raise CorruptData(f"{folder / extra[0]}: not in the manifest (written after the entry was sealed)")
     for name, meta in files.items():

@@ -6,11 +6,13 @@ instead of recomputing it. A stage computes into a temporary sibling folder, wri
 and a `manifest.json` of every file's SHA-256 there, and renames it into place
 (frugalflow/integrity.py): the entry is complete or absent. On reuse the manifest is checked; a
 truncated or altered entry is logged, moved aside (`<name>.corrupt-<id>`) and recomputed. With a
-shared stage store (tasks/stage_store.py) an entry missing here is fetched from it, and a sealed
-entry is uploaded to it once.
+shared stage store (tasks/stage_store.py, `store`) an entry missing here is fetched from it, a sealed
+entry is uploaded to it once, and inside a Dask worker the cluster's lock on the entry's name makes
+one worker compute it while the others wait and fetch it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -59,7 +61,7 @@ def stage_key(input_key: str, stage, data_key: str) -> str:
 @task(name="compress-stage")
 def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_dir: str, data_key: str,
                    teacher_dir: str, artifacts_dir: str, device: str, seed: int, pruned: bool,
-                   tracking: T.Tracking) -> dict:
+                   tracking: T.Tracking, store: str | None = None) -> dict:
     logger = get_run_logger()
     key = stage_key(input_key, stage, data_key)
     out_dir = Path(artifacts_dir) / "stages" / f"{index}-{stage.method}-{key}"
@@ -71,10 +73,12 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
     T.log_params(client, run_id, {f"stage.{k}": v for k, v in stage.model_dump(mode="json").items()})
     stats_file = out_dir / "stats.json"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out_dir) + ".lock")  # two sweep candidates sharing this stage compute it once
+    locks = contextlib.ExitStack()
     tmp = None
     try:
-        lock.acquire()
+        if store:  # workers of one cluster that share no folder
+            locks.enter_context(stage_store.cluster_lock(out_dir.name))
+        locks.enter_context(FileLock(str(out_dir) + ".lock"))  # two candidates sharing this stage compute it once
         for stale in remove_stale_temps(out_dir):
             logger.warning("stage %d %s: removed %s, left by an interrupted write", index, stage.method, stale)
         cached = False
@@ -87,7 +91,7 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
                 moved = quarantine(out_dir)
                 logger.warning("stage %d %s: cache entry not reused: %s; moved to %s, recomputing", index,
                                stage.method, exc, moved.name)
-        store, shared = stage_store.store_uri(), ""
+        shared = ""
         if not cached and store and stage_store.fetch(out_dir, store):  # another worker computed it
             stats, cached, shared = json.loads(stats_file.read_text()), True, "fetched"
         if cached:
@@ -137,7 +141,7 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
         close_failed(client, run_id, f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        lock.release()
+        locks.close()
     summary = ", ".join(f"{k}={stats[k]:.4g}" for k in SUMMARY_KEYS if isinstance(stats.get(k), (int, float)))
     logger.info("stage %d %s done%s: %s", index, stage.method, " (cached)" if cached else "", summary)
     return {"dir": str(out_dir), "key": key, "run_id": run_id, "cached": cached,

@@ -206,7 +206,7 @@ def test_registered_version_is_published_to_the_models_bucket(s3_env, tmp_path, 
 
 def test_stage_store_shares_a_stage_between_workers_that_share_no_folder(s3_env, tmp_path, tiny_model_dir,
                                                                          prefect_harness, monkeypatch):
-    """FRUGALFLOW_STAGE_STORE: worker A computes a stage and uploads it (manifest last); worker B, with
+    """A stage store (FRUGALFLOW_STAGE_STORE, passed by the flow as `store`): worker A computes a stage and uploads it (manifest last); worker B, with
     its own empty artifacts folder, fetches it instead of computing (same bytes, checksums verified);
     A again finds it already there; an entry damaged in the store is refused, naming it."""
     import boto3
@@ -216,10 +216,7 @@ def test_stage_store_shares_a_stage_between_workers_that_share_no_folder(s3_env,
     from frugalflow.errors import CorruptData
     from frugalflow.integrity import MANIFEST
     from tasks import tracking as T
-    from tasks.stage_store import STORE_ENV
-
     S.ensure_bucket("stages")
-    monkeypatch.setenv(STORE_ENV, "s3://stages/cache")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = T.connect(uri)
     exp = T.experiment_id(client, "store", tmp_path / "mlartifacts")
@@ -229,7 +226,7 @@ def test_stage_store_shares_a_stage_between_workers_that_share_no_folder(s3_env,
         return C.compress_stage(MagnitudePrune(method="magnitude", sparsity=0.5), 0, str(tiny_model_dir), "base",
                                 data_dir=str(tmp_path / "data"), data_key="data", teacher_dir=str(tiny_model_dir),
                                 artifacts_dir=str(tmp_path / worker), device="cpu", seed=0, pruned=False,
-                                tracking=tracking)
+                                tracking=tracking, store="s3://stages/cache")
 
     def shared(result: dict) -> str:
         return client.get_run(result["run_id"]).data.tags.get("frugalflow.stage_store")
