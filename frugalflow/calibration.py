@@ -301,9 +301,13 @@ def _hessian_inverse_upper(H: torch.Tensor, dampening: float) -> tuple[torch.Ten
     raise RuntimeError("Hessian is not positive definite even with heavy dampening")
 
 
-def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
-    """||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from H = 2/n X^T X."""
-    W, E = W.float(), (W_new.float() - W.float())
-    num = ((E @ H) * E).sum()
-    den = ((W @ H) * W).sum()
-    return (num / den).item() if den > 0 else 0.0
+def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> float:
+    """||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from H = 2/n X^T X; `rows` rows of W
+    at a time, so that the temporaries stay small beside a large H."""
+    num = den = 0.0
+    for r in range(0, W.shape[0], rows):
+        w = W[r:r + rows].float()
+        e = W_new[r:r + rows].float() - w
+        num += ((e @ H) * e).sum().item()
+        den += ((w @ H) * w).sum().item()
+    return num / den if den > 0 else 0.0

@@ -9,7 +9,8 @@ previous layer (`calibration.calibrate_layer`, the step `run_sequential` takes; 
 activations), run again to give the next layer's inputs, packed, written as its own shard and
 freed. The tensors outside the layers are copied one at a time. Host memory holds about one
 layer in float32, the calibration activations and the method's statistics (GPTQ: the layer's
-Hessians), whatever the number of layers. The output directory is what the in-memory stage
+Hessians), whatever the number of layers; GPTQ frees each solved linear's float weight and
+rebuilds it only while that linear runs to give the next layer's inputs. The output directory is what the in-memory stage
 writes (`models.load_model` reads it; tests/test_streaming.py checks the two are equal),
 except that it is split into shards (`model-<part>.safetensors` plus an index).
 """
@@ -77,10 +78,12 @@ def _skeleton(model_dir: Path) -> nn.Module:
     return model.eval()
 
 
-def _materialize(module: nn.Module, prefix: str, reader: ShardReader) -> None:
-    """Load `module`'s parameters and persistent buffers (float32) in place of its meta tensors."""
+def _materialize(module: nn.Module, prefix: str, reader: ShardReader, as_stored: tuple[str, ...] = ()) -> None:
+    """Load `module`'s parameters and persistent buffers in place of its meta tensors: float32, except
+    the tensors named in `as_stored`, kept in their checkpoint dtype."""
     names = list(module.state_dict(keep_vars=True))
-    tensors = reader.read([prefix + n for n in names], torch.float32)
+    tensors = reader.read([prefix + n for n in names if n not in as_stored], torch.float32)
+    tensors.update(reader.read([prefix + n for n in names if n in as_stored]))
     module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=True, assign=True)
     meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if meta:
@@ -96,6 +99,19 @@ def _outside_layers(model: nn.Module, layers_prefix: str) -> list[str]:
         seen.add(id(t))
         names.append(name)
     return names
+
+
+def _float_on_call(lin: nn.Linear, make: Callable[[], torch.Tensor], rest: Callable[[], torch.Tensor]) -> list:
+    """`lin` computes with the float32 weight `make()` builds for each call and holds `rest()` between
+    calls, so that one linear's float32 weight is in memory at a time, not the layer's. Returns the hooks."""
+
+    def build(module, _args):
+        module.weight.data = make()
+
+    def drop(module, _args, _out):
+        module.weight.data = rest()
+
+    return [lin.register_forward_pre_hook(build), lin.register_forward_hook(drop)]
 
 
 def _rtn_solve(bits: int, group_size: int, symmetric: bool, arch, qparams: dict):
@@ -147,12 +163,15 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
         gptq = gptq_solver(arch, bits, group_size, symmetric, qparams, act_order=act_order, dampening=dampening,
                            blocksize=blocksize, release=True)
 
-        def solve(i, layer, stats):  # solved weights are freed while later groups solve, then rebuilt
+        def solve(i, layer, stats):  # solved weights are freed, then rebuilt one linear at a time for a call
+            for hook in upcasts:  # the solver reads the stored weights (and copies them to float32 one by one)
+                hook.remove()
             out = gptq(i, layer, stats)
             for name in arch.linears:
                 q, scale, zero = qparams[f"{arch.layers}.{i}.{name}"]
-                lin = layer.get_submodule(name)
-                lin.weight.data = rtn.dequantize(q, scale, zero, group_size).to(lin.weight.dtype).to(device)
+                _float_on_call(layer.get_submodule(name),
+                               lambda q=q, scale=scale, zero=zero: rtn.dequantize(q, scale, zero, group_size).to(device),
+                               lambda: torch.empty(0, device=device))
             return out
     else:
         solve = _rtn_solve(bits, group_size, symmetric, arch, qparams)
@@ -166,13 +185,17 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
         per_layer: list[float] = []
         inputs = extras = None
         store = device
+        upcasts: list = []
+        # GPTQ holds the linears' weights as stored (bf16 in large checkpoints: half of float32) and
+        # computes with a float32 copy of one linear at a time
+        held_as_stored = tuple(f"{n}.weight" for n in arch.linears) if method == "gptq" else ()
         if method == "gptq":  # the first layer's inputs, from the embedding (and pre-layer modules) alone
             front = [arch.embed, *arch.pre_layers]
             for name in front:
                 mod = model.get_submodule(name)
                 if any(True for _ in mod.parameters()):
                     _materialize(mod, name + ".", reader)
-            _materialize(blocks[0], f"{arch.layers}.0.", reader)
+            _materialize(blocks[0], f"{arch.layers}.0.", reader, held_as_stored)
             hidden = blocks[0].get_submodule(arch.linears[0]).in_features
             store = _activation_store(device, calib_windows, hidden, torch.float32)
             inputs, extras = capture_inputs(model, calib_windows, device, batch_size, store)
@@ -186,9 +209,13 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
             layer = blocks[i]
             prefix = f"{arch.layers}.{i}."
             if any(p.is_meta for p in layer.parameters()):
-                _materialize(layer, prefix, reader)
+                _materialize(layer, prefix, reader, held_as_stored)
             layer.to(device)
             if method == "gptq":
+                upcasts = []
+                for name in arch.linears:
+                    stored = layer.get_submodule(name).weight.data
+                    upcasts += _float_on_call(layer.get_submodule(name), lambda w=stored: w.float(), lambda w=stored: w)
                 solved, inputs = calibrate_layer(i, layer, arch, inputs, extras, solve, ("H",), None, device, store,
                                                  i + 1 < n_layers)
             else:

@@ -28,6 +28,8 @@ from frugalflow.calibration import (
 )
 from frugalflow.quant.rtn import compute_qparams, dequantize
 
+JOINT_SOLVE_BYTES = 1 << 26  # linears sharing inputs are solved as one matrix up to this float32 size
+
 
 def _gptq(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, bits: int,
           group_size: int, symmetric: bool, blocksize: int, keep: torch.Tensor | None):
@@ -142,30 +144,39 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
         bits_i, group_i = (layer_grids or {}).get(i, (bits, group_size))
         for group in input_groups(arch):
             H = stats[group[0]]["H"]
-            lins = [layer.get_submodule(n) for n in group]
-            Ws = [lin.weight.data.float() for lin in lins]
-            W = torch.cat(Ws)
-            keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
             perm = _order(H, act_order)
             Hinv, dead = hessian_inverse_upper(H[perm][:, perm] if act_order else H, dampening)
-            q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits_i, group_i, symmetric, blocksize, keep)
-            del Hinv, W
-            r0 = 0
-            for name, lin, Wl in zip(group, lins, Ws):
-                r1 = r0 + Wl.shape[0]
-                ql, sl, zl = q[r0:r1].cpu(), scale[r0:r1].cpu(), zero[r0:r1].cpu()
-                W_new = dequantize(q[r0:r1], scale[r0:r1], zero[r0:r1], group_i)
-                qparams[f"{arch.layers}.{i}.{name}"] = (ql, sl, zl)
-                out[name] = {"recon_error": relative_error(Wl, W_new, H), "loss": losses[r0:r1].sum().item()}
-                if release:
-                    lin.weight.data = torch.empty(0, dtype=lin.weight.dtype, device=lin.weight.device)
-                else:
-                    lin.weight.data.copy_(W_new.to(lin.weight.dtype))
-                del W_new
-                r0 = r1
+            lins = [layer.get_submodule(n) for n in group]
+            rows = sum(lin.out_features for lin in lins)
+            # GPTQ treats rows independently: a group's linears are solved together (one column loop) while
+            # that is small, one at a time (no concatenated copy) when it is large
+            parts = [group] if rows * lins[0].in_features * 4 <= JOINT_SOLVE_BYTES else [(n,) for n in group]
+            for k, part in enumerate(parts):
+                part_lins = [layer.get_submodule(n) for n in part]
+                Ws = [lin.weight.data.float() for lin in part_lins]
+                W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
+                keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
+                q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits_i, group_i, symmetric, blocksize, keep)
+                del W, keep
+                if k == len(parts) - 1:
+                    Hinv = None  # not needed for the errors below
+                r0 = 0
+                for name, lin, Wl in zip(part, part_lins, Ws):
+                    r1 = r0 + Wl.shape[0]
+                    ql, sl, zl = q[r0:r1].cpu(), scale[r0:r1].cpu(), zero[r0:r1].cpu()
+                    W_new = dequantize(q[r0:r1], scale[r0:r1], zero[r0:r1], group_i)
+                    qparams[f"{arch.layers}.{i}.{name}"] = (ql, sl, zl)
+                    out[name] = {"recon_error": relative_error(Wl, W_new, H), "loss": losses[r0:r1].sum().item()}
+                    if release:
+                        lin.weight.data = torch.empty(0, dtype=lin.weight.dtype, device=lin.weight.device)
+                    else:
+                        lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+                    del W_new, Wl
+                    r0 = r1
+                del Ws, q, scale, zero, losses
             for name in group:
                 stats[name].pop("H", None)
-            del H, Ws
+            del H
         return out
 
     return solve
