@@ -206,7 +206,8 @@ def test_registered_version_is_published_to_the_models_bucket(s3_env, tmp_path, 
 
 def test_stage_store_shares_a_stage_between_workers_that_share_no_folder(s3_env, tmp_path, tiny_model_dir,
                                                                          prefect_harness, monkeypatch):
-    """A stage store (FRUGALFLOW_STAGE_STORE, passed by the flow as `store`): worker A computes a stage and uploads it (manifest last); worker B, with
+    """A stage store (FRUGALFLOW_STAGE_STORE, passed by the flow as `store`): worker A computes a stage
+    and uploads it (manifest last); worker B, with
     its own empty artifacts folder, fetches it instead of computing (same bytes, checksums verified);
     A again finds it already there; an entry damaged in the store is refused, naming it."""
     import boto3
