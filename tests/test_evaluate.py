@@ -108,8 +108,9 @@ def test_decode_speed_exact_tokens_on_custom_linears(tiny_model, tiny_tokenizer)
         assert result[key] > 0 and math.isfinite(result[key]), key
     assert result["latency_p95_ms"] >= result["latency_p50_ms"]
     assert result["peak_mem_mb"] >= 0
-    # the tokens/s figure is consistent with the per-token latency
-    assert 0.2 < result["decode_tps"] * result["latency_p50_ms"] / 1e3 < 5
+    # the tokens/s figure is consistent with the per-token latency: 1 / tps is a repeat's mean gap, which
+    # a stall under load can push far above the median gap (CI saw 0.14), but nothing pushes it far below
+    assert result["decode_tps"] * result["latency_p50_ms"] / 1e3 < 5
 
 
 def test_decode_speed_single_token(tiny_model, tiny_tokenizer):
