@@ -13,14 +13,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from filelock import FileLock
-
 from flows.project import Project
-from frugalflow.errors import CorruptData
-from frugalflow.integrity import quarantine, verify_manifest
 from frugalflow.stages import resolve_device
 from tasks import stage_store
-from tasks.storage import StorageError
 
 WORKDIR_ENV = "FRUGALFLOW_WORKDIR"
 
@@ -52,16 +47,5 @@ def bring_back(project: Project, stages: list[dict]) -> list[dict]:
     """`stages` as a worker returned them, with their folders under this project's artifacts; the
     final one (the candidate's model) fetched from the store and verified."""
     local = [{**s, "dir": str(project.artifacts / "stages" / Path(s["dir"]).name)} for s in stages]
-    final = Path(local[-1]["dir"])
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if final.exists():
-            try:
-                verify_manifest(final)
-                return local
-            except CorruptData:
-                quarantine(final)
-        if not stage_store.fetch(final, project.stage_store):
-            raise StorageError(f"the stage store {project.stage_store} has no entry {final.name}, which a worker "
-                               "reported finished")
+    stage_store.ensure_local(Path(local[-1]["dir"]), project.stage_store, why=", which a worker reported finished")
     return local

@@ -103,22 +103,28 @@ def publish_input(folder: Path, name: str, uri: str) -> bool:
     return True
 
 
-def fetch_input(name: str, uri: str, into: Path) -> Path:
-    """The local folder of input entry `name`, downloaded under `into` once and verified on every
-    use (a damaged copy is moved aside and fetched again); StorageError when the store lacks it."""
-    entry = into / name
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(entry) + ".lock"):
-        if entry.exists():
+def ensure_local(folder: Path, uri: str, name: str | None = None, why: str = "") -> Path:
+    """`folder` as the store's entry `name` (default: the folder's name): a local copy is verified on
+    every use (a damaged one is moved aside), a missing one downloaded; StorageError, saying `why`
+    it should be there, when the store lacks it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if folder.exists():
             try:
-                verify_manifest(entry)
-                return entry / PAYLOAD
+                verify_manifest(folder)
+                return folder
             except CorruptData:
-                quarantine(entry)
-        if not fetch(entry, uri, f"{INPUTS}/{name}"):
-            bucket, prefix = _where(uri, f"{INPUTS}/{name}")
-            raise StorageError(f"the stage store has no input s3://{bucket}/{prefix}: the flow publishes its "
-                               "inputs before it sends work to the cluster")
+                quarantine(folder)
+        if not fetch(folder, uri, name):
+            bucket, prefix = _where(uri, name or folder.name)
+            raise StorageError(f"the stage store has no entry s3://{bucket}/{prefix}{why}")
+    return folder
+
+
+def fetch_input(name: str, uri: str, into: Path) -> Path:
+    """The local folder of input entry `name`, under `into` (`ensure_local`)."""
+    entry = ensure_local(into / name, uri, f"{INPUTS}/{name}",
+                         ": the flow publishes its inputs before it sends work to the cluster")
     return entry / PAYLOAD
 
 

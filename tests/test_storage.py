@@ -255,3 +255,29 @@ def test_stage_store_shares_a_stage_between_workers_that_share_no_folder(s3_env,
     with pytest.raises(CorruptData, match=f"stage store entry s3://stages/cache/{name}"):
         stage_on("worker-c")
     assert not (tmp_path / "worker-c" / "stages" / name).exists()
+
+
+def test_stage_store_inputs_and_local_copies(s3_env, tmp_path):
+    """A flow input (a folder with its own manifest.json, as data/ has) goes to the store under
+    payload/ beside the store's manifest; a worker's copy is downloaded once, a damaged copy is
+    moved aside and fetched again, and an entry the store lacks is an error that names it."""
+    from tasks import stage_store as SS
+
+    S.ensure_bucket("stages")
+    uri = "s3://stages/cache"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"window": 64}\n')
+    (data / "calib.safetensors").write_bytes(os.urandom(5000))
+    name = SS.input_name("data", "", data)  # no DVC key: a digest of the files
+    assert name.startswith("data-") and name == SS.input_name("data", "", data)
+    assert SS.publish_input(data, name, uri) and not SS.publish_input(data, name, uri)  # uploaded once
+    worker = tmp_path / "worker"
+    got = SS.fetch_input(name, uri, worker)
+    assert got == worker / name / "payload" and tree_bytes(got) == tree_bytes(data)
+    (got / "manifest.json").write_text('{"window": 32}\n')  # the input's own manifest is checked too
+    again = SS.fetch_input(name, uri, worker)
+    assert tree_bytes(again) == tree_bytes(data)
+    assert [p.name.split(".corrupt-")[0] for p in worker.glob("*.corrupt-*")] == [name]
+    with pytest.raises(S.StorageError, match="s3://stages/cache/inputs/data-missing"):
+        SS.fetch_input("data-missing", uri, worker)
