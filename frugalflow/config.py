@@ -156,13 +156,25 @@ class _WeightQuant(Strict):
     symmetric: bool = False
 
 
-class RTNQuant(_WeightQuant):
+class _HeadQuant(_WeightQuant):
+    head_bits: Literal[8] | None = Field(
+        None, description="8: the output head (and the input embedding tied to it) int8 per row, symmetric; "
+                          "null keeps it float")
+    stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
+
+    @model_validator(mode="after")
+    def _head_in_memory(self):
+        if self.head_bits is not None and self.stream:
+            raise ValueError("head_bits needs stream: false (the streamed path writes the head as it found it)")
+        return self
+
+
+class RTNQuant(_HeadQuant):
     """Round-to-nearest group-wise weight quantization, stored packed."""
 
     entry: ClassVar[str] = "frugalflow.quant.rtn:run"  # the method's `run` (frugalflow/method.py)
 
     method: Literal["rtn"]
-    stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
 
 
 class MixedPrecision(Strict):
@@ -172,18 +184,19 @@ class MixedPrecision(Strict):
     share: float = Field(gt=0.0, le=1.0, description="share of the decoder's linear weights on the finer grid")
     bits: int = Field(8, ge=2, le=8)
     group_size: GroupSize = Field(-1, description="-1 for per-channel (the int8 kernel's layout), else 32, 64 or 128")
+    symmetric: bool = Field(True, description="no zero points on the finer grid (8 bits per channel: the int8 "
+                                              "kernel runs without a zero-point correction)")
     windows: int = Field(4, ge=1, le=64, description="calibration windows the sensitivity is measured on")
     tokens: int = Field(256, ge=16, le=8192, description="tokens of each of those windows")
 
 
-class GPTQQuant(_WeightQuant):
+class GPTQQuant(_HeadQuant):
     """Second-order weight quantization with error feedback (Frantar et al. 2022)."""
 
     entry: ClassVar[str] = "frugalflow.quant.gptq:run"  # the method's `run` (frugalflow/method.py)
 
     method: Literal["gptq"]
     act_order: bool = False
-    stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
     blocksize: int = Field(128, ge=1, le=4096)
     dampening: float = Field(0.01, gt=0.0, le=1.0)
     mixed: MixedPrecision | None = Field(None, description="sensitive layers on a finer grid; null = one grid")

@@ -101,14 +101,13 @@ def save(model: torch.nn.Module, out_dir: Path, model_dir: Path) -> None:
 
 def quantize_with_grids(model: torch.nn.Module, grids: dict) -> None:
     """Replace each gridded linear by a packed QuantLinear holding its codes on that grid
-    {name: (scale, zero, bits, group_size)} (a distilled student back onto its teacher-stage grid)."""
-    from frugalflow.arch import compressible_linears
+    {name: (scale, zero, bits, group_size)} (a distilled student back onto its teacher-stage grid; a
+    gridded output head takes its tied input embedding along)."""
     from frugalflow.quant import pack, rtn
 
-    linears = compressible_linears(model)
     by_bits: dict[tuple[int, int], dict] = {}
     for name, (scale, zero, bits, group_size) in grids.items():
-        q = rtn.quantize(linears[name].weight.data, scale, zero, bits, group_size)
+        q = rtn.quantize(model.get_submodule(name).weight.data, scale, zero, bits, group_size)
         by_bits.setdefault((bits, group_size), {})[name] = (q, scale, zero)
     for (bits, group_size), qparams in by_bits.items():
         pack.quantize_model(model, qparams, bits, group_size)

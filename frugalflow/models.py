@@ -30,7 +30,7 @@ from frugalflow.errors import BadInput, CorruptData
 from frugalflow.fetch_model import declare_fast_tokenizer
 from frugalflow.quant import int8
 from frugalflow.quant.pack import QuantLinear, quantization_meta, quantized_modules
-from frugalflow.quant.runtime import PackedLinear, packed_modules
+from frugalflow.quant.runtime import PackedLinear, packed_modules, tie_packed_head
 
 try:
     from transformers.modeling_utils import no_init_weights
@@ -176,6 +176,10 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
                                  f"{shape[1]}x{shape[0]}")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+    tied = meta.get("tied_embedding")
+    if tied is not None and (tied != _module_name(model, model.get_input_embeddings()) or not tie_packed_head(model)):
+        raise ModelLoadError(f"{model_dir / QUANT_META}: tied_embedding {tied!r} is not the input embedding of a "
+                             "model whose tied output head is quantized")
 
     state: dict[str, torch.Tensor] = {}
     for path in weights:
@@ -206,11 +210,15 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
     result = model.load_state_dict(state, strict=False)
     if set(result.missing_keys) - set(aliases) or result.unexpected_keys:
         raise ModelLoadError(f"{model_dir}: state dict mismatch: {result}")
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) and tied is None:
         model.tie_weights()
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     return model
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None)
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -47,16 +47,20 @@ def test_mixed_gptq_stage_keeps_the_sensitive_layers_on_the_finer_grid(tmp_path,
     run_stage(stage_config("gptq", bits=3, group_size=32), tiny_model_dir, one, data_dir=tiny_data_dir,
               teacher_dir=tiny_model_dir)
     mixed = tmp_path / "mixed"
-    stats = run_stage(stage_config("gptq", bits=3, group_size=32, mixed={"share": 0.5, "windows": 2, "tokens": 32}),
+    stats = run_stage(stage_config("gptq", bits=3, group_size=32, mixed={"share": 0.5, "windows": 2, "tokens": 32},
+                                   head_bits=8),
                       tiny_model_dir, mixed, data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     search = json.loads((mixed / "search" / "sensitivity.json").read_text())
     assert stats["search"] == ["grids", "sensitivity"] and len(search["kl"]) == 2
     fine = search["fine_layers"]
     assert fine == [max(range(2), key=lambda i: search["kl"][i])]  # half the weights: the more sensitive layer
-    grids = {name: (m.bits, m.group_size) for name, m in quantized_modules(load_model(mixed)).items()}
-    assert len(grids) == 14
-    for name, grid in grids.items():
-        assert grid == ((8, -1) if f"layers.{fine[0]}." in name else (3, 32)), name
+    layers = quantized_modules(load_model(mixed))
+    assert (layers.pop("lm_head").bits, len(layers)) == (8, 14)  # head_bits: the output head too
+    for name, m in layers.items():
+        fine_layer = f"layers.{fine[0]}." in name
+        assert (m.bits, m.group_size) == ((8, -1) if fine_layer else (3, 32)), name
+        if fine_layer:  # symmetric by default: zero points at 128, the int8 kernel needs no correction
+            assert bool((m.zeros == 128).all()) and m.kernel_path() == "int8", name
     assert 3 < stats["bits_per_weight"] < 8
     ids = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

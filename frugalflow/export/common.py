@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from frugalflow.arch import compressible_linears
 from frugalflow.models import load_model
-from frugalflow.quant.runtime import PackedLinear
+from frugalflow.quant.runtime import PackedLinear, TiedEmbedding, dequantize_all
 
 
 class ExportError(ValueError):
@@ -28,6 +28,9 @@ def load_for_export(model_dir: str | Path) -> nn.Module:
         raise ExportError(f"{model_dir}: model directory does not exist")
     model = load_model(model_dir)  # ModelLoadError (a ValueError) names the problem
     check_llama(model.config)
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, TiedEmbedding):  # the serving formats get a dense table (and tied head)
+        dequantize_all(model, only={name for name, m in model.named_modules() if m is embedding.head})
     return model
 
 

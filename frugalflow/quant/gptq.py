@@ -135,13 +135,13 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
     """The calibration driver's `solve` for GPTQ: quantizes every linear of layer i in place (weights
     replaced by their dequantized values), puts its codes in `qparams` {full name: (q, scale, zero)}
     and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done.
-    `layer_grids` {layer index: (bits, group_size)}: those layers on another grid than the rest.
+    `layer_grids` {layer index: (bits, group_size, symmetric)}: those layers on another grid than the rest.
     `release`: leave each solved linear's weight empty instead (the caller rebuilds it from
     `qparams`; the layer-streaming path does, to hold less while the MLP is solved)."""
 
     def solve(i, layer, stats):
         out = {}
-        bits_i, group_i = (layer_grids or {}).get(i, (bits, group_size))
+        bits_i, group_i, symmetric_i = (layer_grids or {}).get(i, (bits, group_size, symmetric))
         for group in input_groups(arch):
             H = stats[group[0]]["H"]
             perm = _order(H, act_order)
@@ -156,7 +156,7 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
                 Ws = [lin.weight.data.float() for lin in part_lins]
                 W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
                 keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
-                q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits_i, group_i, symmetric, blocksize, keep)
+                q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits_i, group_i, symmetric_i, blocksize, keep)
                 del W, keep
                 if k == len(parts) - 1:
                     Hinv = None  # not needed for the errors below
@@ -203,7 +203,9 @@ def run(stage, model_dir, out_dir, ctx):
                                     blocksize=stage.blocksize, device=ctx["device"],
                                     on_progress=layer_progress(ctx, "gptq"), layer_grids=layer_grids)
     model.to("cpu")
-    pack.quantize_layers(model, qparams, (stage.bits, stage.group_size), layer_grids, symmetric=stage.symmetric)
+    pack.quantize_layers(model, qparams, (stage.bits, stage.group_size, stage.symmetric), layer_grids)
+    if stage.head_bits is not None:
+        pack.quantize_head(model, stage.head_bits)
     save(model, out_dir, model_dir)
     return MethodResult({"layers": layers}, {"grids": grid_summary(qparams), **search})
 
@@ -221,5 +223,5 @@ def mixed_layers(model, calib, stage, on_progress=None) -> tuple[dict, dict]:
     weights = [sum(layer.get_submodule(n).weight.numel() for n in names) for layer in decoder_layers(model)]
     fine = choose_layers(kl, weights, mixed.share)
     found = {"kl": kl, "fine_layers": fine, "grid": [stage.bits, stage.group_size],
-             "fine_grid": [mixed.bits, mixed.group_size]}
-    return found, {i: (mixed.bits, mixed.group_size) for i in fine}
+             "fine_grid": [mixed.bits, mixed.group_size, mixed.symmetric]}
+    return found, {i: (mixed.bits, mixed.group_size, mixed.symmetric) for i in fine}

@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalflow.quant.rtn import dequantize
-from frugalflow.quant.runtime import PackedLinear, WeightGrid, dequantize_all, packed_modules, replace_module
+from frugalflow.quant.rtn import compute_qparams, dequantize, quantize
+from frugalflow.quant.runtime import (PackedLinear, WeightGrid, dequantize_all, packed_modules, replace_module,
+                                      TiedEmbedding, tie_packed_head)
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
@@ -147,6 +148,11 @@ class QuantLinear(PackedLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes(), self.scales.float(), self.zeros.float(), self.group_size, dtype)
+
+    def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `rows` (1-D indices) of the dequantized weight: a tied embedding's lookup."""
+        q = unpack_codes(self.qweight[rows], self.bits, self.in_features)
+        return dequantize(q, self.scales[rows].float(), self.zeros[rows].float(), self.group_size, dtype)
 
     def storage_bits(self) -> int:
         return sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.zeros))
@@ -274,7 +280,8 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
 def quantize_model(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                    bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16,
                    symmetric: bool | None = None) -> nn.Module:
-    """In place: every named nn.Linear becomes a QuantLinear holding its (q, scale, zero)."""
+    """In place: every named nn.Linear becomes a QuantLinear holding its (q, scale, zero); an input
+    embedding tied to a head quantized here reads the head's codes (runtime.TiedEmbedding)."""
     for name, (q, scale, zero) in qparams.items():
         try:
             linear = model.get_submodule(name)
@@ -288,20 +295,35 @@ def quantize_model(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torc
         layer = QuantLinear.from_codes(q.to(linear.weight.device), scale, zero, bits, group_size,
                                        bias=linear.bias, scale_dtype=scale_dtype, symmetric=symmetric)
         replace_module(model, name, layer)
+    tie_packed_head(model)
     return model
 
 
-def quantize_layers(model: nn.Module, qparams: dict[str, tuple], grid: tuple[int, int],
-                    layer_grids: dict[int, tuple[int, int]], symmetric: bool | None = None) -> nn.Module:
-    """quantize_model with a (bits, group_size) per decoder layer: `grid` unless `layer_grids` names it."""
+def quantize_head(model: nn.Module, bits: int = 8) -> str:
+    """In place: the output head on a symmetric per-row grid of `bits` (8: the int8 decode kernel, no
+    zero-point term), its tied input embedding reading the same codes. Returns the head's name."""
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if not isinstance(head, nn.Linear) or name is None:
+        raise ValueError(f"the model's output head is a {type(head).__name__}, not an nn.Linear")
+    W = head.weight.detach().float()
+    scale, zero = compute_qparams(W, bits, -1, True)
+    quantize_model(model, {name: (quantize(W, scale, zero, bits, -1), scale, zero)}, bits, -1, symmetric=True)
+    return name
+
+
+def quantize_layers(model: nn.Module, qparams: dict[str, tuple], grid: tuple[int, int, bool],
+                    layer_grids: dict[int, tuple[int, int, bool]]) -> nn.Module:
+    """quantize_model with a (bits, group_size, symmetric) per decoder layer: `grid` unless `layer_grids`
+    names it."""
     from frugalflow.arch import arch_of
 
     prefix = arch_of(model).layers + "."
-    by_grid: dict[tuple[int, int], dict] = {}
+    by_grid: dict[tuple[int, int, bool], dict] = {}
     for name, codes in qparams.items():
         index = int(name[len(prefix):].split(".")[0])
         by_grid.setdefault(layer_grids.get(index, grid), {})[name] = codes
-    for (bits, group_size), part in by_grid.items():
+    for (bits, group_size, symmetric), part in by_grid.items():
         quantize_model(model, part, bits, group_size, symmetric=symmetric)
     return model
 
@@ -328,4 +350,5 @@ def quantization_meta(model: nn.Module) -> dict:
             "bits": common("bits") if modules else None,
             "group_size": common("group_size") if modules else None,
             "symmetric": common("symmetric") if modules else None,
-            "modules": modules}
+            "modules": modules,
+            "tied_embedding": next((n for n, m in model.named_modules() if isinstance(m, TiedEmbedding)), None)}

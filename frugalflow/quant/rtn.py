@@ -89,6 +89,8 @@ def run(stage, model_dir, out_dir, ctx):
     model, _ = float_model(model_dir, ctx["device"])
     qparams, errors = rtn_linears(compressible_linears(model), stage.bits, stage.group_size, stage.symmetric)
     pack.quantize_model(model, qparams, stage.bits, stage.group_size)
+    if stage.head_bits is not None:
+        pack.quantize_head(model, stage.head_bits)
     save(model, out_dir, model_dir)
     return _result({n: {ERROR_KEY: e} for n, e in errors.items()}, qparams)
 
