@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from gguf import GGUFReader, dequantize
 from helpers import stage_config
 
 from frugalflow.config import RecipeError
 from frugalflow.export.common import load_for_export
+from frugalflow.export.gguf import export_gguf
 from frugalflow.models import load_model, weights_size_mb
 from frugalflow.quant.pack import QuantLinear
 from frugalflow.quant.runtime import TiedEmbedding, dequantize_all
@@ -72,6 +74,16 @@ def test_dequantized_model_is_tied_again(heads):
     exported = load_for_export(heads["int8"])
     assert exported.model.embed_tokens.weight is exported.lm_head.weight
     assert isinstance(exported.model.layers[0].mlp.down_proj, QuantLinear)  # only the head is made dense
+
+
+def test_gguf_export_writes_the_table_dense(tmp_path, heads):
+    summary = export_gguf(heads["int8"], tmp_path / "m.gguf")
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd for the head
+    table = torch.from_numpy(dequantize(tensors["token_embd.weight"].data, tensors["token_embd.weight"].tensor_type))
+    head = load_model(heads["int8"]).lm_head.dequantize(torch.float32)
+    assert torch.allclose(table.reshape(head.shape).float(), head, atol=1e-3)
+    assert summary["linears"] == {"Q4_1": 14}
 
 
 def test_distillation_keeps_the_head_on_its_grid_and_tied(tmp_path, heads, tiny_model_dir, tiny_data_dir):

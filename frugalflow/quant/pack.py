@@ -26,8 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugalflow.quant.rtn import compute_qparams, dequantize, quantize
-from frugalflow.quant.runtime import (PackedLinear, WeightGrid, dequantize_all, packed_modules, replace_module,
-                                      TiedEmbedding, tie_packed_head)
+from frugalflow.quant.runtime import (
+    PackedLinear,
+    TiedEmbedding,
+    WeightGrid,
+    dequantize_all,
+    packed_modules,
+    replace_module,
+    tie_packed_head,
+)
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
