@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,11 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
-from helpers import free_port, make_project, tiny_recipe  # noqa: E402
+from helpers import dask_cluster, make_project, tiny_recipe  # noqa: E402
 from team_stack import start_team  # noqa: E402
 
 GRID = ["stages.0.sparsity=0.2,0.4", "stages.1.bits=4,8"]
-BIN = Path(sys.executable).parent
 
 
 def recipe(model: Path, name: str, mlflow_uri: str, window: int) -> dict:
@@ -46,39 +44,6 @@ def recipe(model: Path, name: str, mlflow_uri: str, window: int) -> dict:
                        evaluation={"decode_tokens": 16, "decode_repeats": 1, "decode_race_rounds": 1},
                        gates={"max_ppl_increase_pct": 1000.0, "min_size_reduction": 1.0},
                        tracking={"uri": mlflow_uri})
-
-
-def start_cluster(scratch: Path, env: dict) -> tuple[str, list[subprocess.Popen]]:
-    """A scheduler and two workers, each worker in a new empty folder under `scratch`."""
-    scratch.mkdir()
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], cwd=scratch, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=open(scratch / "scheduler.log", "w"))]
-    for i in range(2):
-        home = scratch / f"worker{i}"
-        home.mkdir()
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                       "--no-nanny", "--no-dashboard", "--name", f"w{i}", "--local-directory", str(home)],
-                                      cwd=home, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                      stderr=open(home / "log", "w")))
-    from distributed import Client
-
-    with Client(address, timeout=60) as client:
-        client.wait_for_workers(2, timeout=120)
-    return address, procs
-
-
-def stop_cluster(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):  # workers first, then the scheduler
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
 
 
 def sweep(project: Path, env: dict, runner: list[str]) -> float:
@@ -161,7 +126,6 @@ def main() -> None:
     load = os.getloadavg()[0]
     stack = start_team(scratch / "team")
     env = stack.env()
-    procs: list[subprocess.Popen] = []
     walls: dict[str, list[float]] = {"process pool": [], "dask": []}
     timelines: dict[str, dict] = {}
     try:
@@ -173,22 +137,20 @@ def main() -> None:
                 folder.mkdir()
                 project = make_project(folder, recipe(model, name, stack.mlflow_uri, window))
                 if runner == "dask":  # a new cluster: workers with empty folders, a new stage store
-                    address, procs = start_cluster(scratch / f"cluster-{name}", stack.env(OMP_NUM_THREADS="1"))
+                    homes = scratch / f"cluster-{name}"
                     store = f"s3://{stack.buckets['models']}/bench-{name}"
-                    walls[runner].append(sweep(project, {**env, "FRUGALFLOW_STAGE_STORE": store}, ["--cluster", address]))
-                    stop_cluster(procs)
-                    procs = []
+                    with dask_cluster(homes, [homes / "worker0", homes / "worker1"],
+                                      stack.env(OMP_NUM_THREADS="1")) as address:
+                        walls[runner].append(sweep(project, {**env, "FRUGALFLOW_STAGE_STORE": store},
+                                                   ["--cluster", address]))
                 else:
                     walls[runner].append(sweep(project, {k: v for k, v in env.items() if k != "FRUGALFLOW_STAGE_STORE"},
                                                ["--parallel", "2"]))
                 timelines[runner] = timeline(stack.mlflow_uri, name)
                 print(f"round {i + 1} {runner}: {walls[runner][-1]:.1f} s", flush=True)
     finally:
-        try:
-            stop_cluster(procs)
-        finally:
-            stack.stop()
-            shutil.rmtree(scratch, ignore_errors=True)
+        stack.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()}, {os.cpu_count()} cores",
               "model": args.model, "grid": GRID, "load_1min_at_start": round(load, 2),

@@ -3,6 +3,7 @@ disk (git + DVC, the real dvc.yaml, a local tiny Llama, pydoc windows, sqlite ML
 running the real flow on it, and starting/stopping/waiting on server subprocesses."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -104,6 +105,37 @@ def stop(proc: subprocess.Popen, first: int = signal.SIGINT, wait_s: float = 20)
     except ProcessLookupError:
         pass
     proc.wait(10)
+
+
+@contextlib.contextmanager
+def dask_cluster(scheduler_home: Path, worker_homes: list[Path], env: dict, procs: list | None = None):
+    """A Dask scheduler and one single-threaded worker per folder in `worker_homes` (created empty),
+    on loopback, with `env`; yields the scheduler address once every worker has joined. `procs`
+    gets [scheduler, *workers] (to kill one); all are stopped at exit, workers first (SIGTERM, then
+    SIGKILL to the group)."""
+    from distributed import Client
+
+    bin_dir, port = Path(sys.executable).parent, free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [] if procs is None else procs
+    try:
+        scheduler_home.mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                       "--no-dashboard"], cwd=scheduler_home, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=open(scheduler_home / "scheduler.log", "w")))
+        for i, home in enumerate(worker_homes):
+            home.mkdir(parents=True, exist_ok=True)
+            procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1",
+                                           "--nworkers", "1", "--no-nanny", "--no-dashboard", "--name", f"w{i}",
+                                           "--local-directory", str(home)],
+                                          cwd=home, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                          stderr=open(home / "log", "w")))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(len(worker_homes), timeout=120)
+        yield address
+    finally:
+        for p in reversed(procs):
+            stop(p, signal.SIGTERM)
 
 
 def tail(path: Path, n: int = 4000) -> str:

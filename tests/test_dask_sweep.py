@@ -10,27 +10,18 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from helpers import make_project, tiny_recipe
+from helpers import dask_cluster, free_port, make_project, tiny_recipe
 
 from flows.cli import main as cli
 
 MODEL = "tiny-dask-sweep"
 GRID = ["stages.0.sparsity=0.2,0.6", "stages.1.bits=4,8"]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 GATES = {"max_ppl_increase_pct": 1000.0, "min_size_reduction": 4.0}
@@ -60,43 +51,16 @@ def project(tmp_path_factory, tiny_model_dir, team_stack):
     return team_project(tmp_path_factory, tiny_model_dir, team_stack, MODEL)
 
 
-@contextlib.contextmanager
-def dask_cluster(tmp_path_factory, procs: list, team_stack, homes: list | None = None):
-    """A scheduler and two workers on loopback, each in its own empty folder (appended to `homes`),
-    with the team's client environment; `procs` gets [scheduler, worker0, worker1]."""
+def team_cluster(tmp_path_factory, procs: list, team_stack, homes: list | None = None):
+    """dask_cluster with the team's client environment, each process in a new empty folder (the
+    workers' appended to `homes`)."""
     from prefect.settings import PREFECT_API_URL
 
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
+    workers = [tmp_path_factory.mktemp(f"worker{i}") for i in range(2)]
+    if homes is not None:
+        homes.extend(workers)
     env = team_stack.env(PREFECT_API_URL=PREFECT_API_URL.value(), OMP_NUM_THREADS="1")
-    homes = [] if homes is None else homes
-    try:
-        home = tmp_path_factory.mktemp("scheduler")
-        procs.append(subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                       "--no-dashboard"], cwd=home, env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=open(home / "log", "w")))
-        for i in range(2):
-            home = tmp_path_factory.mktemp(f"worker{i}")
-            homes.append(home)
-            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                           "--no-nanny", "--no-dashboard", "--name", f"w{i}",
-                                           "--local-directory", str(home)],
-                                          cwd=home, env=env, start_new_session=True,
-                                          stdout=subprocess.DEVNULL, stderr=open(home / "log", "w")))
-        from distributed import Client
-
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
-        yield address
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+    return dask_cluster(tmp_path_factory.mktemp("scheduler"), workers, env, procs)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +70,7 @@ def homes():
 
 @pytest.fixture(scope="module")
 def cluster(prefect_harness, tmp_path_factory, team_stack, homes):
-    with dask_cluster(tmp_path_factory, [], team_stack, homes) as address:
+    with team_cluster(tmp_path_factory, [], team_stack, homes) as address:
         yield address
 
 
@@ -235,7 +199,7 @@ def test_a_killed_worker_s_candidates_are_retried_on_the_other(prefect_harness, 
     project = team_project(tmp_path_factory, tiny_model_dir, team_stack, MODEL + "-kill")
     procs: list = []
     killed = threading.Event()
-    with dask_cluster(tmp_path_factory, procs, team_stack) as address, flow_env(team_stack):
+    with team_cluster(tmp_path_factory, procs, team_stack) as address, flow_env(team_stack):
         victim = procs[1]
 
         def kill_when_busy():  # SIGKILL worker 0 once it has been computing a stage for a moment

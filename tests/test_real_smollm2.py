@@ -56,3 +56,17 @@ def test_real_pipeline_prune_quantize_distill(real):
                       teacher_dir=base, pruned=True)
     assert stats["steps"] == 2 and stats["sparsity"] >= 0.3 - 1e-3 and 4.0 < stats["bits_per_weight"] < 5.0
     assert torch.isfinite(torch.tensor(perplexity(load_model(distilled), windows)))
+
+
+def test_real_int8_head_saves_the_table_and_keeps_perplexity(real):
+    root, base, data, _ = real
+    windows = load_windows(data, "eval")[:, :256]
+    ppl, size = {}, {}
+    for label, head_bits in (("float", None), ("int8", 8)):
+        out = root / f"head-{label}"
+        run_stage(RTNQuant(method="rtn", bits=4, group_size=64, head_bits=head_bits), base, out, data_dir=data,
+                  teacher_dir=base)
+        ppl[label], size[label] = perplexity(load_model(out), windows), weights_size_mb(out)
+    # the 49152 x 576 tied table: fp16 (56.6 MB) -> int8 (28.3 MB) + a scale and a zero per row
+    assert 28.0 < size["float"] - size["int8"] < 28.32
+    assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01
