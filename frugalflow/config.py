@@ -184,8 +184,8 @@ class MixedPrecision(Strict):
     share: float = Field(gt=0.0, le=1.0, description="share of the decoder's linear weights on the finer grid")
     bits: int = Field(8, ge=2, le=8)
     group_size: GroupSize = Field(-1, description="-1 for per-channel (the int8 kernel's layout), else 32, 64 or 128")
-    symmetric: bool = Field(True, description="no zero points on the finer grid (8 bits per channel: the int8 "
-                                              "kernel runs without a zero-point correction)")
+    symmetric: bool | None = Field(None, description="null: symmetric at 8 bits (the int8 kernel then needs no "
+                                                     "zero-point correction), else as the stage")
     windows: int = Field(4, ge=1, le=64, description="calibration windows the sensitivity is measured on")
     tokens: int = Field(256, ge=16, le=8192, description="tokens of each of those windows")
 

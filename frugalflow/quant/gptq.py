@@ -212,7 +212,7 @@ def run(stage, model_dir, out_dir, ctx):
 
 def mixed_layers(model, calib, stage, on_progress=None) -> tuple[dict, dict]:
     """The sensitivity search of a `mixed` stage: ({"kl": per-layer KL, "fine_layers": chosen indices, ...},
-    {chosen index: the finer (bits, group_size)}) (the `layer_grids` of gptq_quantize)."""
+    {chosen index: the finer (bits, group_size, symmetric)}) (the `layer_grids` of gptq_quantize)."""
     from frugalflow.arch import arch_of, decoder_layers
     from frugalflow.quant.sensitivity import choose_layers, layer_sensitivity
 
@@ -222,6 +222,7 @@ def mixed_layers(model, calib, stage, on_progress=None) -> tuple[dict, dict]:
     names = arch_of(model).linears
     weights = [sum(layer.get_submodule(n).weight.numel() for n in names) for layer in decoder_layers(model)]
     fine = choose_layers(kl, weights, mixed.share)
+    symmetric = (mixed.bits == 8 or stage.symmetric) if mixed.symmetric is None else mixed.symmetric
     found = {"kl": kl, "fine_layers": fine, "grid": [stage.bits, stage.group_size],
-             "fine_grid": [mixed.bits, mixed.group_size, mixed.symmetric]}
-    return found, {i: (mixed.bits, mixed.group_size, mixed.symmetric) for i in fine}
+             "fine_grid": [mixed.bits, mixed.group_size, symmetric]}
+    return found, {i: (mixed.bits, mixed.group_size, symmetric) for i in fine}
