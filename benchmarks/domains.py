@@ -19,8 +19,7 @@ settings otherwise), to compare the losses at equal steps.
 Measured: perplexity of the base model, of the prune+quantize output (before distillation) and
 of the final output on every set; gap closed = (before - after) / (before - base); size on
 disk; decode tokens/s of base fp32, base bf16, final fp32 and final bf16, HF generate, 64 new
-tokens, batch 1, greedy, interleaved rounds, medians (the final model at its faster dtype, its
-packed linears that share an input fused as the flow's evaluation runs them).
+tokens, batch 1, greedy, interleaved rounds, medians (the final model at its faster dtype).
 Writes domains.json (one entry per variant and settings, kept across runs) and domains.md.
 """
 from __future__ import annotations
@@ -47,7 +46,6 @@ from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
 from frugalflow.evaluate.sets import set_windows  # noqa: E402
 from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noqa: E402
-from frugalflow.quant.fuse import fuse_shared_inputs  # noqa: E402
 from frugalflow.recipe_io import load_recipe  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
 from frugalflow.teacher_text import generated_windows  # noqa: E402
@@ -142,8 +140,6 @@ def main() -> None:
         del model
     models = {"base_fp32": load_model(base), "base_bf16": load_model(base, dtype=torch.bfloat16),
               "final_fp32": load_model(final), "final_bf16": load_model(final, dtype=torch.bfloat16)}
-    for name in ("final_fp32", "final_bf16"):  # as the flow's evaluation and the served model run it
-        fuse_shared_inputs(models[name])
     tps = interleaved_decode_tps(models, tokenizer, recipe.evaluation.prompt, args.rounds,
                                  new_tokens=recipe.evaluation.decode_tokens)
     fastest = max(("final_fp32", "final_bf16"), key=tps.get)
