@@ -52,11 +52,9 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         import torch
 
         from frugalflow.models import load_model, load_tokenizer
-        from frugalflow.quant.fuse import fuse_shared_inputs
 
         model_dir = context.artifacts["model_dir"]
         self.model = load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-        fuse_shared_inputs(self.model)
         self.tokenizer = load_tokenizer(model_dir)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:

@@ -3,9 +3,8 @@ evaluation, interleaved round by round (`speed.interleaved_decode_tps`, medians)
 speed gate compares like with like instead of with a figure cached in another hour.
 
 Both models are loaded on `device` as the evaluation loads them (`load_model`: float32
-activations; the candidate's packed linears that share an input fused, as when it is served); the
-prompt is tokenized with the base model's tokenizer. Metrics: `decode_tps` (the candidate's
-median), `base_decode_tps` (the base model's), `decode_speedup` (their ratio) and
+activations); the prompt is tokenized with the base model's tokenizer. Metrics: `decode_tps` (the
+candidate's median), `base_decode_tps` (the base model's), `decode_speedup` (their ratio) and
 `decode_race_rounds`.
 """
 from __future__ import annotations
@@ -15,7 +14,6 @@ from pathlib import Path
 
 from frugalflow.evaluate.speed import interleaved_decode_tps
 from frugalflow.models import load_model, load_tokenizer
-from frugalflow.quant.fuse import fuse_shared_inputs
 
 
 def decode_race(base_dir: Path, model_dir: Path, prompt: str, rounds: int, new_tokens: int = 64,
@@ -25,7 +23,6 @@ def decode_race(base_dir: Path, model_dir: Path, prompt: str, rounds: int, new_t
         raise ValueError(f"evaluation.decode_race_rounds: the race needs at least one round, got {rounds}")
     models = {"base": load_model(Path(base_dir), device=device),
               "candidate": load_model(Path(model_dir), device=device)}
-    fuse_shared_inputs(models["candidate"])  # as the evaluation times it (frugalflow/quant/fuse.py)
     try:
         tps = interleaved_decode_tps(models, load_tokenizer(Path(base_dir)), prompt, rounds, new_tokens=new_tokens)
     finally:

@@ -24,7 +24,6 @@ from frugalflow.evaluate.perplexity import perplexity
 from frugalflow.evaluate.sets import project_root_of, set_inputs, set_windows
 from frugalflow.evaluate.speed import decode_speed
 from frugalflow.models import load_model, load_tokenizer, model_stats, weights_size_mb
-from frugalflow.quant.fuse import fuse_shared_inputs
 
 
 def hash_files(paths: list[Path]) -> str:
@@ -64,10 +63,9 @@ def evaluate_model(model_dir: Path, data_dir: Path, cfg: EvaluationConfig, devic
     for name, set_w in named.items():
         metrics[f"ppl.{name}"] = perplexity(model, set_w)
         metrics[f"windows.{name}"] = len(set_w)
-    metrics.update({k: v for k, v in model_stats(model).items() if isinstance(v, (int, float))})
-    fuse_shared_inputs(model)  # as it is served: one kernel call per group of packed linears sharing an input
     metrics.update(decode_speed(model, tokenizer, cfg.prompt, new_tokens=cfg.decode_tokens,
                                 repeats=cfg.decode_repeats, prefill_tokens=cfg.prefill_tokens))
+    metrics.update({k: v for k, v in model_stats(model).items() if isinstance(v, (int, float))})
     if cfg.lm_eval is not None:  # last: lm-eval may give the tokenizer a pad token
         metrics.update(run_lm_eval(model, tokenizer, cfg.lm_eval, root))
     return metrics
