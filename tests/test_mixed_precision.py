@@ -77,3 +77,18 @@ def test_mixed_gptq_stage_keeps_the_sensitive_layers_on_the_finer_grid(tmp_path,
 def test_mixed_precision_is_refused_where_it_cannot_run(mixed, stream, says):
     with pytest.raises(RecipeError, match=says):
         recipe_from_dict({"stages": [{"method": "gptq", "stream": stream, "mixed": mixed}]})
+
+
+@pytest.mark.parametrize("fine, stage_symmetric, expected", [
+    ({"bits": 8}, False, True),  # 8 bits: symmetric unless asked otherwise
+    ({"bits": 8, "symmetric": False}, False, False),
+    ({"bits": 4, "group_size": 32}, False, False),  # a 4-bit fine grid keeps the stage's zero points
+    ({"bits": 4, "group_size": 32}, True, True),
+])
+def test_fine_grid_symmetry(tiny_model, fine, stage_symmetric, expected):
+    from frugalflow.quant.gptq import mixed_layers
+
+    stage = stage_config("gptq", bits=3, group_size=64, symmetric=stage_symmetric,
+                         mixed={"share": 0.5, "windows": 1, "tokens": 16, **fine})
+    found, grids = mixed_layers(tiny_model, torch.randint(0, 384, (1, 16)), stage)
+    assert [g[2] for g in grids.values()] == [expected] and found["fine_grid"][2] is expected
