@@ -30,7 +30,7 @@ from frugalflow.errors import BadInput, CorruptData
 from frugalflow.fetch_model import declare_fast_tokenizer
 from frugalflow.quant import int8
 from frugalflow.quant.pack import QuantLinear, quantization_meta, quantized_modules
-from frugalflow.quant.runtime import PackedLinear, packed_modules, tie_packed_head
+from frugalflow.quant.runtime import PackedLinear, module_name, packed_modules, tie_packed_head
 
 try:
     from transformers.modeling_utils import no_init_weights
@@ -177,7 +177,7 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     tied = meta.get("tied_embedding")
-    if tied is not None and (tied != _module_name(model, model.get_input_embeddings()) or not tie_packed_head(model)):
+    if tied is not None and (tied != module_name(model, model.get_input_embeddings()) or not tie_packed_head(model)):
         raise ModelLoadError(f"{model_dir / QUANT_META}: tied_embedding {tied!r} is not the input embedding of a "
                              "model whose tied output head is quantized")
 
@@ -215,10 +215,6 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     return model
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str | None:
-    return next((n for n, m in model.named_modules() if m is module), None)
 
 
 def load_tokenizer(model_dir: str | Path):

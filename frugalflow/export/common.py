@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from frugalflow.arch import compressible_linears
 from frugalflow.models import load_model
-from frugalflow.quant.runtime import PackedLinear, TiedEmbedding, dequantize_all
+from frugalflow.quant.runtime import PackedLinear, TiedEmbedding, dequantize_all, module_name
 
 
 class ExportError(ValueError):
@@ -30,7 +30,7 @@ def load_for_export(model_dir: str | Path) -> nn.Module:
     check_llama(model.config)
     embedding = model.get_input_embeddings()
     if isinstance(embedding, TiedEmbedding):  # the serving formats get a dense table (and tied head)
-        dequantize_all(model, only={name for name, m in model.named_modules() if m is embedding.head})
+        dequantize_all(model, only={module_name(model, embedding.head)})
     return model
 
 

@@ -31,6 +31,7 @@ from frugalflow.quant.runtime import (
     TiedEmbedding,
     WeightGrid,
     dequantize_all,
+    module_name,
     packed_modules,
     replace_module,
     tie_packed_head,
@@ -310,7 +311,7 @@ def quantize_head(model: nn.Module, bits: int = 8) -> str:
     """In place: the output head on a symmetric per-row grid of `bits` (8: the int8 decode kernel, no
     zero-point term), its tied input embedding reading the same codes. Returns the head's name."""
     head = model.get_output_embeddings()
-    name = next((n for n, m in model.named_modules() if m is head), None)
+    name = module_name(model, head)
     if not isinstance(head, nn.Linear) or name is None:
         raise ValueError(f"the model's output head is a {type(head).__name__}, not an nn.Linear")
     W = head.weight.detach().float()

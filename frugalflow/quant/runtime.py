@@ -1,6 +1,6 @@
 """The runtime-format protocol every packed linear (pack.QuantLinear, int8.Int8Linear) follows,
-the input embedding that reads its rows from a packed output head it is tied to, and the one
-module-swap helper.
+the input embedding that reads its rows from a packed output head it is tied to, and the module
+lookup and swap helpers.
 
 A packed linear keeps in_features, out_features, bias and a `qweight` buffer, and answers
 `dequantize(dtype)`, `storage_bits()`, `zero_count()` and `weight_grid()`; code outside the
@@ -109,6 +109,11 @@ def tie_packed_head(model: nn.Module) -> bool:
     dtype = old.dtype_probe.dtype if isinstance(old, TiedEmbedding) else old.weight.dtype
     model.set_input_embeddings(TiedEmbedding(head, getattr(old, "padding_idx", None), dtype))
     return True
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str | None:
+    """The dotted name of `module` inside `model` (None if it is not there)."""
+    return next((n for n, m in model.named_modules() if m is module), None)
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
