@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_recipe(tiny_model_dir: Path, name: str, **sections) -> dict:
-    """magnitude 0.5 -> rtn 4-bit -> 3 KL steps on windows of 64 tokens; registered model `name`.
+    """magnitude 0.5 -> rtn 4-bit (int8 head, as the default recipe) -> 3 KL steps on windows of 64 tokens;
+    registered model `name`.
     Each keyword replaces a section (dict sections are updated key by key)."""
     recipe = {
         "name": name,
@@ -28,7 +29,7 @@ def tiny_recipe(tiny_model_dir: Path, name: str, **sections) -> dict:
                  "eval_windows": 6, "path": "data"},
         "stages": [
             {"method": "magnitude", "sparsity": 0.5},
-            {"method": "rtn", "bits": 4, "group_size": 32},
+            {"method": "rtn", "bits": 4, "group_size": 32, "head_bits": 8},
             {"method": "kl", "steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-4},
         ],
         "evaluation": {"decode_tokens": 8, "decode_repeats": 1},

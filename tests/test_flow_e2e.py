@@ -26,7 +26,7 @@ def two_runs(prefect_harness, project):
     return first, second
 
 
-def test_first_run_records_everything(two_runs, project):
+def test_first_run_records_everything(two_runs, project, tmp_path):
     first, _ = two_runs
     client = client_for(project)
     exp = client.get_experiment_by_name("tiny-e2e")
@@ -52,6 +52,9 @@ def test_first_run_records_everything(two_runs, project):
             "report/plots/training-2.png"} <= plots, plots
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/quantization.json" in model_files and "model/model.safetensors" in model_files
+    meta = json.loads(Path(client.download_artifacts(run.info.run_id, "model/quantization.json", str(tmp_path)))
+                      .read_text())
+    assert meta["tied_embedding"] == "model.embed_tokens" and meta["modules"]["lm_head"]["bits"] == 8
     # one child run per stage, in order, with per-stage metrics
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["0-prune-magnitude", "1-quantize-rtn", "2-distill-kl"]
