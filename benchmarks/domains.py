@@ -152,7 +152,8 @@ def main() -> None:
                          "gap_closed_pct": round((x - y) / (x - b) * 100, 1) if x != b else None}
     entry = {
         "variant": args.variant, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "stages": " -> ".join(s.method for s in recipe.stages), "distill": last.model_dump(mode="json"),
+        "stages": " -> ".join(s.method for s in recipe.stages), "quantization": quantization(compress),
+        "distill": last.model_dump(mode="json"),
         "distill_data": described, "model": final.name, "sets": per_set,
         "worst_set": max(per_set, key=lambda k: per_set[k]["change_pct"]),
         "size_ratio_vs_fp32": round(weights_size_mb(final) / weights_size_mb(base), 3),
@@ -175,6 +176,19 @@ def main() -> None:
     print(json.dumps(entry, indent=1))
 
 
+def quantization(stages) -> str:
+    """The quantization stage's grid in a few words, e.g. 'w4 g64 asym, 40% 8-bit sym, head int8'."""
+    q = next((s for s in stages if s.kind == "quantize"), None)
+    if q is None or not hasattr(q, "bits"):
+        return q.method if q is not None else "none"
+    text = f"w{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}"
+    mixed = getattr(q, "mixed", None)
+    if mixed is not None:
+        symmetric = (mixed.bits == 8 or q.symmetric) if mixed.symmetric is None else mixed.symmetric
+        text += f", {mixed.share:.0%} {mixed.bits}-bit {'sym' if symmetric else 'asym'}"
+    return text + (f", head int{q.head_bits}" if getattr(q, "head_bits", None) else ", head fp16")
+
+
 def markdown(entries: list[dict]) -> str:
     names = list(entries[-1]["sets"])
     lines = ["# Perplexity per domain, SmolLM2-135M-Instruct: the default recipe and distillation-data variants",
@@ -187,14 +201,14 @@ def markdown(entries: list[dict]) -> str:
              "rounds, the final model at its faster dtype, against base fp32 and base bf16 in the same rounds. "
              "Targets (issue 16): every set <= +10%, size <= 0.25 of fp32, decode >= 2x fp32 and >= 1.5x bf16.",
              "",
-             "| variant | distillation (steps, lr; data) | "
+             "| variant | quantization | distillation (steps, lr; data) | "
              + " | ".join(f"{n} change % (before distill)" for n in names)
              + " | " + " | ".join(f"{n} gap closed %" for n in names)
              + " | size vs fp32 | decode vs fp32 / bf16 | machine, load, date |",
-             "|" + "---|" * (2 + 2 * len(names) + 3)]
+             "|" + "---|" * (3 + 2 * len(names) + 3)]
     for e in entries:
         d = e["distill"]
-        cells = [e["variant"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}; {e['distill_data']}"]
+        cells = [e["variant"], e["quantization"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}; {e['distill_data']}"]
         cells += [f"{e['sets'][n]['change_pct']:+.2f} ({e['sets'][n]['before_change_pct']:+.2f})" if n in e["sets"]
                   else "-" for n in names]
         cells += [f"{e['sets'][n]['gap_closed_pct']}" if n in e["sets"] else "-" for n in names]
