@@ -232,7 +232,12 @@ def test_ui_stops_its_mlflow_server_on(sig, tmp_path):
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}/health", log, "frugalflow ui", 300)
         os.kill(proc.pid, sig)  # to the CLI process only, as `kill` or a service manager sends it
-        assert proc.wait(60) == 0, tail(log)
+        try:
+            assert proc.wait(60) == 0, tail(log)
+        except subprocess.TimeoutExpired:  # seen once in a full CI run under load: keep what it was doing
+            tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,args", "-g", str(proc.pid)],
+                                  capture_output=True, text=True).stdout
+            pytest.fail(f"the UI did not exit within 60 s of {sig.name}\n{tree}\n{tail(log)}")
         time.sleep(0.5)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, "the MLflow server still listens after the UI stopped"
