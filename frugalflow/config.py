@@ -157,15 +157,20 @@ class _WeightQuant(Strict):
 
 
 class _HeadQuant(_WeightQuant):
+    """The weight-only methods with a streamed path and an optional int8 head."""
+
     head_bits: Literal[8] | None = Field(
         None, description="8: the output head (and the input embedding tied to it) int8 per row, symmetric; "
                           "null keeps it float")
     stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
 
     @model_validator(mode="after")
-    def _head_in_memory(self):
-        if self.head_bits is not None and self.stream:
-            raise ValueError("head_bits needs stream: false (the streamed path writes the head as it found it)")
+    def _in_memory_options(self):
+        why = {"head_bits": "the streamed path writes the head as it found it",
+               "mixed": "mixed precision measures sensitivity on the whole model"}
+        for key, reason in why.items():
+            if self.stream and getattr(self, key, None) is not None:
+                raise ValueError(f"{key} needs stream: false ({reason})")
         return self
 
 
@@ -200,12 +205,6 @@ class GPTQQuant(_HeadQuant):
     blocksize: int = Field(128, ge=1, le=4096)
     dampening: float = Field(0.01, gt=0.0, le=1.0)
     mixed: MixedPrecision | None = Field(None, description="sensitive layers on a finer grid; null = one grid")
-
-    @model_validator(mode="after")
-    def _mixed_in_memory(self):
-        if self.mixed is not None and self.stream:
-            raise ValueError("mixed precision measures sensitivity on the whole model: it needs stream: false")
-        return self
 
 
 class AWQQuant(_WeightQuant):
