@@ -228,7 +228,10 @@ def test_ui_stops_its_mlflow_server_on(sig, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "-p", str(tmp_path / "params.yaml"),
                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_WORKERS": "1"})
+                            env={**os.environ, "MLFLOW_WORKERS": "1"},
+                            # as from a terminal: an xdist worker may have SIGINT ignored, which a child
+                            # inherits (Python then raises no KeyboardInterrupt: the UI never saw the signal)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}/health", log, "frugalflow ui", 300)
         os.kill(proc.pid, sig)  # to the CLI process only, as `kill` or a service manager sends it
