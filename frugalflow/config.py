@@ -204,6 +204,8 @@ class GPTQQuant(_HeadQuant):
     act_order: bool = False
     blocksize: int = Field(128, ge=1, le=4096)
     dampening: float = Field(0.01, gt=0.0, le=1.0)
+    clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
+                                                 "rounding error")
     mixed: MixedPrecision | None = Field(None, description="sensitive layers on a finer grid; null = one grid")
 
 

@@ -131,7 +131,7 @@ def _rtn_solve(bits: int, group_size: int, symmetric: bool, arch, qparams: dict)
 @torch.no_grad()
 def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, calib_windows: torch.Tensor | None,
                     *, bits: int, group_size: int, symmetric: bool, act_order: bool = False,
-                    dampening: float = 0.01, blocksize: int = 128, batch_size: int = 8,
+                    dampening: float = 0.01, blocksize: int = 128, clip_search: bool = False, batch_size: int = 8,
                     device: str | torch.device = "cpu", float_dtype: torch.dtype = torch.float16,
                     tokenizer_dir: str | Path | None = None, layers: int | None = None,
                     on_progress: Callable[[int, int, dict], None] | None = None) -> dict:
@@ -161,7 +161,7 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
         from frugalflow.quant.gptq import gptq_solver
 
         gptq = gptq_solver(arch, bits, group_size, symmetric, qparams, act_order=act_order, dampening=dampening,
-                           blocksize=blocksize, release=True)
+                           blocksize=blocksize, clip_search=clip_search, release=True)
 
         def solve(i, layer, stats):  # solved weights are freed, then rebuilt one linear at a time for a call
             for hook in upcasts:  # the solver reads the stored weights (and copies them to float32 one by one)
@@ -293,6 +293,7 @@ def run_streaming(stage, model_dir: Path, out_dir: Path, ctx: dict) -> MethodRes
     stats = stream_quantize(model_dir, out_dir, stage.method, ctx["calib"]() if stage.method == "gptq" else None,
                             bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
                             act_order=getattr(stage, "act_order", False), dampening=getattr(stage, "dampening", 0.01),
-                            blocksize=getattr(stage, "blocksize", 128), device=ctx["device"], tokenizer_dir=model_dir,
+                            blocksize=getattr(stage, "blocksize", 128), clip_search=getattr(stage, "clip_search", False),
+                            device=ctx["device"], tokenizer_dir=model_dir,
                             on_progress=lambda i, n, info: progress(i, n))
     return MethodResult({"layers": stats["layers"], "seconds_per_layer": stats["seconds_per_layer"]})

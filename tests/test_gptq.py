@@ -166,3 +166,63 @@ def test_qparams_pack_into_quant_linears(tiny_model):
     quantize_model(tiny_model, qparams, 3, 32, scale_dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_search_qparams_never_worse_than_full_range():
+    """Each row's shrunk grid has at most the full range's weighted rounding error, and heavy-tailed rows shrink."""
+    from frugalflow.quant.rtn import search_qparams
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 64, generator=g)
+    W[:8, 0] = 12.0  # one outlier per row: clipping it pays on these rows
+    importance = torch.rand(64, generator=g) + 0.1
+    importance[0] = 0.01  # ...the more so as the outlier's column matters little
+
+    def error(scale, zero):
+        q = torch.clamp(torch.round(W / scale + zero), 0, 15)
+        return (((q - zero) * scale - W) ** 2 * importance).sum(1)
+
+    full = error(*compute_qparams(W, 4, -1, False))
+    searched_scale, searched_zero = search_qparams(W, 4, False, importance)
+    searched = error(searched_scale, searched_zero)
+    assert (searched <= full + 1e-6).all()
+    assert (searched[:8] < 0.9 * full[:8]).all() and searched[:8].sum() < 0.7 * full[:8].sum()
+    assert (searched_scale[:8] < compute_qparams(W, 4, -1, False)[0][:8]).all()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_in_gptq(symmetric):
+    """On a symmetric grid (its range set by max|w|) the search lowers the output error by over 8%; on an
+    asymmetric one (measured here: -2% to +1.5%) it stays within 5% either way."""
+    X = correlated_inputs()
+    H = 2 / X.shape[0] * X.T @ X
+    for seed in (1, 2):
+        W = torch.randn(48, 128, generator=torch.Generator().manual_seed(seed))
+        W[::4, 5] *= 25  # a few heavy weights, as LLM layers have
+        errors = {}
+        for clip in (False, True):
+            q, scale, zero, _ = gptq_quantize_weight(W, H, 4, 32, symmetric, act_order=True, clip_search=clip)
+            errors[clip] = out_error(W, dequantize(q, scale, zero, 32), X)
+        if symmetric:
+            assert errors[True] < 0.92 * errors[False]
+        else:
+            assert 0.95 * errors[False] < errors[True] < 1.05 * errors[False]
+
+
+def test_clip_search_in_the_recipe(tiny_model, tmp_path):
+    """`clip_search: true` reaches the solver: another, better grid than without it on the same model."""
+    from frugalflow.config import GPTQQuant
+
+    ids = torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = tiny_model(ids).logits
+    results = {}
+    for clip in (False, True):
+        model = copy.deepcopy(tiny_model)
+        stage = GPTQQuant(method="gptq", bits=3, group_size=32, symmetric=True, clip_search=clip)
+        qparams, _ = gptq_quantize(model, ids, stage.bits, stage.group_size, stage.symmetric,
+                                   clip_search=stage.clip_search)
+        results[clip] = (qparams, logits_error(model, reference, ids))
+    name = next(iter(results[True][0]))
+    assert not torch.equal(results[True][0][name][1], results[False][0][name][1])
+    assert results[True][1] < results[False][1]

@@ -5,7 +5,9 @@ Columns are quantized in order (or by decreasing H_ii with `act_order`); the rou
 inside a lazy batch and with one matmul per batch beyond it (`calibration.lazy_step`: the
 batch width changes only the speed, not the result). Grid: `rtn.compute_qparams` per group along the input
 dimension, computed when the first column of the group is reached, on the weights as they
-are then (after the updates from every column quantized so far). Groups always follow the
+are then (after the updates from every column quantized so far); with `clip_search`, each row's
+range in that group is shrunk by the factor that minimises its columns' own OBS loss,
+sum (w - q)^2 / Hinv_ii^2 (`rtn.search_qparams`). Groups always follow the
 ORIGINAL column index (static groups under act_order), so codes/scale/zero are the standard
 grouped layout. With a keep-`mask`, pruned weights get the zero point as code (exactly 0)
 while their error is still compensated.
@@ -26,19 +28,19 @@ from frugalflow.calibration import (
     relative_error,
     run_sequential,
 )
-from frugalflow.quant.rtn import compute_qparams, dequantize
+from frugalflow.quant.rtn import compute_qparams, dequantize, search_qparams
 
 JOINT_SOLVE_BYTES = 1 << 26  # linears sharing inputs are solved as one matrix up to this float32 size
 
 
 def _gptq(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, bits: int,
-          group_size: int, symmetric: bool, blocksize: int, keep: torch.Tensor | None):
+          group_size: int, symmetric: bool, blocksize: int, keep: torch.Tensor | None, clip_search: bool = False):
     """W, keep in original column order; Hinv, dead in permuted order. Returns codes, scale, zero, row losses."""
     with column_loop_threads(W.device):
-        return _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep)
+        return _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep, clip_search)
 
 
-def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep):
+def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep, clip_search):
     rows, cols = W.shape
     G = cols if group_size == -1 else group_size
     if cols % G:
@@ -54,6 +56,7 @@ def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, k
     codes_p = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     losses = torch.zeros(rows, device=W.device)
     s = z = None
+    obs_weight = torch.diag(Hinv) ** -2 if clip_search else None  # a column's loss is err^2 / Hinv_ii^2
     current_group, ready = -1, set()
     step = lazy_step(blocksize, 1, W.device)
     for i1 in range(0, cols, step):
@@ -75,7 +78,10 @@ def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, k
                         cur[:, ~inb] = Wp[:, far] - Err1[:, :i] @ Hinv[i1:i1 + i, far]
                     if keep is not None:
                         cur = cur * keep[:, g * G:(g + 1) * G]
-                    sg, zg = compute_qparams(cur, bits, -1, symmetric)
+                    if obs_weight is None:
+                        sg, zg = compute_qparams(cur, bits, -1, symmetric)
+                    else:
+                        sg, zg = search_qparams(cur, bits, symmetric, obs_weight[pos])
                     scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
                 s, z, current_group = scale[:, g], zero[:, g], g
             w = W1[:, i]
@@ -100,21 +106,22 @@ def _order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                          act_order: bool = False, blocksize: int = 128, dampening: float = 0.01,
-                         mask: torch.Tensor | None = None):
+                         mask: torch.Tensor | None = None, clip_search: bool = False):
     """Quantize W [out, in] given H = 2/n X^T X: (q uint8 [out, in], scale, zero [out, n_groups], loss).
 
     W ~ (q - zero) * scale group-wise along the input dim, in the original column order.
     """
     perm = _order(H, act_order)
     Hinv, dead = hessian_inverse_upper(H[perm][:, perm], dampening)
-    q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, mask)
+    q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, mask, clip_search)
     return q, scale, zero, losses.sum().item()
 
 
 def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   act_order: bool = False, dampening: float = 0.01, device: str = "cpu",
                   on_progress: Callable[[int, int], None] | None = None, blocksize: int = 128,
-                  batch_size: int = 8, preserve_zeros: bool = True, layer_grids: dict | None = None):
+                  batch_size: int = 8, preserve_zeros: bool = True, layer_grids: dict | None = None,
+                  clip_search: bool = False):
     """GPTQ every decoder linear: (qparams {full name: (q, scale, zero)}, stats {name: {...}}).
 
     The model's weights are replaced by their dequantized values (so later layers calibrate
@@ -123,7 +130,8 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
     """
     qparams: dict[str, tuple] = {}
     solve = gptq_solver(arch_of(model), bits, group_size, symmetric, qparams, act_order=act_order, dampening=dampening,
-                        blocksize=blocksize, preserve_zeros=preserve_zeros, layer_grids=layer_grids)
+                        blocksize=blocksize, preserve_zeros=preserve_zeros, layer_grids=layer_grids,
+                        clip_search=clip_search)
     stats = run_sequential(model, calib_windows, solve, needs=("H",), device=device,
                            batch_size=batch_size, on_progress=on_progress)
     return qparams, stats
@@ -131,7 +139,7 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
 
 def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict, act_order: bool = False,
                 dampening: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True, release: bool = False,
-                layer_grids: dict | None = None):
+                layer_grids: dict | None = None, clip_search: bool = False):
     """The calibration driver's `solve` for GPTQ: quantizes every linear of layer i in place (weights
     replaced by their dequantized values), puts its codes in `qparams` {full name: (q, scale, zero)}
     and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done.
@@ -156,7 +164,8 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
                 Ws = [lin.weight.data.float() for lin in part_lins]
                 W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
                 keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
-                q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits_i, group_i, symmetric_i, blocksize, keep)
+                q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits_i, group_i, symmetric_i, blocksize, keep,
+                                               clip_search)
                 del W, keep
                 if k == len(parts) - 1:
                     Hinv = None  # not needed for the errors below
@@ -201,7 +210,8 @@ def run(stage, model_dir, out_dir, ctx):
     qparams, layers = gptq_quantize(model, calib, stage.bits, stage.group_size, stage.symmetric,
                                     act_order=stage.act_order, dampening=stage.dampening,
                                     blocksize=stage.blocksize, device=ctx["device"],
-                                    on_progress=layer_progress(ctx, "gptq"), layer_grids=layer_grids)
+                                    on_progress=layer_progress(ctx, "gptq"), layer_grids=layer_grids,
+                                    clip_search=stage.clip_search)
     model.to("cpu")
     pack.quantize_layers(model, qparams, (stage.bits, stage.group_size, stage.symmetric), layer_grids)
     if stage.head_bits is not None:

@@ -36,6 +36,28 @@ def compute_qparams(W: torch.Tensor, bits: int, group_size: int, symmetric: bool
     return scale, zero
 
 
+def search_qparams(W: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor, n_grid: int = 20,
+                   max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) [rows, 1] of one group W [rows, g]: each row's range shrunk by the factor in
+    1, 1 - max_shrink / n_grid, ..., 1 - max_shrink whose rounding error sum_j importance_j (w_j - q_j)^2
+    is least (the full range when nothing beats it)."""
+    W = W.float()
+    best_scale, best_zero = compute_qparams(W, bits, -1, symmetric)
+    best_err = None
+    for i in range(n_grid + 1):
+        scale, zero = compute_qparams(W, bits, -1, symmetric, 1.0 - max_shrink * i / n_grid)
+        q = torch.clamp(torch.round(W / scale + zero), 0, 2**bits - 1)
+        err = (((q - zero) * scale - W) ** 2 * importance).sum(1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better.unsqueeze(1), scale, best_scale)
+        best_zero = torch.where(better.unsqueeze(1), zero, best_zero)
+    return best_scale, best_zero
+
+
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Integer codes q (uint8, shape of W) for the given per-group grid."""
     Wg = _grouped(W.float(), group_size)
