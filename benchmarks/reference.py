@@ -44,6 +44,7 @@ from frugalflow.stages import run_stage  # noqa: E402
 W4 = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False, "act_order": True}
 OURS = {  # name: GPTQ stage settings
     "gptq": W4,
+    "gptq_clip": {**W4, "clip_search": True},
 }
 REFERENCE_BPW = 4 + (16 + 4) / 64  # compressed-tensors pack-quantized, asymmetric, groups of 64
 
