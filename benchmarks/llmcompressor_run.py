@@ -56,7 +56,18 @@ def dequantized_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def cpu_only_workaround() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations unconditionally, which raises on a host
+    without an accelerator ("Cannot access accelerator device"); pinning only speeds host-to-device
+    copies, so on such a host it is skipped (numerics unchanged)."""
+    if not torch.accelerator.is_available():
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
 def main() -> None:
+    cpu_only_workaround()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--calib", required=True)

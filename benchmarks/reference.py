@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from frugalflow.config import GPTQQuant  # noqa: E402
+from frugalflow.config import Stage  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
 from frugalflow.evaluate.sets import set_windows  # noqa: E402
@@ -42,9 +43,12 @@ from frugalflow.recipe_io import load_recipe  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
 
 W4 = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False, "act_order": True}
-OURS = {  # name: GPTQ stage settings
+OURS = {  # name: quantize stage settings
     "gptq": W4,
     "gptq_clip": {**W4, "clip_search": True},
+    "awq": {"method": "awq", "bits": 4, "group_size": 64, "symmetric": False},
+    "awq_scales+gptq_clip": {**W4, "clip_search": True, "awq_scales": True},
+    "awq_scales+gptq_clip_damp0.1": {**W4, "clip_search": True, "awq_scales": True, "dampening": 0.1},
 }
 REFERENCE_BPW = 4 + (16 + 4) / 64  # compressed-tensors pack-quantized, asymmetric, groups of 64
 
@@ -91,10 +95,10 @@ def main() -> None:
         del model
         print(rows[-1], flush=True)
     for name in args.ours.split(","):
-        stage = GPTQQuant(**OURS[name])
+        stage = TypeAdapter(Stage).validate_python(OURS[name])
         out = work / f"ours-{name}"
         stats = run_stage(stage, base, out, data_dir=data, teacher_dir=base, seed=recipe.seed)
-        rows.append({"side": "frugalflow", "method": name, "settings": stage.model_dump(mode="json", exclude_defaults=True),
+        rows.append({"side": "frugalflow", "method": name, "settings": OURS[name],
                      "bits_per_weight": round(stats["bits_per_weight"], 4), "seconds": round(stats["seconds"], 1),
                      "ppl": evaluate(load_model(out))})
         print(rows[-1], flush=True)

@@ -167,7 +167,8 @@ class _HeadQuant(_WeightQuant):
     @model_validator(mode="after")
     def _in_memory_options(self):
         why = {"head_bits": "the streamed path writes the head as it found it",
-               "mixed": "mixed precision measures sensitivity on the whole model"}
+               "mixed": "mixed precision measures sensitivity on the whole model",
+               "awq_scales": "the scale search folds scales across the whole model"}
         for key, reason in why.items():
             if self.stream and getattr(self, key, None) is not None:
                 raise ValueError(f"{key} needs stream: false ({reason})")
@@ -204,8 +205,10 @@ class GPTQQuant(_HeadQuant):
     act_order: bool = False
     blocksize: int = Field(128, ge=1, le=4096)
     dampening: float = Field(0.01, gt=0.0, le=1.0)
-    clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
-                                                 "rounding error")
+    clip_search: bool = Field(False, description="shrink each group's range where that lowers its columns' OBS "
+                                                 "loss")
+    awq_scales: bool = Field(False, description="first fold AWQ's activation-aware scales into the model "
+                                                "(quant/awq.py, no clipping), then GPTQ the scaled weights")
     mixed: MixedPrecision | None = Field(None, description="sensitive layers on a finer grid; null = one grid")
 
 

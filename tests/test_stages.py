@@ -34,6 +34,7 @@ def test_pruning_methods(tmp_path, tiny_model_dir, tiny_data_dir, method, kw, sp
     ("rtn", {"bits": 4, "group_size": 32}),
     ("rtn", {"bits": 3, "group_size": -1, "symmetric": True}),
     ("gptq", {"bits": 4, "group_size": 32, "act_order": True}),
+    ("gptq", {"bits": 4, "group_size": 32, "act_order": True, "awq_scales": True, "clip_search": True}),
     ("awq", {"bits": 4, "group_size": 64, "n_grid": 4}),
 ])
 def test_quantization_methods_keep_a_pruned_mask(tmp_path, tiny_model_dir, tiny_data_dir, method, kw):
@@ -67,6 +68,30 @@ def test_search_results_are_written_with_the_stage(tmp_path, tiny_model_dir, tin
     scales = json.loads((out / "search" / "awq_scales.json").read_text())
     assert scales and all(len(e["scales"]) > 0 and 0 <= e["alpha"] < 1 for e in scales)
     assert all("recon_error" in s for s in stats["layers"].values())
+
+
+def test_gptq_on_awq_scales(tmp_path, tiny_model_dir, tiny_data_dir):
+    """`awq_scales`: the searched scales are kept with the stage and GPTQ quantizes the scaled model (another
+    grid than plain GPTQ), which computes what the base model computes up to 4-bit rounding."""
+    import json
+
+    ids = load_windows(tiny_data_dir, "eval")[:2, :32]
+    with torch.no_grad():
+        reference = load_model(tiny_model_dir)(ids).logits
+    errors, scales = {}, {}
+    for awq in (False, True):
+        out = tmp_path / f"awq{awq}"
+        stats = run_stage(stage_config("gptq", bits=4, group_size=32, awq_scales=awq), tiny_model_dir, out,
+                          data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
+        model = load_model(out)
+        scales[awq] = {n: m.scales for n, m in quantized_modules(model).items()}
+        with torch.no_grad():
+            errors[awq] = ((model(ids).logits - reference) ** 2).mean().item() / (reference ** 2).mean().item()
+        assert ("awq_scales" in stats.get("search", [])) == awq
+    found = json.loads((tmp_path / "awqTrue" / "search" / "awq_scales.json").read_text())
+    assert found and all(0 <= e["alpha"] < 1 for e in found)
+    assert any(not torch.equal(scales[True][n], scales[False][n]) for n in scales[True])
+    assert errors[True] < 0.05
 
 
 @pytest.mark.parametrize("method", ["kl", "tsld"])

@@ -193,7 +193,7 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
 
 def run(stage, model_dir, out_dir, ctx):
     """Recipe entry (config.GPTQQuant): codes packed as GPTQ chose them (or streamed layer by layer);
-    with `mixed`, the most sensitive layers on the finer grid."""
+    with `awq_scales`, on the AWQ-scaled model; with `mixed`, the most sensitive layers on the finer grid."""
     from frugalflow.method import MethodResult, float_model, layer_progress, save
     from frugalflow.quant import pack
     from frugalflow.quant.rtn import grid_summary
@@ -205,6 +205,13 @@ def run(stage, model_dir, out_dir, ctx):
     model, _ = float_model(model_dir, ctx["device"])
     calib = ctx["calib"]()
     search, layer_grids = {}, {}
+    if stage.awq_scales:
+        from frugalflow.quant.awq import awq_apply, awq_search
+
+        found = awq_search(model, calib, stage.bits, stage.group_size, stage.symmetric, clip_search=False,
+                           device=ctx["device"], on_progress=layer_progress(ctx, "awq scales"))
+        awq_apply(model, found)
+        search["awq_scales"] = found["scales"]
     if stage.mixed is not None:
         search["sensitivity"], layer_grids = mixed_layers(model, calib, stage, layer_progress(ctx, "sensitivity"))
     qparams, layers = gptq_quantize(model, calib, stage.bits, stage.group_size, stage.symmetric,
