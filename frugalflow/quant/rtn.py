@@ -42,20 +42,18 @@ def search_qparams(W: torch.Tensor, bits: int, symmetric: bool, importance: torc
     1, 1 - max_shrink / n_grid, ..., 1 - max_shrink whose rounding error sum_j importance_j (w_j - q_j)^2
     is least (the full range when nothing beats it)."""
     W = W.float()
-    best_scale, best_zero = compute_qparams(W, bits, -1, symmetric)
-    best_err = None
+    best = None  # (error, scale, zero) per row
     for i in range(n_grid + 1):
         scale, zero = compute_qparams(W, bits, -1, symmetric, 1.0 - max_shrink * i / n_grid)
         q = torch.clamp(torch.round(W / scale + zero), 0, 2**bits - 1)
         err = (((q - zero) * scale - W) ** 2 * importance).sum(1)
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better.unsqueeze(1), scale, best_scale)
-        best_zero = torch.where(better.unsqueeze(1), zero, best_zero)
-    return best_scale, best_zero
+        if best is not None:
+            better = err < best[0]
+            err = torch.where(better, err, best[0])
+            scale = torch.where(better.unsqueeze(1), scale, best[1])
+            zero = torch.where(better.unsqueeze(1), zero, best[2])
+        best = (err, scale, zero)
+    return best[1], best[2]
 
 
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
