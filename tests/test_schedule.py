@@ -183,8 +183,18 @@ def test_deployment_schedule_matches_params_yaml(api):
 @pytest.mark.xfail(SQLALCHEMY_BREAKS_SCHEDULER, strict=True, reason=f"SQLAlchemy {sqlalchemy.__version__}: Prefect "
                    "3.8.8's scheduler bulk-inserts FlowRun.state, a hybrid property, which SQLAlchemy 2.1 refuses")
 def test_server_scheduler_places_runs_at_cron_times_in_the_time_zone(api, project):
-    from flows.schedule import next_runs, nightly_deployment
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
+    from flows.schedule import FULL_NAME, next_runs, nightly_deployment
+
+    # a fresh deployment: the server's scheduler may still be placing runs for the schedule an earlier test
+    # applied under this name (params.yaml's 02:00 UTC), and those would stay on a re-applied deployment
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_deployment(client.read_deployment_by_name(FULL_NAME).id)
+        except ObjectNotFound:
+            pass
     deployment_id = nightly_deployment(project / "params.yaml").apply()
     expected = [t.astimezone(timezone.utc) for t in next_runs(TINY_SCHEDULE["cron"], TINY_SCHEDULE["timezone"], 3)]
     log = api["home"] / "server.log"
