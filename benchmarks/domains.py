@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from frugalflow.config import KLDistill, TSLDDistill  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
-from frugalflow.evaluate.sets import set_windows  # noqa: E402
+from frugalflow.evaluate.sets import every_set  # noqa: E402
 from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noqa: E402
 from frugalflow.recipe_io import load_recipe  # noqa: E402
@@ -130,8 +130,7 @@ def main() -> None:
         seconds[last.method] = round(time.perf_counter() - t, 1)
 
     tokenizer = load_tokenizer(base)
-    sets = {"eval": load_windows(data, "eval")}
-    sets.update({name: set_windows(name, spec, data, tokenizer, ROOT) for name, spec in recipe.evaluation.sets.items()})
+    sets = every_set(recipe.evaluation.sets, data, tokenizer, ROOT)
     ppl: dict[str, dict[str, float]] = {}
     for label, folder in (("base", base), ("before", before), ("after", final)):
         model = load_model(folder)

@@ -27,7 +27,7 @@ from frugalflow.arch import compressible_linears  # noqa: E402
 from frugalflow.config import GPTQQuant, WandaPrune  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
-from frugalflow.evaluate.sets import set_windows  # noqa: E402
+from frugalflow.evaluate.sets import every_set  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer  # noqa: E402
 from frugalflow.quant.gptq import gptq_quantize, mixed_layers  # noqa: E402
 from frugalflow.quant.rtn import rtn_linears  # noqa: E402
@@ -68,8 +68,7 @@ def main() -> None:
     if not (pruned / "config.json").is_file():
         run_stage(WandaPrune(method="wanda", sparsity=0.1), base, pruned, data_dir=data, teacher_dir=base)
     tokenizer = load_tokenizer(base)
-    sets = {"eval": load_windows(data, "eval")[:args.windows]}
-    sets.update({n: set_windows(n, s, data, tokenizer, ROOT)[:args.windows] for n, s in recipe.evaluation.sets.items()})
+    sets = {name: w[:args.windows] for name, w in every_set(recipe.evaluation.sets, data, tokenizer, ROOT).items()}
     calib = load_windows(data, "calib")
     started = time.time()
     base_ppl = {n: perplexity(load_model(base), w) for n, w in sets.items()}

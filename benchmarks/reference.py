@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from frugalflow.config import Stage  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
-from frugalflow.evaluate.sets import set_windows  # noqa: E402
+from frugalflow.evaluate.sets import every_set  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer  # noqa: E402
 from frugalflow.recipe_io import load_recipe  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
@@ -75,8 +75,7 @@ def main() -> None:
     base, data, work = ROOT / recipe.base_model.path, ROOT / recipe.data.path, Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(base)
-    sets = {"eval": load_windows(data, "eval")}
-    sets.update({name: set_windows(name, spec, data, tokenizer, ROOT) for name, spec in recipe.evaluation.sets.items()})
+    sets = every_set(recipe.evaluation.sets, data, tokenizer, ROOT)
 
     def evaluate(model) -> dict[str, float]:
         return {name: round(perplexity(model, w), 3) for name, w in sets.items()}

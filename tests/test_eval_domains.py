@@ -6,11 +6,13 @@ import pydoc_data.topics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from frugalflow.config import GatesConfig
+from frugalflow.data import load_windows
 from frugalflow.evaluate.race import decode_race
-from frugalflow.evaluate.sets import resolve_files, set_windows
+from frugalflow.evaluate.sets import every_set, resolve_files, set_windows
 from frugalflow.gates import describe, verdict
 from frugalflow.recipe_io import load_recipe
 from frugalflow.report import build_report, sets_section, summary_markdown, to_html, to_markdown
@@ -44,6 +46,15 @@ def test_recipes_evaluate_two_text_domains_outside_the_calibration_corpus(recipe
     a, b = list(words.values())[:2]  # two different domains: their vocabularies differ a lot
     assert len(a & b) / len(a | b) < 0.3
 
+
+
+def test_every_set_is_the_eval_split_then_the_named_sets(tiny_data_dir, tiny_tokenizer):
+    sets = load_recipe(ROOT / "params.yaml").evaluation.sets
+    windows = every_set(sets, tiny_data_dir, tiny_tokenizer, ROOT)
+    assert list(windows) == ["eval", *sets]
+    assert torch.equal(windows["eval"], load_windows(tiny_data_dir, "eval"))
+    for name, spec in sets.items():
+        assert torch.equal(windows[name], set_windows(name, spec, tiny_data_dir, tiny_tokenizer, ROOT))
 
 def test_domain_sources_are_named():
     readme = (ROOT / "evals" / "domains" / "README.md").read_text()

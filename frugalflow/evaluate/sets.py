@@ -78,6 +78,12 @@ def set_windows(name: str, spec: EvalSetConfig, data_dir: Path, tokenizer, root:
     return text_windows(name, files, tokenizer, spec.window or data_window(data_dir), spec.max_windows)
 
 
+def every_set(sets: dict[str, EvalSetConfig], data_dir: Path, tokenizer, root: Path) -> dict[str, torch.Tensor]:
+    """The prepared eval split as `eval`, then the windows of every named set: what the perplexity gate reads."""
+    return {"eval": load_windows(data_dir, "eval"),
+            **{name: set_windows(name, spec, data_dir, tokenizer, root) for name, spec in sets.items()}}
+
+
 def set_inputs(name: str, spec: EvalSetConfig, data_dir: Path, root: Path) -> list[Path]:
     """The files a set's windows depend on (for the evaluation cache key)."""
     if spec.split is not None:
