@@ -5,8 +5,9 @@ calibration windows.
     python benchmarks/reference.py --reference-python PATH [--reference gptq,awq] [--ours gptq,...]
 
 `--reference-python`: the Python of a separate environment with llmcompressor installed (it pins
-another transformers than frugalflow's lock), e.g. `python -m venv /tmp/llmc && /tmp/llmc/bin/pip
-install torch==2.13.0 llmcompressor==0.14.0.1`. Each reference method runs there through
+another transformers than frugalflow's lock), e.g. `python -m venv REF && REF/bin/pip install
+torch==2.13.0 llmcompressor==0.14.0.1`, then `--reference-python REF/bin/python` (REF: any folder
+outside the project). Each reference method runs there through
 benchmarks/llmcompressor_run.py (4-bit asymmetric, groups of 64, the output head left as it is, its
 defaults otherwise); its dequantized weights come back and are evaluated here, like ours, on the
 prepared eval split (in domain: the calibration corpus) and params.yaml's `evaluation.sets` (out of
