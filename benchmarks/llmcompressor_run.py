@@ -51,8 +51,8 @@ def dequantized_state(model) -> dict[str, torch.Tensor]:
             state[f"{name}.weight"] = forward_quantize(module, module.weight.detach(), "weight",
                                                        scheme_.weights).float().contiguous()
     for name, param in model.named_parameters():
-        if name.endswith(".weight") and name not in state and not name.split(".")[-2].startswith("weight_"):
-            state.setdefault(name, param.detach().float().contiguous())
+        if name.endswith(".weight") and name not in state:  # norms, embedding (weight_scale etc. are skipped)
+            state[name] = param.detach().float().contiguous()
     return state
 
 
