@@ -126,9 +126,11 @@ def _activation_store(device: torch.device, windows: torch.Tensor, hidden: int, 
 class _Accumulator:
     """Running sums for one input group; `finish()` turns them into the standard stats."""
 
-    def __init__(self, in_features: int, needs, device: torch.device, h_stride: int = 1):
+    def __init__(self, in_features: int, needs, device: torch.device, h_stride: int = 1,
+                 matmul_dtype: torch.dtype | None = None):
         self.n = self.n_h = 0
         self.h_stride = h_stride
+        self.matmul_dtype = matmul_dtype
         self.sums = {}
         if "H" in needs:
             self.sums["H"] = torch.zeros(in_features, in_features, device=device)
@@ -138,16 +140,19 @@ class _Accumulator:
             self.sums["x_abs_mean"] = torch.zeros(in_features, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        X = x.reshape(-1, x.shape[-1]).float()
+        X = x.reshape(-1, x.shape[-1])
         self.n += X.shape[0]
         if "H" in self.sums:
-            Xh = X[::self.h_stride]
+            Xh = X[::self.h_stride].to(self.matmul_dtype or torch.float32)
             self.n_h += Xh.shape[0]
-            self.sums["H"].addmm_(Xh.T, Xh)
+            if self.matmul_dtype is None:
+                self.sums["H"].addmm_(Xh.T, Xh)
+            else:  # one batch's product in that dtype, the running sum in float32
+                self.sums["H"].add_(Xh.T @ Xh)
         if "x_norm" in self.sums:
-            self.sums["x_norm"].add_((X * X).sum(0))
+            self.sums["x_norm"].add_(X.float().square().sum(0))
         if "x_abs_mean" in self.sums:
-            self.sums["x_abs_mean"].add_(X.abs().sum(0))
+            self.sums["x_abs_mean"].add_(X.abs().sum(0, dtype=torch.float32))
 
     def finish(self) -> dict:
         out = {"n": self.n}
@@ -161,11 +166,12 @@ class _Accumulator:
         return out
 
 
-def _run_layer(layer: nn.Module, inputs, extras, device, store) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, inputs, extras, device, store, autocast: torch.dtype | None) -> list[torch.Tensor]:
     outs = []
-    for x, (args, kwargs) in zip(inputs, extras):
-        y = layer(x.to(device), *args, **kwargs)
-        outs.append((y[0] if isinstance(y, (tuple, list)) else y).to(store))
+    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        for x, (args, kwargs) in zip(inputs, extras):
+            y = layer(x.to(device), *args, **kwargs)
+            outs.append((y[0] if isinstance(y, (tuple, list)) else y).to(store, x.dtype))
     return outs
 
 
@@ -173,14 +179,17 @@ def _run_layer(layer: nn.Module, inputs, extras, device, store) -> list[torch.Te
 def run_sequential(model: nn.Module, windows: torch.Tensor, solve: Solve, needs=("H",),
                    accumulate: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
                    device: str | torch.device = "cpu", batch_size: int = 8, propagate: bool = True,
-                   on_progress: Callable[[int, int], None] | None = None, h_stride: int = 1) -> dict[str, dict]:
+                   on_progress: Callable[[int, int], None] | None = None, h_stride: int = 1,
+                   autocast: torch.dtype | None = None) -> dict[str, dict]:
     """Calibrate `model` layer by layer on `windows` (LongTensor [N, L]).
 
     `needs`: standard stats to accumulate (subset of STANDARD_STATS). `solve(i, layer, stats)`
     gets `stats[linear name relative to the layer]` and returns per-linear dicts; the result
     maps full dotted names (as in `compressible_linears`) to them. `on_progress(i, n_layers)`
     is called after layer i (0-based) is done. `h_stride` > 1 builds H from every h_stride-th
-    token only: a cheap estimate for methods that use H as a diagnostic.
+    token only: a cheap estimate for methods that use H as a diagnostic. `autocast` (e.g. torch.bfloat16):
+    the layer runs under torch.autocast to that dtype (matmuls on AMX / tensor cores) and each batch's
+    x^T x is a product in that dtype; the weights, the residual stream and the sums stay float32.
     """
     unknown = set(needs) - set(STANDARD_STATS)
     if unknown:
@@ -200,7 +209,7 @@ def run_sequential(model: nn.Module, windows: torch.Tensor, solve: Solve, needs=
             home = _device_of(layer)
             layer.to(device)
             solved, inputs = calibrate_layer(i, layer, arch, inputs, extras, solve, needs, accumulate, device, store,
-                                             propagate and i + 1 < len(layers), h_stride)
+                                             propagate and i + 1 < len(layers), h_stride, autocast)
             for name, s in solved.items():
                 result[f"{arch.layers}.{i}.{name}"] = s
             layer.to(home)
@@ -214,14 +223,14 @@ def run_sequential(model: nn.Module, windows: torch.Tensor, solve: Solve, needs=
 def calibrate_layer(i: int, layer: nn.Module, arch: Arch, inputs: list[torch.Tensor], extras: list, solve: Solve,
                     needs=("H",), accumulate=None, device: torch.device = torch.device("cpu"),
                     store: torch.device = torch.device("cpu"), propagate: bool = True,
-                    h_stride: int = 1) -> tuple[dict, list[torch.Tensor]]:
+                    h_stride: int = 1, autocast: torch.dtype | None = None) -> tuple[dict, list[torch.Tensor]]:
     """One step of the sequential driver on decoder layer `i` (already on `device`): accumulate the
     stats on `inputs`, `solve`, and return (solve's per-linear dicts, the next layer's inputs: the
     outputs of the compressed layer when `propagate`, else of the layer as it came)."""
     accs, handles = {}, []
     for group in input_groups(arch):
         first = layer.get_submodule(group[0])
-        acc = accs[group] = _Accumulator(first.in_features, needs, device, h_stride)
+        acc = accs[group] = _Accumulator(first.in_features, needs, device, h_stride, autocast)
         if needs:
             handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add(inp[0])))
     if accumulate is not None:
@@ -229,7 +238,7 @@ def calibrate_layer(i: int, layer: nn.Module, arch: Arch, inputs: list[torch.Ten
             handles.append(layer.get_submodule(name).register_forward_hook(
                 lambda _m, inp, out, name=name: accumulate(name, inp[0], out)))
     try:
-        outputs = _run_layer(layer, inputs, extras, device, store)
+        outputs = _run_layer(layer, inputs, extras, device, store, autocast)
     finally:
         for h in handles:
             h.remove()
@@ -242,7 +251,7 @@ def calibrate_layer(i: int, layer: nn.Module, arch: Arch, inputs: list[torch.Ten
     solved = solve(i, layer, stats) or {}
     del stats
     if propagate:
-        outputs = _run_layer(layer, inputs, extras, device, store)
+        outputs = _run_layer(layer, inputs, extras, device, store, autocast)
     return solved, outputs
 
 

@@ -168,9 +168,10 @@ class _HeadQuant(_WeightQuant):
     def _in_memory_options(self):
         why = {"head_bits": "the streamed path writes the head as it found it",
                "mixed": "mixed precision measures sensitivity on the whole model",
-               "awq_scales": "the scale search folds scales across the whole model"}
+               "awq_scales": "the streamed linears stay in their stored dtype, which would round the scaled weights"}
+        fields = type(self).model_fields
         for key, reason in why.items():
-            if self.stream and getattr(self, key, None) is not None:
+            if self.stream and key in fields and getattr(self, key) != fields[key].default:
                 raise ValueError(f"{key} needs stream: false ({reason})")
         return self
 
@@ -209,6 +210,9 @@ class GPTQQuant(_HeadQuant):
                                                  "loss")
     awq_scales: bool = Field(False, description="first fold AWQ's activation-aware scales into the model "
                                                 "(quant/awq.py, no clipping), then GPTQ the scaled weights")
+    calibration_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the calibration forwards under torch.autocast to this dtype: bfloat16 runs their "
+                               "matmuls on AMX / tensor cores; weights, Hessians and the residual stream stay float32")
     mixed: MixedPrecision | None = Field(None, description="sensitive layers on a finer grid; null = one grid")
 
 

@@ -134,10 +134,11 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
                     dampening: float = 0.01, blocksize: int = 128, clip_search: bool = False, batch_size: int = 8,
                     device: str | torch.device = "cpu", float_dtype: torch.dtype = torch.float16,
                     tokenizer_dir: str | Path | None = None, layers: int | None = None,
-                    on_progress: Callable[[int, int, dict], None] | None = None) -> dict:
+                    autocast: torch.dtype | None = None, on_progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Quantize the dense model in `model_dir` into `out_dir` (written atomically), one decoder layer
     in memory at a time. `method` "rtn" (no calibration) or "gptq" (needs `calib_windows` [N, L]).
     `layers`: compress (and write) only the first n layers, then discard the output (for timing).
+    `autocast`: the dtype of the calibration forwards (calibration.run_sequential).
     on_progress(i, n_layers, {"seconds": ..}) after each layer. Returns {"layers": per-linear stats,
     "seconds_per_layer": [...]}."""
     if method not in METHODS:
@@ -217,7 +218,7 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
                     stored = layer.get_submodule(name).weight.data
                     upcasts += _float_on_call(layer.get_submodule(name), lambda w=stored: w.float(), lambda w=stored: w)
                 solved, inputs = calibrate_layer(i, layer, arch, inputs, extras, solve, ("H",), None, device, store,
-                                                 i + 1 < n_layers)
+                                                 i + 1 < n_layers, 1, autocast)
             else:
                 solved = solve(i, layer, {})
             layer.to("cpu")
@@ -289,11 +290,13 @@ def _write_metadata(model, model_dir: Path, tmp: Path, modules: dict, float_dtyp
 
 def run_streaming(stage, model_dir: Path, out_dir: Path, ctx: dict) -> MethodResult:
     """The recipe entries of RTN and GPTQ with `stream: true`: the same output as in memory."""
+    from frugalflow.quant.gptq import autocast_dtype
+
     progress = layer_progress(ctx, f"{stage.method} (streaming)")
     stats = stream_quantize(model_dir, out_dir, stage.method, ctx["calib"]() if stage.method == "gptq" else None,
                             bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
                             act_order=getattr(stage, "act_order", False), dampening=getattr(stage, "dampening", 0.01),
                             blocksize=getattr(stage, "blocksize", 128), clip_search=getattr(stage, "clip_search", False),
-                            device=ctx["device"], tokenizer_dir=model_dir,
+                            device=ctx["device"], tokenizer_dir=model_dir, autocast=autocast_dtype(stage),
                             on_progress=lambda i, n, info: progress(i, n))
     return MethodResult({"layers": stats["layers"], "seconds_per_layer": stats["seconds_per_layer"]})

@@ -57,12 +57,16 @@ def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, k
     losses = torch.zeros(rows, device=W.device)
     s = z = None
     obs_weight = torch.diag(Hinv) ** -2 if clip_search else None  # a column's loss is err^2 / Hinv_ii^2
+    inv_d = (1 / torch.diag(Hinv)).tolist()
     current_group, ready = -1, set()
     step = lazy_step(blocksize, 1, W.device)
+    buf = torch.empty(rows, device=W.device)
+    # a lazy batch is held transposed ([column, row]): every per-column op then runs on contiguous memory
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
-        W1 = Wp[:, i1:i2].clone()
+        W1 = Wp[:, i1:i2].T.contiguous()
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = gidx[i1 + i]
@@ -72,10 +76,10 @@ def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, k
                     pos = invperm[g * G:(g + 1) * G]
                     inb = pos < i2
                     cur = torch.empty(rows, G, device=W.device)
-                    cur[:, inb] = W1[:, pos[inb] - i1]
+                    cur[:, inb] = W1[pos[inb] - i1].T
                     if not inb.all():
                         far = pos[~inb]
-                        cur[:, ~inb] = Wp[:, far] - Err1[:, :i] @ Hinv[i1:i1 + i, far]
+                        cur[:, ~inb] = Wp[:, far] - Err1[:i].T @ Hinv[i1:i1 + i, far]
                     if keep is not None:
                         cur = cur * keep[:, g * G:(g + 1) * G]
                     if obs_weight is None:
@@ -84,16 +88,16 @@ def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, k
                         sg, zg = search_qparams(cur, bits, symmetric, obs_weight[pos])
                     scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
                 s, z, current_group = scale[:, g], zero[:, g], g
-            w = W1[:, i]
-            qc = torch.clamp(torch.round(w / s + z), 0, maxq)
+            w = W1[i]
+            qc = torch.div(w, s, out=Q1[i]).add_(z).round_().clamp_(0, maxq)
             if keep_p is not None:
-                qc = torch.where(keep_p[:, i1 + i], qc, z)
-            codes_p[:, i1 + i] = qc.to(torch.uint8)
-            err = (w - (qc - z) * s) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
-        losses += (Err1 ** 2).sum(1) / 2
-        Wp[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+                torch.where(keep_p[:, i1 + i], qc, z, out=qc)
+            err = torch.sub(qc, z, out=buf).mul_(s).sub_(w).mul_(-inv_d[i1 + i])  # (w - dequantized) / Hinv_ii
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+            Err1[i] = err
+        losses += (Err1 ** 2).sum(0) / 2
+        codes_p[:, i1:i2] = Q1.T
+        Wp[:, i2:].addmm_(Err1.T, Hinv[i1:i2, i2:], alpha=-1.0)
     return codes_p[:, invperm], scale, zero, losses
 
 
@@ -121,28 +125,36 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
                   act_order: bool = False, dampening: float = 0.01, device: str = "cpu",
                   on_progress: Callable[[int, int], None] | None = None, blocksize: int = 128,
                   batch_size: int = 8, preserve_zeros: bool = True, layer_grids: dict | None = None,
-                  clip_search: bool = False):
+                  clip_search: bool = False, awq_scales: list | None = None, autocast: torch.dtype | None = None):
     """GPTQ every decoder linear: (qparams {full name: (q, scale, zero)}, stats {name: {...}}).
 
     The model's weights are replaced by their dequantized values (so later layers calibrate
     on the quantized model); pack them with `pack.quantize_model(model, qparams, ...)`.
     With `preserve_zeros`, weights that are exactly zero (a pruned model) stay zero.
+    With a list as `awq_scales`, AWQ's scales are searched and folded in first, layer by layer (see gptq_solver).
+    `autocast`: the dtype of the calibration forwards (calibration.run_sequential).
     """
     qparams: dict[str, tuple] = {}
     solve = gptq_solver(arch_of(model), bits, group_size, symmetric, qparams, act_order=act_order, dampening=dampening,
                         blocksize=blocksize, preserve_zeros=preserve_zeros, layer_grids=layer_grids,
-                        clip_search=clip_search)
-    stats = run_sequential(model, calib_windows, solve, needs=("H",), device=device,
-                           batch_size=batch_size, on_progress=on_progress)
+                        clip_search=clip_search, awq_scales=awq_scales, autocast=autocast)
+    needs = ("H",) if awq_scales is None else ("H", "x_abs_mean")
+    stats = run_sequential(model, calib_windows, solve, needs=needs, device=device,
+                           batch_size=batch_size, on_progress=on_progress, autocast=autocast)
     return qparams, stats
 
 
 def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict, act_order: bool = False,
                 dampening: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True, release: bool = False,
-                layer_grids: dict | None = None, clip_search: bool = False):
+                layer_grids: dict | None = None, clip_search: bool = False, awq_scales: list | None = None,
+                autocast: torch.dtype | None = None):
     """The calibration driver's `solve` for GPTQ: quantizes every linear of layer i in place (weights
     replaced by their dequantized values), puts its codes in `qparams` {full name: (q, scale, zero)}
     and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done.
+    `awq_scales` (a list): first AWQ's scale search on the layer's own statistics (quant/awq.py, no
+    clipping; needs "x_abs_mean" too), folded into the layer, the Hessians rescaled to match; the
+    scales found are appended to the list (full names). One calibration pass serves both searches.
+    `autocast`: the calibration's dtype (calibration.run_sequential), also of AWQ's error products.
     `layer_grids` {layer index: (bits, group_size, symmetric)}: those layers on another grid than the rest.
     `release`: leave each solved linear's weight empty instead (the caller rebuilds it from
     `qparams`; the layer-streaming path does, to hold less while the MLP is solved)."""
@@ -150,6 +162,15 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
     def solve(i, layer, stats):
         out = {}
         bits_i, group_i, symmetric_i = (layer_grids or {}).get(i, (bits, group_size, symmetric))
+        if awq_scales is not None:
+            from frugalflow.quant.awq import awq_apply, prefixed, search_layer_scales
+
+            found, _, gram = search_layer_scales(layer, arch, stats, bits_i, group_i, symmetric_i,
+                                                 matmul_dtype=autocast or torch.float32)
+            awq_apply(layer, {"scales": found, "clips": {}})
+            for key, H in gram.items():
+                stats[key]["H"] = H
+            awq_scales.extend(prefixed(found, f"{arch.layers}.{i}."))
         for group in input_groups(arch):
             H = stats[group[0]]["H"]
             perm = _order(H, act_order)
@@ -205,26 +226,28 @@ def run(stage, model_dir, out_dir, ctx):
     model, _ = float_model(model_dir, ctx["device"])
     calib = ctx["calib"]()
     search, layer_grids = {}, {}
-    if stage.awq_scales:
-        from frugalflow.quant.awq import awq_apply, awq_search
-
-        found = awq_search(model, calib, stage.bits, stage.group_size, stage.symmetric, clip_search=False,
-                           device=ctx["device"], on_progress=layer_progress(ctx, "awq scales"))
-        awq_apply(model, found)
-        search["awq_scales"] = found["scales"]
     if stage.mixed is not None:
         search["sensitivity"], layer_grids = mixed_layers(model, calib, stage, layer_progress(ctx, "sensitivity"))
+    found = [] if stage.awq_scales else None
     qparams, layers = gptq_quantize(model, calib, stage.bits, stage.group_size, stage.symmetric,
                                     act_order=stage.act_order, dampening=stage.dampening,
                                     blocksize=stage.blocksize, device=ctx["device"],
                                     on_progress=layer_progress(ctx, "gptq"), layer_grids=layer_grids,
-                                    clip_search=stage.clip_search)
+                                    clip_search=stage.clip_search, awq_scales=found,
+                                    autocast=autocast_dtype(stage))
+    if found is not None:
+        search["awq_scales"] = found
     model.to("cpu")
     pack.quantize_layers(model, qparams, (stage.bits, stage.group_size, stage.symmetric), layer_grids)
     if stage.head_bits is not None:
         pack.quantize_head(model, stage.head_bits)
     save(model, out_dir, model_dir)
     return MethodResult({"layers": layers}, {"grids": grid_summary(qparams), **search})
+
+
+def autocast_dtype(stage) -> torch.dtype | None:
+    """The dtype of a stage's calibration forwards under autocast; None: float32, no autocast."""
+    return torch.bfloat16 if getattr(stage, "calibration_dtype", "float32") == "bfloat16" else None
 
 
 def mixed_layers(model, calib, stage, on_progress=None) -> tuple[dict, dict]:

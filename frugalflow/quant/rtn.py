@@ -19,21 +19,30 @@ def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
     return W.reshape(out_features, in_features // g, g)
 
 
-def compute_qparams(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                    clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, zero), each [out, n_groups] float32; zero holds integer values."""
-    Wg = _grouped(W.float(), group_size)
+def _extremes(Wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """What a group's grid is computed from: (max|w|,) when symmetric, else (min(w, 0), max(w, 0))."""
+    if symmetric:
+        return (Wg.abs().amax(dim=-1),)
+    return Wg.amin(dim=-1).clamp(max=0), Wg.amax(dim=-1).clamp(min=0)
+
+
+def _grid(extremes: tuple[torch.Tensor, ...], bits: int, symmetric: bool,
+          clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     qmax = 2**bits - 1
     if symmetric:
-        amax = Wg.abs().amax(dim=-1) * clip_ratio
-        scale = (amax / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
+        scale = (extremes[0] * clip_ratio / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        wmin = (Wg.amin(dim=-1).clamp(max=0)) * clip_ratio
-        wmax = (Wg.amax(dim=-1).clamp(min=0)) * clip_ratio
+        wmin, wmax = extremes[0] * clip_ratio, extremes[1] * clip_ratio
         scale = ((wmax - wmin) / qmax).clamp(min=1e-8)
         zero = torch.round(-wmin / scale).clamp(0, qmax)
     return scale, zero
+
+
+def compute_qparams(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                    clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero), each [out, n_groups] float32; zero holds integer values."""
+    return _grid(_extremes(_grouped(W.float(), group_size), symmetric), bits, symmetric, clip_ratio)
 
 
 def search_qparams(W: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor, n_grid: int = 20,
@@ -42,17 +51,19 @@ def search_qparams(W: torch.Tensor, bits: int, symmetric: bool, importance: torc
     1, 1 - max_shrink / n_grid, ..., 1 - max_shrink whose rounding error sum_j importance_j (w_j - q_j)^2
     is least (the full range when nothing beats it)."""
     W = W.float()
+    extremes = _extremes(W.unsqueeze(1), symmetric)
     best = None  # (error, scale, zero) per row
+    q = torch.empty_like(W)
     for i in range(n_grid + 1):
-        scale, zero = compute_qparams(W, bits, -1, symmetric, 1.0 - max_shrink * i / n_grid)
-        q = torch.clamp(torch.round(W / scale + zero), 0, 2**bits - 1)
-        err = (((q - zero) * scale - W) ** 2 * importance).sum(1)
-        if best is not None:
+        scale, zero = _grid(extremes, bits, symmetric, 1.0 - max_shrink * i / n_grid)
+        torch.div(W, scale, out=q).add_(zero).round_().clamp_(0, 2**bits - 1)
+        err = q.sub_(zero).mul_(scale).sub_(W).square_().mul_(importance).sum(1)  # in place: one buffer
+        if best is None:
+            best = (err, scale, zero)
+        else:
             better = err < best[0]
-            err = torch.where(better, err, best[0])
-            scale = torch.where(better.unsqueeze(1), scale, best[1])
-            zero = torch.where(better.unsqueeze(1), zero, best[2])
-        best = (err, scale, zero)
+            for kept, found in zip(best, (err, scale, zero)):
+                kept[better] = found[better]
     return best[1], best[2]
 
 
@@ -71,10 +82,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_s
 
 
 def fake_quantize(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """W rounded onto its own RTN grid, in W's dtype (no straight-through; see distill for STE)."""
-    scale, zero = compute_qparams(W, bits, group_size, symmetric)
-    return dequantize(quantize(W, scale, zero, bits, group_size), scale, zero, group_size, W.dtype)
-
+    """W rounded onto its own RTN grid, in W's dtype (no straight-through; see distill for STE);
+    the values dequantize(quantize(W)) gives, computed in place."""
+    Wg = _grouped(W.float(), group_size)
+    scale, zero = _grid(_extremes(Wg, symmetric), bits, symmetric)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return (Wg / s).add_(z).round_().clamp_(0, 2**bits - 1).sub_(z).mul_(s).reshape(W.shape).to(W.dtype)
 
 
 @torch.no_grad()
