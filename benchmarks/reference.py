@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,8 @@ OURS = {  # name: quantize stage settings
     "awq": {"method": "awq", "bits": 4, "group_size": 64, "symmetric": False},
     "awq_scales+gptq_clip": {**W4, "clip_search": True, "awq_scales": True},
     "awq_scales+gptq_clip_damp0.1": {**W4, "clip_search": True, "awq_scales": True, "dampening": 0.1},
+    "awq_scales+gptq_clip_damp0.1_bf16": {**W4, "clip_search": True, "awq_scales": True, "dampening": 0.1,
+                                          "calibration_dtype": "bfloat16"},
 }
 REFERENCE_BPW = 4 + (16 + 4) / 64  # compressed-tensors pack-quantized, asymmetric, groups of 64
 
@@ -97,6 +100,7 @@ def main() -> None:
     for name in args.ours.split(","):
         stage = TypeAdapter(Stage).validate_python(OURS[name])
         out = work / f"ours-{name}"
+        shutil.rmtree(out, ignore_errors=True)  # this benchmark's own output from an earlier run
         stats = run_stage(stage, base, out, data_dir=data, teacher_dir=base, seed=recipe.seed)
         rows.append({"side": "frugalflow", "method": name, "settings": OURS[name],
                      "bits_per_weight": round(stats["bits_per_weight"], 4), "seconds": round(stats["seconds"], 1),

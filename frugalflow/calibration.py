@@ -312,11 +312,12 @@ def _hessian_inverse_upper(H: torch.Tensor, dampening: float) -> tuple[torch.Ten
 
 def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> float:
     """||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from H = 2/n X^T X; `rows` rows of W
-    at a time, so that the temporaries stay small beside a large H."""
+    at a time, so that the temporaries stay small beside a large H. The products in H's dtype
+    (bfloat16 where calibration ran in it), the sums in float32."""
     num = den = 0.0
     for r in range(0, W.shape[0], rows):
         w = W[r:r + rows].float()
         e = W_new[r:r + rows].float() - w
-        num += ((e @ H) * e).sum().item()
-        den += ((w @ H) * w).sum().item()
+        num += ((e.to(H.dtype) @ H).float() * e).sum().item()
+        den += ((w.to(H.dtype) @ H).float() * w).sum().item()
     return num / den if den > 0 else 0.0

@@ -150,3 +150,20 @@ def test_h_stride_subsamples_tokens(tiny_model):
     Xs = torch.cat([X[:24][::3], X[24:][::3]])  # every 3rd token of each batch
     torch.testing.assert_close(got[0]["mlp.down_proj"]["H"], 2 / Xs.shape[0] * Xs.T @ Xs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[0]["mlp.down_proj"]["x_norm"], X.norm(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_calibration_keeps_float32_statistics_close(tiny_model):
+    """`autocast=torch.bfloat16`: the layers run in bf16 and each batch's x^T x is a bf16 product, yet H and
+    the next layers' inputs stay float32 and within a few per cent of the float32 driver's."""
+    ids = windows(n=4, length=32)
+    got = {}
+    for dtype in (None, torch.bfloat16):
+        stats = got[dtype] = {}
+        run_sequential(tiny_model, ids, lambda i, _l, st, stats=stats: stats.setdefault(i, st), needs=("H",),
+                       batch_size=2, autocast=dtype)
+    for i in (0, 1):
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+            H32, H16 = got[None][i][name]["H"], got[torch.bfloat16][i][name]["H"]
+            assert H16.dtype == torch.float32
+            difference = ((H16 - H32).norm() / H32.norm()).item()
+            assert 0 < difference < 0.05, (i, name, difference)  # it did run in bf16, and stayed close

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from frugalflow.arch import compressible_linears
+from frugalflow.arch import compressible_linears, decoder_layers
 from frugalflow.quant.gptq import gptq_quantize, gptq_quantize_weight
 from frugalflow.quant.rtn import compute_qparams, dequantize, fake_quantize
 
@@ -142,6 +142,28 @@ def test_gptq_quantize_model(tiny_model):
         assert torch.equal(lin.weight.data, dequantize(q, scale, zero, 32))
         assert 0 < stats[name]["recon_error"] < 0.2
     assert logits_error(tiny_model, reference, ids) < 0.7 * logits_error(rtn, reference, ids)
+
+
+def test_awq_scales_share_gptq_calibration_pass(tiny_model):
+    """With `awq_scales`, the scale search reads the statistics GPTQ's own pass collects: every decoder layer
+    runs twice per batch (statistics, then propagation of its quantized outputs; once for the last), not
+    three times; the scales are folded into the model and GPTQ's codes are on the scaled weights."""
+    ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    layers = decoder_layers(tiny_model)
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    norm_before = layers[0].input_layernorm.weight.detach().clone()
+    found = []
+    qparams, _ = gptq_quantize(tiny_model, ids, 4, 32, False, batch_size=2, awq_scales=found)
+    batches = 2
+    assert calls == [2 * batches] * (len(layers) - 1) + [batches]
+    assert {e["prev"] for e in found} >= {f"model.layers.{i}.input_layernorm" for i in range(len(layers))}
+    assert all(0 <= e["alpha"] < 1 for e in found)
+    first = next(e for e in found if e["prev"] == "model.layers.0.input_layernorm")
+    torch.testing.assert_close(layers[0].input_layernorm.weight.detach(), norm_before / first["scales"])
+    q, scale, zero = qparams["model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(layers[0].self_attn.q_proj.weight.data, dequantize(q, scale, zero, 32))
 
 
 def test_gptq_quantize_preserves_pruned_zeros(tiny_model):

@@ -54,6 +54,7 @@ def _assert_same_model(a, b):
 
 @pytest.mark.parametrize("source, stage, via", [
     ("single", dict(method="gptq", bits=4, group_size=32), "library"),
+    ("single", dict(method="gptq", bits=4, group_size=32, act_order=True, clip_search=True), "stage"),
     ("sharded_bf16", dict(method="gptq", bits=3, group_size=-1, symmetric=True, act_order=True), "library"),
     ("sharded_bf16", dict(method="rtn", bits=4, group_size=32), "stage"),
 ])
@@ -66,7 +67,7 @@ def test_streaming_equals_in_memory(tmp_path, tiny_model_dir, sharded_bf16_dir, 
         seen = []
         stats = run_stage(_stage(**stage, stream=True), src, tmp_path / "stream", data_dir=data_dir, teacher_dir=src,
                           report=lambda message, metrics: seen.append(message))
-        assert seen == [f"rtn (streaming): layer {i}/{n_layers}" for i in range(1, n_layers + 1)]
+        assert seen == [f"{cfg.method} (streaming): layer {i}/{n_layers}" for i in range(1, n_layers + 1)]
         assert stats["bits_per_weight"] < 5 and len(stats["seconds_per_layer"]) == n_layers
     else:
         seen = []

@@ -173,6 +173,7 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
             awq_scales.extend(prefixed(found, f"{arch.layers}.{i}."))
         for group in input_groups(arch):
             H = stats[group[0]]["H"]
+            H_err = H if autocast is None else H.to(autocast)  # for the reported errors only
             perm = _order(H, act_order)
             Hinv, dead = hessian_inverse_upper(H[perm][:, perm] if act_order else H, dampening)
             lins = [layer.get_submodule(n) for n in group]
@@ -196,7 +197,7 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
                     ql, sl, zl = q[r0:r1].cpu(), scale[r0:r1].cpu(), zero[r0:r1].cpu()
                     W_new = dequantize(q[r0:r1], scale[r0:r1], zero[r0:r1], group_i)
                     qparams[f"{arch.layers}.{i}.{name}"] = (ql, sl, zl)
-                    out[name] = {"recon_error": relative_error(Wl, W_new, H), "loss": losses[r0:r1].sum().item()}
+                    out[name] = {"recon_error": relative_error(Wl, W_new, H_err), "loss": losses[r0:r1].sum().item()}
                     if release:
                         lin.weight.data = torch.empty(0, dtype=lin.weight.dtype, device=lin.weight.device)
                     else:
@@ -206,7 +207,7 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
                 del Ws, q, scale, zero, losses
             for name in group:
                 stats[name].pop("H", None)
-            del H
+            del H, H_err
         return out
 
     return solve
