@@ -208,11 +208,13 @@ class GPTQQuant(_HeadQuant):
     dampening: float = Field(0.01, gt=0.0, le=1.0)
     clip_search: bool = Field(False, description="shrink each group's range where that lowers its columns' OBS "
                                                  "loss")
-    awq_scales: bool = Field(False, description="first fold AWQ's activation-aware scales into the model "
-                                                "(quant/awq.py, no clipping), then GPTQ the scaled weights")
+    awq_scales: bool = Field(False, description="first AWQ's activation-aware scales (quant/awq.py, no clipping), "
+                                                "searched on GPTQ's own calibration statistics and folded into "
+                                                "each layer, then GPTQ the scaled weights")
     calibration_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="the calibration forwards under torch.autocast to this dtype: bfloat16 runs their "
-                               "matmuls on AMX / tensor cores; weights, Hessians and the residual stream stay float32")
+        "float32", description="the calibration forwards under torch.autocast to this dtype, and the Hessian and "
+                               "AWQ error products in it: bfloat16 runs them on AMX / tensor cores; the weights, "
+                               "the residual stream and every sum stay float32")
     mixed: MixedPrecision | None = Field(None, description="sensitive layers on a finer grid; null = one grid")
 
 
