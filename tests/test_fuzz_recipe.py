@@ -44,8 +44,11 @@ def clean(load) -> Recipe | None:
         return None
 
 
+FOLDERS = tempfile.TemporaryDirectory(prefix="fuzz-")  # removed when the test process ends
+
+
 def write(text: str | bytes) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    folder = Path(tempfile.mkdtemp(dir=FOLDERS.name))
     path = folder / "recipe.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     return path
