@@ -163,12 +163,17 @@ class _HeadQuant(_WeightQuant):
         None, description="8: the output head (and the input embedding tied to it) int8 per row, symmetric; "
                           "null keeps it float")
     stream: bool = Field(False, description="one decoder layer in memory at a time (frugalflow/streaming.py)")
+    scale_format: Literal["float16", "log8"] = Field(
+        "float16", description="how each group's scale is stored: float16 (16 bits), or log8: one byte, "
+                               "2^(k/16) on a per-linear grid of 256 steps (neighbours 4.4% apart), e.g. "
+                               "w4 g32 asymmetric at 4.5 bits per weight instead of 4.75")
 
     @model_validator(mode="after")
     def _in_memory_options(self):
         why = {"head_bits": "the streamed path writes the head as it found it",
                "mixed": "mixed precision measures sensitivity on the whole model",
-               "awq_scales": "the streamed linears stay in their stored dtype, which would round the scaled weights"}
+               "awq_scales": "the streamed linears stay in their stored dtype, which would round the scaled weights",
+               "scale_format": "the streamed path stores float16 scales"}
         fields = type(self).model_fields
         for key, reason in why.items():
             if self.stream and key in fields and getattr(self, key) != fields[key].default:
@@ -211,6 +216,10 @@ class GPTQQuant(_HeadQuant):
     awq_scales: bool = Field(False, description="first AWQ's activation-aware scales (quant/awq.py, no clipping), "
                                                 "searched on GPTQ's own calibration statistics and folded into "
                                                 "each layer, then GPTQ the scaled weights")
+    awq_grid: int = Field(20, ge=2, le=200, description="with awq_scales: the points of its alpha grid (AWQ's n_grid)")
+    propagate: bool = Field(True, description="true: each layer calibrates on the outputs of the layers already "
+                                              "quantized (a second forward of each layer); false: on the float "
+                                              "model's activations (one forward of each layer, as AWQ does)")
     calibration_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="the calibration forwards under torch.autocast to this dtype, and the Hessian and "
                                "AWQ error products in it: bfloat16 runs them on AMX / tensor cores; the weights, "

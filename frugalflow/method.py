@@ -102,12 +102,23 @@ def save(model: torch.nn.Module, out_dir: Path, model_dir: Path) -> None:
 def quantize_with_grids(model: torch.nn.Module, grids: dict) -> None:
     """Replace each gridded linear by a packed QuantLinear holding its codes on that grid
     {name: (scale, zero, bits, group_size)} (a distilled student back onto its teacher-stage grid; a
-    gridded output head takes its tied input embedding along)."""
+    gridded output head takes its tied input embedding along). Scales on a log8 grid are stored log8 again,
+    others float16."""
     from frugalflow.quant import pack, rtn
 
-    by_bits: dict[tuple[int, int], dict] = {}
+    by_grid: dict[tuple[int, int, str], dict] = {}
     for name, (scale, zero, bits, group_size) in grids.items():
         q = rtn.quantize(model.get_submodule(name).weight.data, scale, zero, bits, group_size)
-        by_bits.setdefault((bits, group_size), {})[name] = (q, scale, zero)
-    for (bits, group_size), qparams in by_bits.items():
-        pack.quantize_model(model, qparams, bits, group_size)
+        by_grid.setdefault((bits, group_size, _scale_format(scale)), {})[name] = (q, scale, zero)
+    for (bits, group_size, scale_format), qparams in by_grid.items():
+        pack.quantize_model(model, qparams, bits, group_size, scale_dtype=scale_format)
+
+
+def _scale_format(scale: torch.Tensor) -> str:
+    from frugalflow.quant import rtn
+
+    try:
+        rtn.log8_codes(scale)
+    except ValueError:
+        return "float16"
+    return rtn.LOG8

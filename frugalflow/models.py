@@ -167,7 +167,7 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
                                         smooth=spec.get("smooth", False))
             else:
                 layer = QuantLinear(*shape, spec["bits"], spec["group_size"], bias=spec["bias"],
-                                    scale_dtype=getattr(torch, spec.get("scale_dtype", "float16")),
+                                    scale_dtype=spec.get("scale_dtype", "float16"),
                                     bias_dtype=dtype, symmetric=spec.get("symmetric"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelLoadError(f"{model_dir / QUANT_META}: bad settings for {name!r}: {exc!r}") from None

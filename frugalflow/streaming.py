@@ -134,11 +134,13 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
                     dampening: float = 0.01, blocksize: int = 128, clip_search: bool = False, batch_size: int = 8,
                     device: str | torch.device = "cpu", float_dtype: torch.dtype = torch.float16,
                     tokenizer_dir: str | Path | None = None, layers: int | None = None,
-                    autocast: torch.dtype | None = None, on_progress: Callable[[int, int, dict], None] | None = None) -> dict:
+                    autocast: torch.dtype | None = None, propagate: bool = True,
+                    on_progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Quantize the dense model in `model_dir` into `out_dir` (written atomically), one decoder layer
     in memory at a time. `method` "rtn" (no calibration) or "gptq" (needs `calib_windows` [N, L]).
     `layers`: compress (and write) only the first n layers, then discard the output (for timing).
-    `autocast`: the dtype of the calibration forwards (calibration.run_sequential).
+    `autocast`: the dtype of the calibration forwards, `propagate` False: GPTQ calibrates every layer on the
+    float model's activations (calibration.run_sequential).
     on_progress(i, n_layers, {"seconds": ..}) after each layer. Returns {"layers": per-linear stats,
     "seconds_per_layer": [...]}."""
     if method not in METHODS:
@@ -218,7 +220,7 @@ def stream_quantize(model_dir: str | Path, out_dir: str | Path, method: str, cal
                     stored = layer.get_submodule(name).weight.data
                     upcasts += _float_on_call(layer.get_submodule(name), lambda w=stored: w.float(), lambda w=stored: w)
                 solved, inputs = calibrate_layer(i, layer, arch, inputs, extras, solve, ("H",), None, device, store,
-                                                 i + 1 < n_layers, 1, autocast)
+                                                 propagate and i + 1 < n_layers, 1, autocast)
             else:
                 solved = solve(i, layer, {})
             layer.to("cpu")
@@ -298,5 +300,6 @@ def run_streaming(stage, model_dir: Path, out_dir: Path, ctx: dict) -> MethodRes
                             act_order=getattr(stage, "act_order", False), dampening=getattr(stage, "dampening", 0.01),
                             blocksize=getattr(stage, "blocksize", 128), clip_search=getattr(stage, "clip_search", False),
                             device=ctx["device"], tokenizer_dir=model_dir, autocast=autocast_dtype(stage),
+                            propagate=getattr(stage, "propagate", True),
                             on_progress=lambda i, n, info: progress(i, n))
     return MethodResult({"layers": stats["layers"], "seconds_per_layer": stats["seconds_per_layer"]})

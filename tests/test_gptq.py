@@ -166,6 +166,24 @@ def test_awq_scales_share_gptq_calibration_pass(tiny_model):
     torch.testing.assert_close(layers[0].self_attn.q_proj.weight.data, dequantize(q, scale, zero, 32))
 
 
+def test_without_propagation_each_layer_runs_once_per_batch(tiny_model):
+    """propagate=False: every layer calibrates on the float model's activations, so each decoder layer runs
+    once per batch, and the first layer's codes are those of the default (its inputs are the same)."""
+    ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    layers = decoder_layers(tiny_model)
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    qparams, _ = gptq_quantize(tiny_model, ids, 4, 32, False, batch_size=2, propagate=False)
+    assert calls == [2] * len(layers)
+    tiny_model.load_state_dict(state)
+    default, _ = gptq_quantize(tiny_model, ids, 4, 32, False, batch_size=2)
+    first, last = "model.layers.0.self_attn.q_proj", f"model.layers.{len(layers) - 1}.mlp.down_proj"
+    assert all(torch.equal(a, b) for a, b in zip(qparams[first], default[first]))
+    assert not torch.equal(qparams[last][0], default[last][0])
+
+
 def test_gptq_quantize_preserves_pruned_zeros(tiny_model):
     ids = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -210,6 +228,25 @@ def test_search_qparams_never_worse_than_full_range():
     assert (searched <= full + 1e-6).all()
     assert (searched[:8] < 0.9 * full[:8]).all() and searched[:8].sum() < 0.7 * full[:8].sum()
     assert (searched_scale[:8] < compute_qparams(W, 4, -1, False)[0][:8]).all()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_search_qparams_same_choice_in_any_chunking(symmetric, monkeypatch):
+    """The candidates evaluated a few at a time pick what one pass over all of them picks, the first
+    best on ties; on a log8 grid the chosen scales stay on it."""
+    from frugalflow.quant import rtn
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(96, 32, generator=g) * torch.rand(96, 1, generator=g)
+    importance = torch.rand(32, generator=g)
+    for offset in (None, rtn.log8_offset(W, 4)):
+        whole = rtn.search_qparams(W, 4, symmetric, importance, log8_offset=offset)
+        monkeypatch.setattr(rtn, "SEARCH_CHUNK_ELEMENTS", 3 * W.numel())  # 3 of the 21 candidates per pass
+        chunked = rtn.search_qparams(W, 4, symmetric, importance, log8_offset=offset)
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+        if offset is not None:
+            assert torch.equal(rtn.snap_log8(whole[0], offset), whole[0])
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -229,3 +229,67 @@ def test_weight_grid_rebuilds_the_weight_each_format_applies(fmt):
     assert torch.allclose(W, layer.dequantize(torch.float32), atol=1e-6)
     assert grid.symmetric == (grid.zeros is None or bool((grid.zeros == 2 ** (grid.bits - 1)).all()))
     assert grid.group == (64 if grid.group_size == -1 else grid.group_size)
+
+
+def _log8_codes(W, bits=4, group_size=32, symmetric=False):
+    from frugalflow.quant.rtn import log8_offset
+
+    scale, zero = compute_qparams(W, bits, group_size, symmetric, log8_offset=log8_offset(W, bits))
+    return quantize(W, scale, zero, bits, group_size), scale, zero
+
+
+def test_log8_scales_are_one_byte_per_group_and_decode_exactly():
+    """log8: each scale is 2^(k/16) for an integer k, stored as a byte plus one offset per layer: w4 g32
+    asymmetric takes 4.5 bits per weight (plus 32 per layer), and the layer computes with exactly the
+    scales the quantizer chose."""
+    torch.manual_seed(0)
+    W = torch.randn(576, 576) * torch.rand(576, 1)
+    q, scale, zero = _log8_codes(W)
+    k = torch.round(torch.log2(scale) * 16)
+    assert torch.equal(torch.exp2(k / 16), scale) and int(k.max() - k.min()) <= 255
+    layer = QuantLinear.from_codes(q, scale, zero, bits=4, group_size=32, scale_dtype="log8")
+    assert set(layer.state_dict()) == {"qweight", "scale_codes", "scale_offset", "zeros"}
+    assert layer.scale_codes.dtype == torch.uint8 and torch.equal(layer.scales, scale)
+    assert layer.storage_bits() == 576 * 576 * 4.5 + 32
+    fp16 = QuantLinear.from_codes(*_codes(W, 4, 32), bits=4, group_size=32)
+    assert fp16.storage_bits() == 576 * 576 * 4.75
+    # rounding the scales up to the grid costs little: the weight error stays within 5% of float16 scales'
+    err = (dequantize(q, scale, zero, 32) - W).norm()
+    assert err <= 1.05 * (fp16.dequantize() - W).norm()
+    assert torch.equal(layer.dequantize(), dequantize(q, scale, zero, 32))
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer.scales, scale) and layer.scale_offset.dtype == torch.int32
+    assert quantization_meta(quantize_model(torch.nn.Sequential(torch.nn.Linear(576, 576)),
+                                            {"0": (q, scale, zero)}, 4, 32, scale_dtype="log8")
+                             )["modules"]["0"]["scale_dtype"] == "log8"
+
+
+def test_log8_rejects_scales_off_its_grid():
+    torch.manual_seed(0)
+    W = torch.randn(32, 64)
+    with pytest.raises(ValueError, match="not on the log8 grid"):
+        QuantLinear.from_codes(*_codes(W, 4, 32), bits=4, group_size=32, scale_dtype="log8")
+    wide = torch.exp2(torch.tensor([[0.0, 300 / 16]]).expand(32, 2).contiguous())
+    with pytest.raises(ValueError, match="one byte holds 256"):
+        QuantLinear.from_codes(torch.zeros(32, 64, dtype=torch.uint8), wide, torch.zeros(32, 2), bits=4,
+                               group_size=32, scale_dtype="log8")
+    with pytest.raises(ValueError, match="expected 'log8' or a float dtype"):
+        QuantLinear(64, 32, 4, 32, scale_dtype="int8")
+
+
+def test_log8_offset_leaves_room_and_clamps():
+    """The grid's top is at least twice the largest scale W's own grid takes; tiny scales clamp up to the
+    bottom (their groups still map a zero weight to its zero point)."""
+    from frugalflow.quant.rtn import log8_offset, snap_log8
+
+    torch.manual_seed(0)
+    W = torch.randn(16, 64)
+    W[0, :32] = 0  # an all-zero group
+    W[1, :32] *= 1e-9  # a group far below the others
+    offset = log8_offset(W, 4)
+    scale, zero = compute_qparams(W, 4, 32, False, log8_offset=offset)
+    top = 2 ** ((offset + 255) / 16)
+    assert scale.max() * 2 <= top
+    assert scale[0, 0] == scale[1, 0] == 2 ** (offset / 16)
+    assert quantize(W, scale, zero, 4, 32)[0, :32].eq(zero[0, 0]).all()
+    assert torch.equal(snap_log8(scale, offset), scale)  # already on the grid: unchanged

@@ -94,11 +94,37 @@ def test_gptq_on_awq_scales(tmp_path, tiny_model_dir, tiny_data_dir):
     assert errors[True] < 0.05
 
 
-@pytest.mark.parametrize("method", ["kl", "tsld"])
-def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, tiny_data_dir, method):
+def test_gptq_log8_scales_without_propagation(tmp_path, tiny_model_dir, tiny_data_dir):
+    """scale_format log8 with awq_scales on a 4-point grid and propagate false: one byte per group's scale
+    (4.5 bits per weight at w4 g32, plus the per-layer offsets), AWQ's alphas on that grid, and the model
+    computes what the base model computes up to 4-bit rounding."""
+    import json
+
+    ids = load_windows(tiny_data_dir, "eval")[:2, :32]
+    with torch.no_grad():
+        reference = load_model(tiny_model_dir)(ids).logits
+    out = tmp_path / "log8"
+    run_stage(stage_config("gptq", bits=4, group_size=32, awq_scales=True, awq_grid=4, propagate=False,
+                           clip_search=True, scale_format="log8"), tiny_model_dir, out, data_dir=tiny_data_dir,
+              teacher_dir=tiny_model_dir)
+    model = load_model(out)
+    layers = quantized_modules(model)
+    assert {m.scale_format for m in layers.values()} == {"log8"}
+    assert all(m.storage_bits() == m.in_features * m.out_features * 4.5 + 32 for m in layers.values())
+    assert json.loads((out / "quantization.json").read_text())["modules"].popitem()[1]["scale_dtype"] == "log8"
+    alphas = {e["alpha"] for e in json.loads((out / "search" / "awq_scales.json").read_text())}
+    assert alphas <= {0.0, 0.25, 0.5, 0.75}
+    with torch.no_grad():
+        error = ((model(ids).logits - reference) ** 2).mean().item() / (reference ** 2).mean().item()
+    assert error < 0.05
+
+
+@pytest.mark.parametrize("method, scale_format", [("kl", "float16"), ("tsld", "float16"), ("tsld", "log8")])
+def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, tiny_data_dir, method, scale_format):
     pruned, quant, out = tmp_path / "pruned", tmp_path / "quant", tmp_path / "distilled"
     run_stage(stage_config("magnitude", sparsity=0.5), tiny_model_dir, pruned, data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
-    run_stage(stage_config("rtn", bits=4, group_size=32), pruned, quant, data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
+    run_stage(stage_config("rtn", bits=4, group_size=32, scale_format=scale_format), pruned, quant,
+              data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     stats = run_stage(stage_config(method, steps=3, batch_size=2, seq_len=32, lr=1e-2, ce_weight=0.5), quant, out,
                       data_dir=tiny_data_dir, teacher_dir=tiny_model_dir, pruned=True)
     before, after = quantized_modules(load_model(quant)), quantized_modules(load_model(out))
@@ -107,6 +133,7 @@ def test_distillation_keeps_mask_and_grid(tmp_path, tiny_model_dir, tiny_data_di
     for name, m in after.items():
         ref = before[name]
         assert torch.equal(m.scales, ref.scales) and torch.equal(m.zeros, ref.zeros), "grid changed"
+        assert m.scale_format == ref.scale_format == scale_format
         pruned_mask = pruned_model.get_submodule(name).weight == 0
         assert torch.all(m.dequantize()[pruned_mask] == 0), "pruned weight revived"
         changed += int((m.codes() != ref.codes()).sum())

@@ -10,7 +10,9 @@ range in that group is shrunk by the factor that minimises its columns' own OBS 
 sum (w - q)^2 / Hinv_ii^2 (`rtn.search_qparams`). Groups always follow the
 ORIGINAL column index (static groups under act_order), so codes/scale/zero are the standard
 grouped layout. With a keep-`mask`, pruned weights get the zero point as code (exactly 0)
-while their error is still compensated.
+while their error is still compensated. With `scale_format` log8, every group's scale is on
+the matrix's log8 grid (rtn.log8_offset of the weights before the first column), clip
+candidates included.
 """
 from __future__ import annotations
 
@@ -28,19 +30,21 @@ from frugalflow.calibration import (
     relative_error,
     run_sequential,
 )
-from frugalflow.quant.rtn import compute_qparams, dequantize, search_qparams
+from frugalflow.quant.rtn import LOG8, compute_qparams, dequantize, log8_offset, search_qparams
 
 JOINT_SOLVE_BYTES = 1 << 26  # linears sharing inputs are solved as one matrix up to this float32 size
 
 
 def _gptq(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, bits: int,
-          group_size: int, symmetric: bool, blocksize: int, keep: torch.Tensor | None, clip_search: bool = False):
+          group_size: int, symmetric: bool, blocksize: int, keep: torch.Tensor | None, clip_search: bool = False,
+          scale_format: str = "float16"):
     """W, keep in original column order; Hinv, dead in permuted order. Returns codes, scale, zero, row losses."""
+    offset = log8_offset(W, bits) if scale_format == LOG8 else None
     with column_loop_threads(W.device):
-        return _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep, clip_search)
+        return _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep, clip_search, offset)
 
 
-def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep, clip_search):
+def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, keep, clip_search, offset):
     rows, cols = W.shape
     G = cols if group_size == -1 else group_size
     if cols % G:
@@ -83,9 +87,9 @@ def _gptq_columns(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, k
                     if keep is not None:
                         cur = cur * keep[:, g * G:(g + 1) * G]
                     if obs_weight is None:
-                        sg, zg = compute_qparams(cur, bits, -1, symmetric)
+                        sg, zg = compute_qparams(cur, bits, -1, symmetric, log8_offset=offset)
                     else:
-                        sg, zg = search_qparams(cur, bits, symmetric, obs_weight[pos])
+                        sg, zg = search_qparams(cur, bits, symmetric, obs_weight[pos], log8_offset=offset)
                     scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
                 s, z, current_group = scale[:, g], zero[:, g], g
             w = W1[i]
@@ -110,14 +114,15 @@ def _order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                          act_order: bool = False, blocksize: int = 128, dampening: float = 0.01,
-                         mask: torch.Tensor | None = None, clip_search: bool = False):
+                         mask: torch.Tensor | None = None, clip_search: bool = False, scale_format: str = "float16"):
     """Quantize W [out, in] given H = 2/n X^T X: (q uint8 [out, in], scale, zero [out, n_groups], loss).
 
     W ~ (q - zero) * scale group-wise along the input dim, in the original column order.
     """
     perm = _order(H, act_order)
     Hinv, dead = hessian_inverse_upper(H[perm][:, perm], dampening)
-    q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, mask, clip_search)
+    q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits, group_size, symmetric, blocksize, mask, clip_search,
+                                   scale_format)
     return q, scale, zero, losses.sum().item()
 
 
@@ -125,35 +130,40 @@ def gptq_quantize(model: nn.Module, calib_windows: torch.Tensor, bits: int, grou
                   act_order: bool = False, dampening: float = 0.01, device: str = "cpu",
                   on_progress: Callable[[int, int], None] | None = None, blocksize: int = 128,
                   batch_size: int = 8, preserve_zeros: bool = True, layer_grids: dict | None = None,
-                  clip_search: bool = False, awq_scales: list | None = None, autocast: torch.dtype | None = None):
+                  clip_search: bool = False, awq_scales: list | None = None, autocast: torch.dtype | None = None,
+                  scale_format: str = "float16", awq_grid: int = 20, propagate: bool = True):
     """GPTQ every decoder linear: (qparams {full name: (q, scale, zero)}, stats {name: {...}}).
 
     The model's weights are replaced by their dequantized values (so later layers calibrate
     on the quantized model); pack them with `pack.quantize_model(model, qparams, ...)`.
     With `preserve_zeros`, weights that are exactly zero (a pruned model) stay zero.
-    With a list as `awq_scales`, AWQ's scales are searched and folded in first, layer by layer (see gptq_solver).
+    With a list as `awq_scales`, AWQ's scales are searched and folded in first, layer by layer (see gptq_solver),
+    on `awq_grid` points. `propagate` False: every layer calibrates on the float model's activations.
     `autocast`: the dtype of the calibration forwards (calibration.run_sequential).
+    `scale_format` LOG8: the scales of the main grid on log8 grids (not those of `layer_grids`).
     """
     qparams: dict[str, tuple] = {}
     solve = gptq_solver(arch_of(model), bits, group_size, symmetric, qparams, act_order=act_order, dampening=dampening,
                         blocksize=blocksize, preserve_zeros=preserve_zeros, layer_grids=layer_grids,
-                        clip_search=clip_search, awq_scales=awq_scales, autocast=autocast)
+                        clip_search=clip_search, awq_scales=awq_scales, autocast=autocast,
+                        scale_format=scale_format, awq_grid=awq_grid)
     needs = ("H",) if awq_scales is None else ("H", "x_abs_mean")
     stats = run_sequential(model, calib_windows, solve, needs=needs, device=device,
-                           batch_size=batch_size, on_progress=on_progress, autocast=autocast)
+                           batch_size=batch_size, on_progress=on_progress, autocast=autocast, propagate=propagate)
     return qparams, stats
 
 
 def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict, act_order: bool = False,
                 dampening: float = 0.01, blocksize: int = 128, preserve_zeros: bool = True, release: bool = False,
                 layer_grids: dict | None = None, clip_search: bool = False, awq_scales: list | None = None,
-                autocast: torch.dtype | None = None):
+                autocast: torch.dtype | None = None, scale_format: str = "float16", awq_grid: int = 20):
     """The calibration driver's `solve` for GPTQ: quantizes every linear of layer i in place (weights
     replaced by their dequantized values), puts its codes in `qparams` {full name: (q, scale, zero)}
     and returns per-linear stats. Each Hessian is dropped from `stats` once its group is done.
     `awq_scales` (a list): first AWQ's scale search on the layer's own statistics (quant/awq.py, no
     clipping; needs "x_abs_mean" too), folded into the layer, the Hessians rescaled to match; the
-    scales found are appended to the list (full names). One calibration pass serves both searches.
+    scales found are appended to the list (full names); `awq_grid`: its n_grid. One calibration pass serves
+    both searches.
     `autocast`: the calibration's dtype (calibration.run_sequential), also of AWQ's error products.
     `layer_grids` {layer index: (bits, group_size, symmetric)}: those layers on another grid than the rest.
     `release`: leave each solved linear's weight empty instead (the caller rebuilds it from
@@ -162,10 +172,11 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
     def solve(i, layer, stats):
         out = {}
         bits_i, group_i, symmetric_i = (layer_grids or {}).get(i, (bits, group_size, symmetric))
+        format_i = "float16" if i in (layer_grids or {}) else scale_format
         if awq_scales is not None:
             from frugalflow.quant.awq import awq_apply, prefixed, search_layer_scales
 
-            found, _, gram = search_layer_scales(layer, arch, stats, bits_i, group_i, symmetric_i,
+            found, _, gram = search_layer_scales(layer, arch, stats, bits_i, group_i, symmetric_i, awq_grid,
                                                  matmul_dtype=autocast or torch.float32)
             awq_apply(layer, {"scales": found, "clips": {}})
             for key, H in gram.items():
@@ -187,7 +198,7 @@ def gptq_solver(arch, bits: int, group_size: int, symmetric: bool, qparams: dict
                 W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
                 keep = (W != 0) if preserve_zeros and bool((W == 0).any()) else None
                 q, scale, zero, losses = _gptq(W, Hinv, dead, perm, bits_i, group_i, symmetric_i, blocksize, keep,
-                                               clip_search)
+                                               clip_search, format_i)
                 del W, keep
                 if k == len(parts) - 1:
                     Hinv = None  # not needed for the errors below
@@ -235,11 +246,13 @@ def run(stage, model_dir, out_dir, ctx):
                                     blocksize=stage.blocksize, device=ctx["device"],
                                     on_progress=layer_progress(ctx, "gptq"), layer_grids=layer_grids,
                                     clip_search=stage.clip_search, awq_scales=found,
-                                    autocast=autocast_dtype(stage))
+                                    autocast=autocast_dtype(stage), scale_format=stage.scale_format,
+                                    awq_grid=stage.awq_grid, propagate=stage.propagate)
     if found is not None:
         search["awq_scales"] = found
     model.to("cpu")
-    pack.quantize_layers(model, qparams, (stage.bits, stage.group_size, stage.symmetric), layer_grids)
+    pack.quantize_layers(model, qparams, (stage.bits, stage.group_size, stage.symmetric), layer_grids,
+                         stage.scale_format)
     if stage.head_bits is not None:
         pack.quantize_head(model, stage.head_bits)
     save(model, out_dir, model_dir)

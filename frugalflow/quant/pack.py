@@ -5,6 +5,9 @@ little-endian bitstream per row: code j of a row occupies bits j*bits .. j*bits+
 of that row, bit 0 being the lowest bit of byte 0. For 8/4/2 bits this is one, two or
 four codes per byte (low bits first); for 3/5/6/7 bits codes straddle bytes. Each row
 takes ceil(in * bits / 8) bytes. The grid is rtn.py's: W ~ (q - zero) * scale.
+Scales are float16 (or another float dtype), or log8: one byte per group, `scale_codes`, with one
+per-layer integer `scale_offset`, scale = 2^((code + offset) / 16) (rtn.LOG8); `scales` reads the
+decoded float32 values either way.
 
 `QuantLinear.forward` picks, once per layer, the fastest path torch offers on the CPU:
   * 4 bits, group size a multiple of 32 (per-channel included) and out % 16 == 0:
@@ -25,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalflow.quant.rtn import compute_qparams, dequantize, quantize
+from frugalflow.quant.rtn import LOG8, LOG8_STEPS, compute_qparams, dequantize, log8_codes, quantize
 from frugalflow.quant.runtime import (
     PackedLinear,
     TiedEmbedding,
@@ -102,12 +105,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
 class QuantLinear(PackedLinear):
     """y = x @ dequantize(qweight).T + bias, with qweight packed at `bits` per weight.
 
-    Buffers: qweight uint8 packed codes, scales [out, n_groups] (fp16 by default),
+    Buffers: qweight uint8 packed codes, scales [out, n_groups] (fp16 by default; with `scale_dtype`
+    "log8": scale_codes uint8 [out, n_groups] and scale_offset, the `scales` property decoding them),
     zeros uint8 [out, n_groups], optional bias. The weight is frozen (no gradients for it).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 bias: bool = False, scale_dtype: torch.dtype = torch.float16,
+                 bias: bool = False, scale_dtype: torch.dtype | str = torch.float16,
                  bias_dtype: torch.dtype = torch.float32, device=None, symmetric: bool | None = None):
         super().__init__()
         _check_bits(bits)
@@ -119,20 +123,39 @@ class QuantLinear(PackedLinear):
         n_groups = in_features // g
         self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits),
                                                     dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=scale_dtype, device=device))
+        scale_dtype = _scale_dtype(scale_dtype)
+        if scale_dtype == LOG8:
+            self.register_buffer("scale_codes", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+            self.register_buffer("scale_offset", torch.zeros((), dtype=torch.int32, device=device))
+        else:
+            self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=scale_dtype, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         self._cache: dict = {}
 
+    @property
+    def scales(self) -> torch.Tensor:
+        """[out, n_groups]: the stored float scales, or log8 codes decoded to float32."""
+        if "scale_codes" in self._buffers:
+            return torch.exp2((self.scale_codes.float() + self.scale_offset.float()) / LOG8_STEPS)
+        if "scales" in self._buffers:
+            return self._buffers["scales"]
+        raise AttributeError("scales")  # before __init__ registers them
+
+    @property
+    def scale_format(self) -> str:
+        """"log8" or the float scales' dtype name (quantization.json's scale_dtype)."""
+        return LOG8 if "scale_codes" in self._buffers else str(self.scales.dtype).removeprefix("torch.")
+
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
-                   bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float16,
+                   bias: torch.Tensor | None = None, scale_dtype: torch.dtype | str = torch.float16,
                    symmetric: bool | None = None) -> "QuantLinear":
         out_features, in_features = q.shape
         layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, scale_dtype=scale_dtype,
                     bias_dtype=bias.dtype if bias is not None else torch.float32, device=q.device,
                     symmetric=symmetric)
-        if scale.shape != layer.scales.shape or zero.shape != layer.zeros.shape:
+        if scale.shape != layer.zeros.shape or zero.shape != layer.zeros.shape:
             raise ValueError(f"scale {tuple(scale.shape)} / zero {tuple(zero.shape)} do not match "
                              f"{tuple(layer.scales.shape)} for q {tuple(q.shape)}, group_size {group_size}")
         zero_r = torch.round(zero.float())
@@ -140,7 +163,12 @@ class QuantLinear(PackedLinear):
             raise ValueError(f"zero points must be integers in [0, {2**bits - 1}]")
         with torch.no_grad():
             layer.qweight.copy_(pack_codes(q.to(torch.uint8), bits))
-            layer.scales.copy_(scale)
+            if layer.scale_format == LOG8:
+                codes, offset = log8_codes(scale)
+                layer.scale_codes.copy_(codes)
+                layer.scale_offset.fill_(offset)
+            else:
+                layer.scales.copy_(scale)
             layer.zeros.copy_(zero_r.to(torch.uint8))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
@@ -163,7 +191,8 @@ class QuantLinear(PackedLinear):
         return dequantize(q, self.scales[rows].float(), self.zeros[rows].float(), self.group_size, dtype)
 
     def storage_bits(self) -> int:
-        return sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.zeros))
+        stored = [t for n, t in self._buffers.items() if n != "bias" and t is not None]
+        return sum(t.numel() * t.element_size() * 8 for t in stored)
 
     def zero_count(self) -> int:
         g = self.in_features if self.group_size == -1 else self.group_size
@@ -266,12 +295,14 @@ class QuantLinear(PackedLinear):
 
     # ---------------------------------------------------------------- keep the cache honest
     def _apply(self, fn, recurse=True):
-        scales = self.scales
-        self._buffers["scales"] = None  # .to(dtype) must not round the stored scales
+        scales = self._buffers.get("scales")
+        if scales is not None:
+            self._buffers["scales"] = None  # .to(dtype) must not round the stored scales
         try:
             super()._apply(fn, recurse)
         finally:
-            self._buffers["scales"] = scales.to(self.qweight.device)
+            if scales is not None:
+                self._buffers["scales"] = scales.to(self.qweight.device)
         self.invalidate_cache()
         return self
 
@@ -285,11 +316,22 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return packed_modules(model, QuantLinear)
 
 
+def _scale_dtype(scale_dtype: torch.dtype | str) -> torch.dtype | str:
+    """A scale storage: LOG8, or a float dtype (torch's, or its name as quantization.json writes it)."""
+    if scale_dtype == LOG8 or isinstance(scale_dtype, torch.dtype):
+        return scale_dtype
+    dtype = getattr(torch, str(scale_dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"scale_dtype {scale_dtype!r}: expected {LOG8!r} or a float dtype such as 'float16'")
+    return dtype
+
+
 def quantize_model(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16,
+                   bits: int, group_size: int, scale_dtype: torch.dtype | str = torch.float16,
                    symmetric: bool | None = None) -> nn.Module:
     """In place: every named nn.Linear becomes a QuantLinear holding its (q, scale, zero); an input
-    embedding tied to a head quantized here reads the head's codes (runtime.TiedEmbedding)."""
+    embedding tied to a head quantized here reads the head's codes (runtime.TiedEmbedding).
+    `scale_dtype` LOG8 needs scales on the log8 grid (rtn.compute_qparams with a log8_offset)."""
     for name, (q, scale, zero) in qparams.items():
         try:
             linear = model.get_submodule(name)
@@ -321,9 +363,10 @@ def quantize_head(model: nn.Module, bits: int = 8) -> str:
 
 
 def quantize_layers(model: nn.Module, qparams: dict[str, tuple], grid: tuple[int, int, bool],
-                    layer_grids: dict[int, tuple[int, int, bool]]) -> nn.Module:
+                    layer_grids: dict[int, tuple[int, int, bool]], scale_dtype: torch.dtype | str = torch.float16
+                    ) -> nn.Module:
     """quantize_model with a (bits, group_size, symmetric) per decoder layer: `grid` unless `layer_grids`
-    names it."""
+    names it. `scale_dtype` is `grid`'s; the layer_grids' scales are float16."""
     from frugalflow.arch import arch_of
 
     prefix = arch_of(model).layers + "."
@@ -331,8 +374,9 @@ def quantize_layers(model: nn.Module, qparams: dict[str, tuple], grid: tuple[int
     for name, codes in qparams.items():
         index = int(name[len(prefix):].split(".")[0])
         by_grid.setdefault(layer_grids.get(index, grid), {})[name] = codes
-    for (bits, group_size, symmetric), part in by_grid.items():
-        quantize_model(model, part, bits, group_size, symmetric=symmetric)
+    for key, part in by_grid.items():
+        quantize_model(model, part, *key[:2], scale_dtype=scale_dtype if key == grid else torch.float16,
+                       symmetric=key[2])
     return model
 
 
@@ -346,7 +390,7 @@ def quantization_meta(model: nn.Module) -> dict:
     layers = quantized_modules(model)
     modules = {name: {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features,
                       "out_features": m.out_features, "bias": m.bias is not None,
-                      "scale_dtype": str(m.scales.dtype).removeprefix("torch."), "symmetric": m.symmetric}
+                      "scale_dtype": m.scale_format, "symmetric": m.symmetric}
                for name, m in layers.items()}
 
     def common(key):  # the value every module shares, else None
