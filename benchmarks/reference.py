@@ -53,6 +53,10 @@ OURS = {  # name: quantize stage settings
     "awq_scales+gptq_clip_damp0.1": {**W4, "clip_search": True, "awq_scales": True, "dampening": 0.1},
     "awq_scales+gptq_clip_damp0.1_bf16": {**W4, "clip_search": True, "awq_scales": True, "dampening": 0.1,
                                           "calibration_dtype": "bfloat16"},
+    # groups of 32 at 4.5 bits per weight: one-byte (log8) scales; AWQ's grid of 10, no propagation forward
+    "awq_scales10+gptq_clip_damp0.3_bf16_g32log8_noprop": {
+        **W4, "group_size": 32, "scale_format": "log8", "clip_search": True, "awq_scales": True, "awq_grid": 10,
+        "dampening": 0.3, "calibration_dtype": "bfloat16", "propagate": False},
 }
 REFERENCE_BPW = 4 + (16 + 4) / 64  # compressed-tensors pack-quantized, asymmetric, groups of 64
 

@@ -293,3 +293,13 @@ def test_log8_offset_leaves_room_and_clamps():
     assert scale[0, 0] == scale[1, 0] == 2 ** (offset / 16)
     assert quantize(W, scale, zero, 4, 32)[0, :32].eq(zero[0, 0]).all()
     assert torch.equal(snap_log8(scale, offset), scale)  # already on the grid: unchanged
+
+
+def test_log8_is_refused_where_it_cannot_apply():
+    from frugalflow.config import RecipeError
+    from frugalflow.recipe_io import recipe_from_dict
+
+    with pytest.raises(RecipeError, match="scale_format needs stream: false"):
+        recipe_from_dict({"stages": [{"method": "gptq", "scale_format": "log8", "stream": True}]})
+    with pytest.raises(RecipeError, match="scale_format"):
+        recipe_from_dict({"stages": [{"method": "rtn", "scale_format": "log4"}]})
