@@ -55,6 +55,7 @@ def _assert_same_model(a, b):
 @pytest.mark.parametrize("source, stage, via", [
     ("single", dict(method="gptq", bits=4, group_size=32), "library"),
     ("single", dict(method="gptq", bits=4, group_size=32, act_order=True, clip_search=True), "stage"),
+    ("single", dict(method="gptq", bits=4, group_size=32, propagate=False), "stage"),
     ("sharded_bf16", dict(method="gptq", bits=3, group_size=-1, symmetric=True, act_order=True), "library"),
     ("sharded_bf16", dict(method="rtn", bits=4, group_size=32), "stage"),
 ])
