@@ -181,6 +181,8 @@ def quantization(stages) -> str:
     if q is None or not hasattr(q, "bits"):
         return q.method if q is not None else "none"
     text = f"w{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}"
+    if getattr(q, "scale_format", "float16") != "float16":
+        text += f" {q.scale_format} scales"
     mixed = getattr(q, "mixed", None)
     if mixed is not None:
         symmetric = (mixed.bits == 8 or q.symmetric) if mixed.symmetric is None else mixed.symmetric
