@@ -39,7 +39,8 @@ def models(tmp_path_factory, tiny_model_dir):
     """name -> model directory, built on first use."""
     root, built = tmp_path_factory.mktemp("export-models"), {"dense": tiny_model_dir}
     specs = {"w4a": dict(bits=4, group_size=32, symmetric=False), "w4s": dict(bits=4, group_size=32, symmetric=True),
-             "w8": dict(bits=8, group_size=32, symmetric=True), "w3": dict(bits=3, group_size=32)}
+             "w8": dict(bits=8, group_size=32, symmetric=True), "w3": dict(bits=3, group_size=32),
+             "w4a_log8": dict(bits=4, group_size=32, symmetric=False, scale_format="log8")}
 
     def get(name: str):
         if name not in built:
@@ -78,7 +79,7 @@ def logits(model) -> torch.Tensor:
 # --------------------------------------------------------------------------- GGUF
 @pytest.mark.parametrize("name, qtype, exact", [
     ("w4a", "Q4_1", False), ("w4s", "Q4_0", True), ("w8", "Q8_0", True), ("dense", "F16", False),
-    ("i8d", "Q8_0", False)])
+    ("i8d", "Q8_0", False), ("w4a_log8", "Q4_1", False)])
 def test_gguf_reader_sees_our_weights(models, tmp_path, name, qtype, exact):
     path = tmp_path / "m.gguf"
     summary = export_gguf(models(name), path)
@@ -115,9 +116,10 @@ def test_gguf_reader_sees_our_weights(models, tmp_path, name, qtype, exact):
             got = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(W.shape).copy())
             if exact:  # Q4_0 / Q8_0 with fp16 scales: bit-exact
                 assert torch.equal(got, W)
-            elif qtype == "Q4_1":  # m = -scale * zero rounded to fp16
+            elif qtype == "Q4_1":  # m = -scale * zero rounded to fp16; log8 scales (not fp16 values) too
                 m = (layer.scales.float() * layer.zeros.float()).abs().max()
-                assert (got - W).abs().max() <= m * FP16_EPS
+                d = 15 * layer.scales.float().max() if layer.scale_format == "log8" else 0.0
+                assert (got - W).abs().max() <= (m + d) * FP16_EPS
             else:  # F16 weights, or the int8 row scale rounded to fp16
                 assert torch.allclose(got, W.detach(), rtol=FP16_EPS, atol=2.0 ** -25)  # fp16 subnormal step / 2
 
@@ -206,20 +208,21 @@ def test_compressed_tensors_loads_in_transformers(models, tmp_path, name, fmt, a
     assert torch.allclose(got, ref, atol=atol, rtol=0), float((got - ref).abs().max())
 
 
-def test_compressed_tensors_asymmetric_matches_the_library(models, tmp_path):
+@pytest.mark.parametrize("name", ["w4a", "w4a_log8"])
+def test_compressed_tensors_asymmetric_matches_the_library(models, tmp_path, name):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import QuantizationConfig
 
     out = tmp_path / "ct"
-    export_compressed_tensors(models("w4a"), out)
+    export_compressed_tensors(models(name), out)
     qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     (scheme,) = qc.config_groups.values()
     assert (scheme.weights.num_bits, scheme.weights.strategy, scheme.weights.group_size,
             scheme.weights.symmetric) == (4, "group", 32, False)
     state = load_file(out / "model.safetensors")
     assert not any(k.endswith((".qweight", ".zeros", ".scales")) for k in state)
-    ours = load_model(models("w4a"))
+    ours = load_model(models(name))
     for lname, layer in compressible_linears(ours).items():
         local = {k[len(lname) + 1:]: v for k, v in state.items() if k.startswith(lname + ".")}
         assert set(local) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
