@@ -48,7 +48,7 @@ def test_mixed_gptq_stage_keeps_the_sensitive_layers_on_the_finer_grid(tmp_path,
               teacher_dir=tiny_model_dir)
     mixed = tmp_path / "mixed"
     stats = run_stage(stage_config("gptq", bits=3, group_size=32, mixed={"share": 0.5, "windows": 2, "tokens": 32},
-                                   head_bits=8),
+                                   head_bits=8, scale_format="log8"),
                       tiny_model_dir, mixed, data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
     search = json.loads((mixed / "search" / "sensitivity.json").read_text())
     assert stats["search"] == ["grids", "sensitivity"] and len(search["kl"]) == 2
@@ -59,6 +59,7 @@ def test_mixed_gptq_stage_keeps_the_sensitive_layers_on_the_finer_grid(tmp_path,
     for name, m in layers.items():
         fine_layer = f"layers.{fine[0]}." in name
         assert (m.bits, m.group_size) == ((8, -1) if fine_layer else (3, 32)), name
+        assert m.scale_format == ("float16" if fine_layer else "log8"), name  # log8 is the main grid's
         if fine_layer:  # symmetric by default: zero points at 128, the int8 kernel needs no correction
             assert bool((m.zeros == 128).all()) and m.kernel_path() == "int8", name
     assert 3 < stats["bits_per_weight"] < 8

@@ -370,13 +370,13 @@ def quantize_layers(model: nn.Module, qparams: dict[str, tuple], grid: tuple[int
     from frugalflow.arch import arch_of
 
     prefix = arch_of(model).layers + "."
-    by_grid: dict[tuple[int, int, bool], dict] = {}
+    by_grid: dict[tuple, dict] = {}
     for name, codes in qparams.items():
         index = int(name[len(prefix):].split(".")[0])
-        by_grid.setdefault(layer_grids.get(index, grid), {})[name] = codes
-    for key, part in by_grid.items():
-        quantize_model(model, part, *key[:2], scale_dtype=scale_dtype if key == grid else torch.float16,
-                       symmetric=key[2])
+        key = (*layer_grids[index], torch.float16) if index in layer_grids else (*grid, scale_dtype)
+        by_grid.setdefault(key, {})[name] = codes
+    for (bits, group_size, symmetric, storage), part in by_grid.items():
+        quantize_model(model, part, bits, group_size, scale_dtype=storage, symmetric=symmetric)
     return model
 
 
