@@ -66,15 +66,12 @@ def _grid(extremes: tuple[torch.Tensor, ...], bits: int, symmetric: bool,
     qmax = 2**bits - 1
     if symmetric:
         scale = (extremes[0] * clip_ratio / (2 ** (bits - 1) - 1)).clamp(min=1e-8)
-        if log8_offset is not None:
-            scale = snap_log8(scale, log8_offset)
-        zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         wmin, wmax = extremes[0] * clip_ratio, extremes[1] * clip_ratio
         scale = ((wmax - wmin) / qmax).clamp(min=1e-8)
-        if log8_offset is not None:
-            scale = snap_log8(scale, log8_offset)
-        zero = torch.round(-wmin / scale).clamp(0, qmax)
+    if log8_offset is not None:
+        scale = snap_log8(scale, log8_offset)
+    zero = torch.full_like(scale, 2 ** (bits - 1)) if symmetric else torch.round(-wmin / scale).clamp(0, qmax)
     return scale, zero
 
 
