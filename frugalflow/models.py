@@ -29,6 +29,7 @@ from frugalflow.arch import compressible_linears
 from frugalflow.errors import BadInput, CorruptData
 from frugalflow.fetch_model import declare_fast_tokenizer
 from frugalflow.quant import int8
+from frugalflow.quant.fused import fuse_siblings
 from frugalflow.quant.pack import QuantLinear, quantization_meta, quantized_modules
 from frugalflow.quant.runtime import PackedLinear, module_name, packed_modules, tie_packed_head
 
@@ -214,6 +215,7 @@ def _load_quantized(model_dir: Path, weights: list[Path], dtype: torch.dtype) ->
         model.tie_weights()
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    fuse_siblings(model)
     return model
 
 

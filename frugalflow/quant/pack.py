@@ -47,6 +47,9 @@ INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 INT4_CUDA_MIN_WEIGHTS = 4096 * 4096
 INT4_CUDA_MAX_ROWS = 4
 INT8_KERNEL_MAX_ROWS = 4  # measured: int8 kernel 2x faster than bf16 GEMM at 1 row, ~10x slower at 8
+_INT4_MM_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu
+_INT4_MM = torch.ops.aten._weight_int4pack_mm
+_INT8_MM = torch.ops.aten._weight_int8pack_mm
 
 
 # --------------------------------------------------------------------------- packing
@@ -132,6 +135,7 @@ class QuantLinear(PackedLinear):
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         self._cache: dict = {}
+        self.siblings = None  # a fused.SiblingKernel shared with the linears reading the same input
 
     @property
     def scales(self) -> torch.Tensor:
@@ -219,6 +223,8 @@ class QuantLinear(PackedLinear):
 
     def invalidate_cache(self) -> None:
         self._cache = {}
+        if getattr(self, "siblings", None) is not None:
+            self.siblings.invalidate()
 
     @torch.no_grad()
     def _int4_tensors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -265,33 +271,46 @@ class QuantLinear(PackedLinear):
             self._cache = {key: self.dequantize(dtype)}  # keep one dtype only
         return self._cache[key]
 
+    def _path_for(self, x: torch.Tensor) -> str:
+        """The kernel path for inputs like `x` (cached per device type; the cache empties on .to())."""
+        device_type = x.device.type
+        path = self._cache.get(device_type)
+        if path is None:
+            path = self.kernel_path(device_type) if device_type in ("cpu", "cuda") else "dequant"
+            self._cache[device_type] = path
+        return path
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, dtype = x.shape[:-1], x.dtype
+        # decode calls this ~200 times per token: no decorators, no recomputed paths on the hot path
+        if self.siblings is not None:
+            y = self.siblings.output(self, x)
+            if y is not None:
+                return y
+        dtype = x.dtype
         x2 = x.reshape(-1, self.in_features)
-        path = self.kernel_path(x.device.type) if x.device.type in ("cpu", "cuda") else "dequant"
-        if path == "int4_cuda" and (x2.shape[0] > INT4_CUDA_MAX_ROWS
-                                    or self.in_features * self.out_features < INT4_CUDA_MIN_WEIGHTS):
-            path = "dequant"  # cached bf16 copy: faster for small layers and many rows
-        if path == "int4_cuda":
-            w_int4, scale_and_zeros, kg = self._int4_cuda_tensors()
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg, scale_and_zeros)
-        elif path == "int4":
-            w_int4, scale_and_zeros, kg = self._int4_tensors()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg,
-                                                           scale_and_zeros)
+        path = self._path_for(x)
+        if path == "int4":
+            w_int4, scale_and_zeros, kg = self._cache.get("int4") or self._int4_tensors()
+            y = _INT4_MM_CPU(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg, scale_and_zeros)
         elif path == "int8" and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            w_int8, scale, correction = self._int8_tensors()
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), w_int8, scale)
+            w_int8, scale, correction = self._cache.get("int8") or self._int8_tensors()
+            y = _INT8_MM(x2.to(KERNEL_DTYPE).contiguous(), w_int8, scale)
             if correction is not None:
                 y = (y.float() - x2.float().sum(-1, keepdim=True) * correction).to(KERNEL_DTYPE)
         elif path == "int8":  # long inputs (prefill): dequantize on the fly, nothing cached
             y = F.linear(x2.to(KERNEL_DTYPE), self.dequantize(KERNEL_DTYPE))
-        else:
+        elif path == "int4_cuda" and x2.shape[0] <= INT4_CUDA_MAX_ROWS \
+                and self.in_features * self.out_features >= INT4_CUDA_MIN_WEIGHTS:
+            w_int4, scale_and_zeros, kg = self._int4_cuda_tensors()
+            y = _INT4_MM(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg, scale_and_zeros)
+        else:  # dequant, and int4_cuda for small layers / many rows (a cached bf16 copy is faster there)
             y = F.linear(x2, self._dense_weight(dtype))
-        y = y.to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.reshape(*lead, self.out_features)
+        if y.dtype != dtype:
+            y = y.to(dtype)
+        bias = self._buffers["bias"]
+        if bias is not None:
+            y = y + bias.to(dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     # ---------------------------------------------------------------- keep the cache honest
     def _apply(self, fn, recurse=True):
