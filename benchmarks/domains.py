@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--method", choices=("tsld", "kl"), help="distillation loss (default: the recipe's)")
     parser.add_argument("--steps", type=int, help="distillation steps (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="distillation learning rate (default: the recipe's)")
+    parser.add_argument("--tau", type=float, help="TSLD's token-scale temperature (default: the recipe's)")
     parser.add_argument("--gen-len", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench-domains"))
@@ -102,7 +103,8 @@ def main() -> None:
     *compress, last = recipe.stages
     if last.kind != "distill":
         raise SystemExit(f"{args.params}: the last stage is {last.method}, not a distillation stage")
-    last = last.model_copy(update={k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
+    last = last.model_copy(update={k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("tau", args.tau))
+                                   if v is not None})
     if args.method and args.method != last.method:  # the same settings under the other loss
         last = STAGE_BY_METHOD[args.method](**{k: v for k, v in last.model_dump().items() if k != "tau"}
                                             | {"method": args.method})
@@ -209,7 +211,8 @@ def markdown(entries: list[dict]) -> str:
              "|" + "---|" * (3 + 2 * len(names) + 3)]
     for e in entries:
         d = e["distill"]
-        cells = [e["variant"], e["quantization"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}; {e['distill_data']}"]
+        cells = [e["variant"], e["quantization"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}"
+                 + (f", tau {d['tau']:g}" if d['method'] == "tsld" else "") + f"; {e['distill_data']}"]
         cells += [f"{e['sets'][n]['change_pct']:+.2f} ({e['sets'][n]['before_change_pct']:+.2f})" if n in e["sets"]
                   else "-" for n in names]
         cells += [f"{e['sets'][n]['gap_closed_pct']}" if n in e["sets"] else "-" for n in names]
