@@ -73,8 +73,8 @@ def test_one_kernel_call_per_group_and_nothing_held(tmp_path, monkeypatch):
     folder = _saved(tmp_path, 4, 32)
     model = load_model(folder)
     calls = []
-    real = fused._INT4_MM_CPU
-    monkeypatch.setattr(fused, "_INT4_MM_CPU", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = fused.INT4_MM_CPU
+    monkeypatch.setattr(fused, "INT4_MM_CPU", lambda *a: calls.append(a[0].shape) or real(*a))
     with torch.no_grad():
         model(torch.tensor([[5]]))
     assert len(calls) == 4  # q/k/v and gate/up of each of the 2 layers, one call each

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from frugalflow.quant.pack import _INT4_MM_CPU, _INT8_MM, INT8_KERNEL_MAX_ROWS, KERNEL_DTYPE, QuantLinear
+from frugalflow.quant.pack import INT4_MM_CPU, INT8_KERNEL_MAX_ROWS, INT8_MM, KERNEL_DTYPE, QuantLinear
 
 FUSABLE_PATHS = ("int4", "int8")
 
@@ -63,9 +63,9 @@ class SiblingKernel:
                 tensors = self._tensors = self._build()
             xk = x2.to(KERNEL_DTYPE).contiguous()
             if self.path == "int4":
-                y = _INT4_MM_CPU(xk, tensors[0], tensors[2], tensors[1])
+                y = INT4_MM_CPU(xk, tensors[0], tensors[2], tensors[1])
             else:
-                y = _INT8_MM(xk, tensors[0], tensors[1])
+                y = INT8_MM(xk, tensors[0], tensors[1])
                 if tensors[2] is not None:
                     y = (y.float() - x2.float().sum(-1, keepdim=True) * tensors[2]).to(KERNEL_DTYPE)
             last = self._last = (x, version, y, set(range(len(self.members))))

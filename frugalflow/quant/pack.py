@@ -47,9 +47,9 @@ INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 INT4_CUDA_MIN_WEIGHTS = 4096 * 4096
 INT4_CUDA_MAX_ROWS = 4
 INT8_KERNEL_MAX_ROWS = 4  # measured: int8 kernel 2x faster than bf16 GEMM at 1 row, ~10x slower at 8
-_INT4_MM_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu
-_INT4_MM = torch.ops.aten._weight_int4pack_mm
-_INT8_MM = torch.ops.aten._weight_int8pack_mm
+INT4_MM_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu
+INT4_MM_CUDA = torch.ops.aten._weight_int4pack_mm
+INT8_MM = torch.ops.aten._weight_int8pack_mm
 
 
 # --------------------------------------------------------------------------- packing
@@ -291,10 +291,10 @@ class QuantLinear(PackedLinear):
         path = self._path_for(x)
         if path == "int4":
             w_int4, scale_and_zeros, kg = self._cache.get("int4") or self._int4_tensors()
-            y = _INT4_MM_CPU(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg, scale_and_zeros)
+            y = INT4_MM_CPU(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg, scale_and_zeros)
         elif path == "int8" and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
             w_int8, scale, correction = self._cache.get("int8") or self._int8_tensors()
-            y = _INT8_MM(x2.to(KERNEL_DTYPE).contiguous(), w_int8, scale)
+            y = INT8_MM(x2.to(KERNEL_DTYPE).contiguous(), w_int8, scale)
             if correction is not None:
                 y = (y.float() - x2.float().sum(-1, keepdim=True) * correction).to(KERNEL_DTYPE)
         elif path == "int8":  # long inputs (prefill): dequantize on the fly, nothing cached
@@ -302,7 +302,7 @@ class QuantLinear(PackedLinear):
         elif path == "int4_cuda" and x2.shape[0] <= INT4_CUDA_MAX_ROWS \
                 and self.in_features * self.out_features >= INT4_CUDA_MIN_WEIGHTS:
             w_int4, scale_and_zeros, kg = self._int4_cuda_tensors()
-            y = _INT4_MM(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg, scale_and_zeros)
+            y = INT4_MM_CUDA(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg, scale_and_zeros)
         else:  # dequant, and int4_cuda for small layers / many rows (a cached bf16 copy is faster there)
             y = F.linear(x2, self._dense_weight(dtype))
         if y.dtype != dtype:
