@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import frugalflow.quant.fused as fused
+import frugalflow.quant.pack as pack
 from frugalflow.arch import compressible_linears
 from frugalflow.models import load_model, save_model
 from frugalflow.quant.fused import fuse_siblings
@@ -73,11 +73,12 @@ def test_one_kernel_call_per_group_and_nothing_held(tmp_path, monkeypatch):
     folder = _saved(tmp_path, 4, 32)
     model = load_model(folder)
     calls = []
-    real = fused.INT4_MM_CPU
-    monkeypatch.setattr(fused, "INT4_MM_CPU", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = pack.INT4_MM_CPU
+    monkeypatch.setattr(pack, "INT4_MM_CPU", lambda *a: calls.append(a[1].shape) or real(*a))
     with torch.no_grad():
         model(torch.tensor([[5]]))
-    assert len(calls) == 4  # q/k/v and gate/up of each of the 2 layers, one call each
+    # per layer: q/k/v in one call (64 + 32 + 32 rows), o_proj, gate/up in one call (128 + 128), down_proj
+    assert sorted(shape[0] for shape in calls) == [64, 64, 64, 64, 128, 128, 256, 256]  # unlinked: 14 calls
     assert all(g._last is None for g in _siblings(model))  # every sibling took its columns
 
 

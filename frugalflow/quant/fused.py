@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from frugalflow.quant.pack import INT4_MM_CPU, INT8_KERNEL_MAX_ROWS, INT8_MM, KERNEL_DTYPE, QuantLinear
+from frugalflow.quant.pack import INT8_KERNEL_MAX_ROWS, QuantLinear, kernel_matmul
 
 FUSABLE_PATHS = ("int4", "int8")
 
@@ -61,13 +61,7 @@ class SiblingKernel:
             tensors = self._tensors
             if tensors is None:
                 tensors = self._tensors = self._build()
-            xk = x2.to(KERNEL_DTYPE).contiguous()
-            if self.path == "int4":
-                y = INT4_MM_CPU(xk, tensors[0], tensors[2], tensors[1])
-            else:
-                y = INT8_MM(xk, tensors[0], tensors[1])
-                if tensors[2] is not None:
-                    y = (y.float() - x2.float().sum(-1, keepdim=True) * tensors[2]).to(KERNEL_DTYPE)
+            y = kernel_matmul(self.path, x2, tensors)
             last = self._last = (x, version, y, set(range(len(self.members))))
         waiting = last[3]
         waiting.discard(index)

@@ -104,6 +104,21 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     return (stream * weights).sum(dim=-1, dtype=torch.uint8)
 
 
+def kernel_matmul(path: str, x2: torch.Tensor, tensors: tuple) -> torch.Tensor:
+    """x2 [rows, in] @ W.T in bf16 through the CPU integer kernel `path`: "int4" with
+    (int4pack weight, scales and zeros, kernel group), "int8" with (int8 weight, scale, zero-point
+    correction or None), as QuantLinear's _int4_tensors / _int8_tensors build them."""
+    xk = x2.to(KERNEL_DTYPE).contiguous()
+    if path == "int4":
+        w_int4, scale_and_zeros, kg = tensors
+        return INT4_MM_CPU(xk, w_int4, kg, scale_and_zeros)
+    w_int8, scale, correction = tensors
+    y = INT8_MM(xk, w_int8, scale)
+    if correction is not None:
+        y = (y.float() - x2.float().sum(-1, keepdim=True) * correction).to(KERNEL_DTYPE)
+    return y
+
+
 # --------------------------------------------------------------------------- the layer
 class QuantLinear(PackedLinear):
     """y = x @ dequantize(qweight).T + bias, with qweight packed at `bits` per weight.
@@ -290,13 +305,9 @@ class QuantLinear(PackedLinear):
         x2 = x.reshape(-1, self.in_features)
         path = self._path_for(x)
         if path == "int4":
-            w_int4, scale_and_zeros, kg = self._cache.get("int4") or self._int4_tensors()
-            y = INT4_MM_CPU(x2.to(KERNEL_DTYPE).contiguous(), w_int4, kg, scale_and_zeros)
+            y = kernel_matmul(path, x2, self._cache.get("int4") or self._int4_tensors())
         elif path == "int8" and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            w_int8, scale, correction = self._cache.get("int8") or self._int8_tensors()
-            y = INT8_MM(x2.to(KERNEL_DTYPE).contiguous(), w_int8, scale)
-            if correction is not None:
-                y = (y.float() - x2.float().sum(-1, keepdim=True) * correction).to(KERNEL_DTYPE)
+            y = kernel_matmul(path, x2, self._cache.get("int8") or self._int8_tensors())
         elif path == "int8":  # long inputs (prefill): dequantize on the fly, nothing cached
             y = F.linear(x2.to(KERNEL_DTYPE), self.dequantize(KERNEL_DTYPE))
         elif path == "int4_cuda" and x2.shape[0] <= INT4_CUDA_MAX_ROWS \
