@@ -1,7 +1,7 @@
 """Quality outside the calibration domain, SmolLM2-135M: the default recipe's perplexity change on
 every evaluation set, and the share of the compression gap that distillation closes on each.
 
-    python benchmarks/domains.py [--variant default|corpus|generated|mixed] [--method tsld|kl] [--steps N] [--lr X]
+    python benchmarks/domains.py [--variant default|corpus|generated|mixed] [--method tsld|kl] [--steps N] [--lr X] [--tau T]
                                  [--rounds 5]
 
 The stages are params.yaml's (default: Wanda 10% -> GPTQ w4 g64, mixed -> TSLD 180 steps), run with the
