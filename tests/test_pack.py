@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from frugalflow.arch import compressible_linears
-from frugalflow.quant import gemv
 from frugalflow.quant.pack import (
     QuantLinear,
     dequantize_model,
@@ -17,7 +16,7 @@ from frugalflow.quant.pack import (
     quantized_modules,
     unpack_codes,
 )
-from frugalflow.quant.rtn import compute_qparams, dequantize, log8_offset, quantize
+from frugalflow.quant.rtn import compute_qparams, dequantize, quantize
 
 
 def _codes(W, bits, group_size, symmetric=False):
@@ -76,13 +75,7 @@ CASES = [  # bits, group_size, out, in, symmetric, expected path
 @pytest.mark.parametrize("bits,group_size,out_f,in_f,symmetric,path", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead", [(1, 1), (2, 5), (3,)])
-@pytest.mark.parametrize("built", [True, False], ids=["gemv", "torch-kernels"])
-def test_quantlinear_matches_naive_dequantized_matmul(bits, group_size, out_f, in_f, symmetric, path, dtype, lead,
-                                                      built, monkeypatch):
-    if not built:  # where gemv.cpp could not be compiled: torch's kernels for every input
-        monkeypatch.setattr(gemv, "kernels", lambda: None)
-    else:
-        assert gemv.kernels() is not None, "gemv.cpp did not build (see the warning logged)"
+def test_quantlinear_matches_naive_dequantized_matmul(bits, group_size, out_f, in_f, symmetric, path, dtype, lead):
     torch.manual_seed(bits + out_f + in_f)
     W = torch.randn(out_f, in_f) * 0.05
     bias = torch.randn(out_f) * 0.1
@@ -96,32 +89,24 @@ def test_quantlinear_matches_naive_dequantized_matmul(bits, group_size, out_f, i
     assert y.dtype == dtype and y.shape == (*lead, out_f)
     ref = x.double() @ W_deq.double().T + bias.double()
     err = (y.double() - ref).abs().max().item()
-    rows = x.numel() // in_f
-    short = built and rows <= gemv.MAX_ROWS and gemv.fits(bits, in_f if group_size == -1 else group_size, in_f)
-    exact = dtype == torch.float32 and (short or path == "dequant")  # float32 sums of the stored grid
+    exact = path == "dequant" and dtype == torch.float32
     assert err <= (1e-5 if exact else 2e-2) * ref.abs().max().item(), err
-    if short:  # few rows: gemv.py's kernel, nothing converted
-        assert layer._cache["gemv"] is not None and "int4" not in layer._cache and "int8" not in layer._cache
-    elif path == "int4":
+    if path == "int4":
         assert "int4" in layer._cache  # the integer kernel really ran
-    elif path == "int8" and rows <= 4:
+    if path == "int8" and x.numel() // in_f <= 4:
         assert "int8" in layer._cache
 
 
-@pytest.mark.parametrize("rows,key", [(1, "gemv"), (9, "int4")])
-def test_kernel_tensors_built_once_and_refreshed_on_load(rows, key):
+def test_int4_kernel_tensors_built_once_and_refreshed_on_load():
     torch.manual_seed(0)
     W1, W2 = torch.randn(32, 64), torch.randn(32, 64)
-    def log8_layer(W):
-        scale, zero = compute_qparams(W, 4, 32, False, log8_offset=log8_offset(W, 4))
-        return QuantLinear.from_codes(quantize(W, scale, zero, 4, 32), scale, zero, 4, 32, scale_dtype="log8")
-
-    layer, other = log8_layer(W1), log8_layer(W2)
-    x = torch.randn(rows, 64)
+    layer = QuantLinear.from_codes(*_codes(W1, 4, 32), bits=4, group_size=32)
+    other = QuantLinear.from_codes(*_codes(W2, 4, 32), bits=4, group_size=32)
+    x = torch.randn(1, 64)
     layer(x)
-    cached = layer._cache[key][1 if key == "gemv" else 0]  # gemv: the decoded log8 scales
+    cached = layer._cache["int4"][0]
     layer(x)
-    assert layer._cache[key][1 if key == "gemv" else 0] is cached
+    assert layer._cache["int4"][0] is cached
     layer.load_state_dict(other.state_dict())
     assert torch.equal(layer(x), other(x))
 

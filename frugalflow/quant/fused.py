@@ -4,9 +4,8 @@ Decode calls each linear with a single row, where a call's fixed cost rivals its
 SmolLM2 makes 210 such calls per token. `fuse_siblings` links each decoder layer's sibling
 QuantLinears (calibration.input_groups: the linears arch.smooth feeds from one norm) that share a
 kernel (int4, or int8 for short inputs) and a grid; the first sibling called with an input runs
-one kernel over all their weights (gemv.py's, which takes the weights as a list, for up to 8 rows;
-torch's on the concatenated weights otherwise) and keeps the output until each sibling has taken
-its columns. Every output column is the same dot product the sibling's own call computes (tested
+the kernel on the concatenated weights and keeps the output until each sibling has taken its
+columns. Every output column is the same dot product the sibling's own call computes (tested
 bit for bit). Nothing stored changes: the members keep their buffers and state dict.
 """
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from frugalflow.quant import gemv
 from frugalflow.quant.pack import INT8_KERNEL_MAX_ROWS, QuantLinear, kernel_matmul
 
 FUSABLE_PATHS = ("int4", "int8")
@@ -29,18 +27,10 @@ class SiblingKernel:
         ends = torch.tensor([m.out_features for m in members]).cumsum(0).tolist()
         self.bounds = list(zip([0, *ends[:-1]], ends))  # each member's columns of the fused output
         self._tensors = None
-        self._gemv = ()  # gemv.packed_gemv's arguments over every member (None: not applicable), () until known
         self._last = None  # (input, its version, output, members yet to take their columns)
 
     def invalidate(self) -> None:
-        self._tensors, self._gemv, self._last = None, (), None
-
-    def _gemv_args(self) -> tuple | None:
-        if self._gemv == ():
-            parts = [m._gemv_args() for m in self.members]
-            self._gemv = None if any(p is None for p in parts) else (
-                *([t for p in parts for t in p[i]] for i in range(3)), *parts[0][3:])
-        return self._gemv
+        self._tensors, self._last = None, None
 
     @torch.no_grad()
     def _build(self) -> tuple:
@@ -62,22 +52,16 @@ class SiblingKernel:
         """`member`'s output for `x`, or None where the fused kernel does not apply (the member's own)."""
         x2 = x.reshape(-1, member.in_features)
         rows = x2.shape[0]
-        if x.device.type != "cpu" or x.requires_grad:
-            return None
-        args = self._gemv_args() if gemv.takes(x2) else None
-        if args is None and self.path == "int8" and rows > INT8_KERNEL_MAX_ROWS:
+        if x.device.type != "cpu" or x.requires_grad or (self.path == "int8" and rows > INT8_KERNEL_MAX_ROWS):
             return None
         index = next(i for i, m in enumerate(self.members) if m is member)
         version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
         last = self._last
         if last is None or last[0] is not x or last[1] != version or index not in last[3]:
-            if args is not None:
-                y = gemv.packed_gemv(x2.contiguous(), *args)
-            else:
-                tensors = self._tensors
-                if tensors is None:
-                    tensors = self._tensors = self._build()
-                y = kernel_matmul(self.path, x2, tensors)
+            tensors = self._tensors
+            if tensors is None:
+                tensors = self._tensors = self._build()
+            y = kernel_matmul(self.path, x2, tensors)
             last = self._last = (x, version, y, set(range(len(self.members))))
         waiting = last[3]
         waiting.discard(index)

@@ -9,10 +9,7 @@ Scales are float16 (or another float dtype), or log8: one byte per group, `scale
 per-layer integer `scale_offset`, scale = 2^((code + offset) / 16) (rtn.LOG8); `scales` reads the
 decoded float32 values either way.
 
-`QuantLinear.forward` runs inputs of up to 8 rows (decode) on the CPU through gemv.py's kernel, which
-reads these buffers as stored (4 bits with groups of a multiple of 32, 8 bits with groups of a
-multiple of 16; float32 sums), where it was built. Otherwise it picks, once per layer, the fastest
-path torch offers on the CPU:
+`QuantLinear.forward` picks, once per layer, the fastest path torch offers on the CPU:
   * 4 bits, group size a multiple of 32 (per-channel included) and out % 16 == 0:
     aten._weight_int4pack_mm_for_cpu on bf16 activations;
   * 8 bits per-channel: aten._weight_int8pack_mm (bf16) for short inputs (decode), with a
@@ -31,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalflow.quant import gemv
 from frugalflow.quant.rtn import LOG8, LOG8_STEPS, compute_qparams, dequantize, log8_codes, quantize
 from frugalflow.quant.runtime import (
     PackedLinear,
@@ -284,19 +280,6 @@ class QuantLinear(PackedLinear):
         return self._cache["int8"]
 
     @torch.no_grad()
-    def _gemv_args(self) -> tuple | None:
-        """(qweights, scales, zeros, bits, group) for gemv.packed_gemv, or None where it does not apply."""
-        if "gemv" not in self._cache:
-            g, args = self._group(), None
-            if gemv.fits(self.bits, g, self.in_features) and gemv.kernels() is not None:
-                scales = self.scales  # log8: decoded once here
-                if scales.dtype not in (torch.float16, torch.float32):
-                    scales = scales.float()
-                args = ([self.qweight], [scales.contiguous()], [self.zeros], self.bits, g)
-            self._cache["gemv"] = args
-        return self._cache["gemv"]
-
-    @torch.no_grad()
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         key = ("dense", dtype)
         if key not in self._cache:
@@ -320,13 +303,8 @@ class QuantLinear(PackedLinear):
                 return y
         dtype = x.dtype
         x2 = x.reshape(-1, self.in_features)
-        args = None
-        if gemv.takes(x2):
-            args = self._cache["gemv"] if "gemv" in self._cache else self._gemv_args()
-        path = "gemv" if args is not None else self._path_for(x)
-        if path == "gemv":
-            y = gemv.packed_gemv(x2.contiguous(), *args)
-        elif path == "int4":
+        path = self._path_for(x)
+        if path == "int4":
             y = kernel_matmul(path, x2, self._cache.get("int4") or self._int4_tensors())
         elif path == "int8" and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
             y = kernel_matmul(path, x2, self._cache.get("int8") or self._int8_tensors())
