@@ -2,7 +2,7 @@
 every evaluation set, and the share of the compression gap that distillation closes on each.
 
     python benchmarks/domains.py [--variant default|corpus|generated|mixed] [--method tsld|kl] [--steps N] [--lr X] [--tau T]
-                                 [--rounds 5]
+                                 [--seed S] [--rounds 5]
 
 The stages are params.yaml's (default: Wanda 10% -> GPTQ w4 g64, mixed -> TSLD 180 steps), run with the
 library's `run_stage` into `--work` (outputs named by their settings, reused when present). The
@@ -15,7 +15,10 @@ change only what the distillation stage trains on:
   many sequences as the default trains on windows, `--gen-len` tokens each;
 - mixed: half of each.
 `--method kl` trains the same steps with plain KL instead of the recipe's loss (same data, same
-settings otherwise), to compare the losses at equal steps.
+settings otherwise), to compare the losses at equal steps. `--seed` reseeds the distillation only
+(the text the teacher generates for it and the batch order; the stages before it are shared), so
+runs of both losses at several seeds give the spread one seed moves: the second table takes the
+median per set over the seeds of each setting. `--rounds 0` skips the decode race.
 Measured: perplexity of the base model, of the prune+quantize output (before distillation) and
 of the final output on every set; gap closed = (before - after) / (before - base); size on
 disk; decode tokens/s of base fp32, base bf16, final fp32 and final bf16, HF generate, 64 new
@@ -30,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +55,15 @@ from frugalflow.stages import run_stage  # noqa: E402
 from frugalflow.teacher_text import generated_windows  # noqa: E402
 
 STAGE_BY_METHOD = {"tsld": TSLDDistill, "kl": KLDistill}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (runs on different machines differ in kind)."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def key_of(*parts) -> str:
@@ -92,7 +105,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="distillation learning rate (default: the recipe's)")
     parser.add_argument("--tau", type=float, help="TSLD's token-scale temperature (default: the recipe's)")
     parser.add_argument("--gen-len", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seed", type=int, help="the distillation's seed (default: the recipe's)")
+    parser.add_argument("--rounds", type=int, default=5, help="decode race rounds (0: no race)")
     parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench-domains"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -120,14 +134,15 @@ def main() -> None:
             print(f"{stage.method}: {seconds[stage.method]} s -> {out.name}", flush=True)
         current = out
     before = current
+    seed = recipe.seed if args.seed is None else args.seed
     ddata, splits, described = distill_data(args.variant, data, base, work, list(last.train_splits), args.gen_len,
-                                            recipe.seed)
+                                            seed)
     last = last.model_copy(update={"train_splits": splits})
-    key = key_of(last.model_dump(mode="json"), before.name, ddata.name)
+    key = key_of(last.model_dump(mode="json"), before.name, ddata.name, *([seed] if seed != recipe.seed else []))
     final = work / f"{len(compress)}-{last.method}-{args.variant}-{key}"
     if not (final / "config.json").is_file():
         t = time.perf_counter()
-        run_stage(last, before, final, data_dir=ddata, teacher_dir=base, seed=recipe.seed, pruned=True,
+        run_stage(last, before, final, data_dir=ddata, teacher_dir=base, seed=seed, pruned=True,
                   report=lambda msg, m: print(msg, flush=True) if "step" not in m or m["step"] % 20 == 0 else None)
         seconds[last.method] = round(time.perf_counter() - t, 1)
 
@@ -139,11 +154,13 @@ def main() -> None:
         ppl[label] = {name: perplexity(model, w) for name, w in sets.items()}
         print(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl[label].items()), flush=True)
         del model
-    models = {"base_fp32": load_model(base), "base_bf16": load_model(base, dtype=torch.bfloat16),
-              "final_fp32": load_model(final), "final_bf16": load_model(final, dtype=torch.bfloat16)}
-    tps = interleaved_decode_tps(models, tokenizer, recipe.evaluation.prompt, args.rounds,
-                                 new_tokens=recipe.evaluation.decode_tokens)
-    fastest = max(("final_fp32", "final_bf16"), key=tps.get)
+    tps, fastest = {}, None
+    if args.rounds > 0:
+        models = {"base_fp32": load_model(base), "base_bf16": load_model(base, dtype=torch.bfloat16),
+                  "final_fp32": load_model(final), "final_bf16": load_model(final, dtype=torch.bfloat16)}
+        tps = interleaved_decode_tps(models, tokenizer, recipe.evaluation.prompt, args.rounds,
+                                     new_tokens=recipe.evaluation.decode_tokens)
+        fastest = max(("final_fp32", "final_bf16"), key=tps.get)
     per_set = {}
     for name in sets:
         b, x, y = ppl["base"][name], ppl["before"][name], ppl["after"][name]
@@ -154,15 +171,15 @@ def main() -> None:
     entry = {
         "variant": args.variant, "date": time.strftime("%Y-%m-%d %H:%M"),
         "stages": " -> ".join(s.method for s in recipe.stages), "quantization": quantization(compress),
-        "distill": last.model_dump(mode="json"),
+        "distill": last.model_dump(mode="json"), "seed": seed,
         "distill_data": described, "model": final.name, "sets": per_set,
         "worst_set": max(per_set, key=lambda k: per_set[k]["change_pct"]),
         "size_ratio_vs_fp32": round(weights_size_mb(final) / weights_size_mb(base), 3),
         "decode_tps": {k: round(v, 2) for k, v in tps.items()}, "fastest": fastest,
-        "decode_vs_fp32": round(tps[fastest] / tps["base_fp32"], 3),
-        "decode_vs_bf16": round(tps[fastest] / tps["base_bf16"], 3), "rounds": args.rounds,
+        "decode_vs_fp32": round(tps[fastest] / tps["base_fp32"], 3) if tps else None,
+        "decode_vs_bf16": round(tps[fastest] / tps["base_bf16"], 3) if tps else None, "rounds": args.rounds,
         "stage_seconds": seconds, "wall_minutes": round((time.time() - started) / 60, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "load_average": round(os.getloadavg()[0], 1),
     }
@@ -212,15 +229,41 @@ def markdown(entries: list[dict]) -> str:
     for e in entries:
         d = e["distill"]
         cells = [e["variant"], e["quantization"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}"
-                 + (f", tau {d['tau']:g}" if d['method'] == "tsld" else "") + f"; {e['distill_data']}"]
+                 + (f", tau {d['tau']:g}" if d['method'] == "tsld" else "")
+                 + (f", seed {e['seed']}" if e.get("seed") else "") + f"; {e['distill_data']}"]
         cells += [f"{e['sets'][n]['change_pct']:+.2f} ({e['sets'][n]['before_change_pct']:+.2f})" if n in e["sets"]
                   else "-" for n in names]
         cells += [f"{e['sets'][n]['gap_closed_pct']}" if n in e["sets"] else "-" for n in names]
-        cells += [f"{e['size_ratio_vs_fp32']}", f"{e['decode_vs_fp32']}x / {e['decode_vs_bf16']}x ({e['fastest']})",
-                  f"{e['machine']}, load {e['load_average']}, {e['date']}"]
+        cells += [f"{e['size_ratio_vs_fp32']}", f"{e['decode_vs_fp32']}x / {e['decode_vs_bf16']}x ({e['fastest']})"
+                  if e.get("fastest") else "- (no race)", f"{e['machine']}, load {e['load_average']}, {e['date']}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Absolute perplexities (base / before / after) and decode tokens/s are in domains.json."]
-    return "\n".join(lines) + "\n"
+    lines += ["", "Absolute perplexities (base / before / after) and decode tokens/s are in domains.json.", ""]
+    return "\n".join(lines + seed_medians(entries, names)) + "\n"
+
+
+def seed_medians(entries: list[dict], names: list[str]) -> list[str]:
+    """Median change and gap closed per set over the seeds of each setting run at more than one seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in entries:
+        setting = (e["variant"], e["quantization"], json.dumps(e["distill"], sort_keys=True), e["machine"])
+        groups.setdefault(setting, []).append(e)
+    rows = [(setting, runs) for setting, runs in groups.items() if len({r.get("seed", 0) for r in runs}) > 1]
+    if not rows:
+        return []
+    lines = ["## Medians over seeds (distillation seed only; same stages before it)", "",
+             "| variant | distillation | seeds | " + " | ".join(f"{n} change % (median)" for n in names)
+             + " | " + " | ".join(f"{n} gap closed % (median)" for n in names) + " | machine |",
+             "|" + "---|" * (4 + 2 * len(names))]
+    for (variant, _, _, machine), runs in rows:
+        d = runs[0]["distill"]
+        med = {n: (statistics.median(r["sets"][n]["change_pct"] for r in runs),
+                   statistics.median(r["sets"][n]["gap_closed_pct"] for r in runs)) for n in names}
+        lines.append("| " + " | ".join(
+            [variant, f"{d['method']} {d['steps']} steps, lr {d['lr']:g}" + (f", tau {d['tau']:g}" if d["method"] == "tsld"
+                                                                             else ""),
+             ", ".join(str(r.get("seed", 0)) for r in sorted(runs, key=lambda r: r.get("seed", 0)))]
+            + [f"{med[n][0]:+.2f}" for n in names] + [f"{med[n][1]:.1f}" for n in names] + [machine]) + " |")
+    return lines + [""]
 
 
 if __name__ == "__main__":
