@@ -37,10 +37,8 @@ class SiblingKernel:
         if self.path == "int4":
             codes = torch.cat([m.codes() for m in self.members]).to(torch.int32)
             w_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            parts = [m._int4_tensors() for m in self.members]
-            for m in self.members:
-                m.invalidate_cache()  # the members' own copies are not needed beside the fused one
-            return w_int4, torch.cat([p[1] for p in parts], dim=1), parts[0][2]
+            parts = [m.int4_scale_and_zeros() for m in self.members]
+            return w_int4, torch.cat([p[0] for p in parts], dim=1), parts[0][1]
         parts = [m._int8_tensors() for m in self.members]
         for m in self.members:
             m.invalidate_cache()

@@ -242,16 +242,21 @@ class QuantLinear(PackedLinear):
             self.siblings.invalidate()
 
     @torch.no_grad()
+    def int4_scale_and_zeros(self) -> tuple[torch.Tensor, int]:
+        """(scales and zeros [groups, out, 2] in torch's int4pack form, the kernel's group size)."""
+        g = self._group()
+        kg = next(k for k in INT4_GROUPS if g % k == 0)  # repeat each group's params g // kg times
+        scale = self.scales.float().repeat_interleave(g // kg, dim=1)
+        zero = self.zeros.float().repeat_interleave(g // kg, dim=1)
+        # torch int4pack: w = (q - 8) * scale + zero_f, so zero_f = (8 - zero) * scale for our grid.
+        scale_and_zeros = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1)
+        return scale_and_zeros.contiguous().to(KERNEL_DTYPE), kg
+
+    @torch.no_grad()
     def _int4_tensors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         if "int4" not in self._cache:
-            g = self._group()
-            kg = next(k for k in INT4_GROUPS if g % k == 0)  # repeat each group's params g // kg times
             w_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
-            scale = self.scales.float().repeat_interleave(g // kg, dim=1)
-            zero = self.zeros.float().repeat_interleave(g // kg, dim=1)
-            # torch int4pack: w = (q - 8) * scale + zero_f, so zero_f = (8 - zero) * scale for our grid.
-            scale_and_zeros = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1)
-            self._cache["int4"] = (w_int4, scale_and_zeros.contiguous().to(KERNEL_DTYPE), kg)
+            self._cache["int4"] = (w_int4, *self.int4_scale_and_zeros())
         return self._cache["int4"]
 
     @torch.no_grad()
