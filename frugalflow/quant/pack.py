@@ -262,16 +262,11 @@ class QuantLinear(PackedLinear):
     @torch.no_grad()
     def _int4_cuda_tensors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         if "int4_cuda" not in self._cache:
-            g = self._group()
-            kg = next(k for k in INT4_GROUPS if g % k == 0)
             tiles = 8 if self.in_features % 128 == 0 else (4 if self.in_features % 64 == 0 else 2)
             q = self.codes().to(torch.uint8)
             packed = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [n, k / 2], high nibble first
             w_int4 = torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
-            scale = self.scales.float().repeat_interleave(g // kg, dim=1)
-            zero = self.zeros.float().repeat_interleave(g // kg, dim=1)
-            scale_and_zeros = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1)
-            self._cache["int4_cuda"] = (w_int4, scale_and_zeros.contiguous().to(KERNEL_DTYPE), kg)
+            self._cache["int4_cuda"] = (w_int4, *self.int4_scale_and_zeros())
         return self._cache["int4_cuda"]
 
     @torch.no_grad()
