@@ -238,7 +238,7 @@ def markdown(entries: list[dict]) -> str:
                   if e.get("fastest") else "- (no race)", f"{e['machine']}, load {e['load_average']}, {e['date']}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Absolute perplexities (base / before / after) and decode tokens/s are in domains.json.", ""]
-    return "\n".join(lines + seed_medians(entries, names)) + "\n"
+    return "\n".join(lines + seed_medians(entries, names) + loss_pairs(entries, names)) + "\n"
 
 
 def seed_medians(entries: list[dict], names: list[str]) -> list[str]:
@@ -263,6 +263,43 @@ def seed_medians(entries: list[dict], names: list[str]) -> list[str]:
                                                                              else ""),
              ", ".join(str(r.get("seed", 0)) for r in sorted(runs, key=lambda r: r.get("seed", 0)))]
             + [f"{med[n][0]:+.2f}" for n in names] + [f"{med[n][1]:.1f}" for n in names] + [machine]) + " |")
+    return lines + [""]
+
+
+def loss_pairs(entries: list[dict], names: list[str]) -> list[str]:
+    """TSLD against KL seed by seed: runs that differ only in the loss (and TSLD's tau), paired on the
+    distillation seed and on the model before distillation; per set the median difference in change
+    points and the seeds where TSLD is at least as good."""
+    def setting(e: dict) -> tuple:
+        rest = {k: v for k, v in e["distill"].items() if k not in ("method", "tau")}
+        before = tuple(e["sets"][n]["before_ppl"] for n in names if n in e["sets"])  # the same stages before
+        return e["variant"], e["quantization"], json.dumps(rest, sort_keys=True), e["machine"], before
+    kl = {(setting(e), e.get("seed", 0)): e for e in entries if e["distill"]["method"] == "kl"}
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for e in entries:
+        other = kl.get((setting(e), e.get("seed", 0)))
+        if e["distill"]["method"] == "tsld" and other is not None:
+            groups.setdefault((setting(e), e["distill"]["tau"]), []).append((e, other))
+    if not groups:
+        return []
+    lines = ["## TSLD against KL at equal steps, paired by seed", "",
+             "Difference = TSLD's change minus KL's change, in percentage points (negative: TSLD better); "
+             "'TSLD <= KL' counts the seeds where TSLD's perplexity is at most KL's.", "",
+             "| variant | distillation | seeds | " + " | ".join(f"{n} difference (median; per seed)" for n in names)
+             + " | " + " | ".join(f"{n} TSLD <= KL" for n in names) + " | machine |",
+             "|" + "---|" * (4 + 2 * len(names))]
+    for ((variant, _, _, machine, _), tau), pairs in groups.items():
+        pairs.sort(key=lambda p: p[0].get("seed", 0))
+        d = pairs[0][0]["distill"]
+        cells = [variant, f"{d['steps']} steps, lr {d['lr']:g}, tau {tau:g}",
+                 ", ".join(str(t.get("seed", 0)) for t, _ in pairs)]
+        for n in names:
+            diffs = [t["sets"][n]["change_pct"] - k["sets"][n]["change_pct"] for t, k in pairs]
+            cells.append(f"{statistics.median(diffs):+.2f}; " + " ".join(f"{x:+.2f}" for x in diffs))
+        for n in names:
+            wins = sum(t["sets"][n]["after_ppl"] <= k["sets"][n]["after_ppl"] for t, k in pairs)
+            cells.append(f"{wins} of {len(pairs)}")
+        lines.append("| " + " | ".join(cells + [machine]) + " |")
     return lines + [""]
 
 
