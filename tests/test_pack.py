@@ -158,6 +158,20 @@ def test_quantize_model_rejects_bad_names(tiny_model):
         quantize_model(tiny_model, {"model.norm": (q, s, z)}, 4, 32)
 
 
+def test_dense_copy_keeps_one_dtype_and_leaves_the_kernel_tables():
+    """On a GPU long inputs use a dense copy and one-row decode the int4 tables: building the copy
+    must not drop the tables (each generate would repack every layer) nor keep a copy per dtype."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_codes(*_codes(torch.randn(32, 64), 4, 32), bits=4, group_size=32)
+    layer(torch.randn(1, 64))
+    tables = layer._cache["int4"]
+    for dtype in (torch.float32, torch.bfloat16):
+        dense = layer._dense_weight(dtype)
+        assert dense.dtype == dtype and torch.equal(dense, layer.dequantize(dtype))
+    assert layer._cache["int4"] is tables and layer._cache["cpu"] == "int4"
+    assert layer._cache["dense"][0] == torch.bfloat16 and sum(k == "dense" for k in layer._cache) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("group_size,out_f,in_f", [(64, 576, 576), (32, 1536, 576), (128, 576, 1536)])
@@ -181,7 +195,7 @@ def test_int4_cuda_kernel_matches_naive(group_size, out_f, in_f, monkeypatch):
         expected = (x.float() @ W_deq.float().T)
         got = layer(x).float()
         assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2), (got - expected).abs().max()
-    assert "int4_cuda" in layer._cache and not any(isinstance(k, tuple) for k in layer._cache)  # no dense copy
+    assert "int4_cuda" in layer._cache and "dense" not in layer._cache  # no dense copy
     x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
 
     def timed(fn):

@@ -281,10 +281,10 @@ class QuantLinear(PackedLinear):
 
     @torch.no_grad()
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        key = ("dense", dtype)
-        if key not in self._cache:
-            self._cache = {key: self.dequantize(dtype)}  # keep one dtype only
-        return self._cache[key]
+        cached = self._cache.get("dense")
+        if cached is None or cached[0] != dtype:  # one dtype only; the kernel tables and paths stay
+            cached = self._cache["dense"] = (dtype, self.dequantize(dtype))
+        return cached[1]
 
     def _path_for(self, x: torch.Tensor) -> str:
         """The kernel path for inputs like `x` (cached per device type; the cache empties on .to())."""
