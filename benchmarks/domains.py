@@ -18,7 +18,7 @@ change only what the distillation stage trains on:
 settings otherwise), to compare the losses at equal steps. `--seed` reseeds the distillation only
 (the text the teacher generates for it and the batch order; the stages before it are shared), so
 runs of both losses at several seeds give the spread one seed moves: the second table takes the
-median per set over the seeds of each setting. `--rounds 0` skips the decode race.
+median per set over the seeds of each setting and pairs TSLD with KL seed by seed. `--rounds 0` skips the decode race.
 Measured: perplexity of the base model, of the prune+quantize output (before distillation) and
 of the final output on every set; gap closed = (before - after) / (before - base); size on
 disk; decode tokens/s of base fp32, base bf16, final fp32 and final bf16, HF generate, 64 new
@@ -238,70 +238,49 @@ def markdown(entries: list[dict]) -> str:
                   if e.get("fastest") else "- (no race)", f"{e['machine']}, load {e['load_average']}, {e['date']}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Absolute perplexities (base / before / after) and decode tokens/s are in domains.json.", ""]
-    return "\n".join(lines + seed_medians(entries, names) + loss_pairs(entries, names)) + "\n"
+    return "\n".join(lines + seed_summary(entries, names)) + "\n"
 
 
-def seed_medians(entries: list[dict], names: list[str]) -> list[str]:
-    """Median change and gap closed per set over the seeds of each setting run at more than one seed."""
+def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
+    """Per setting run at more than one distillation seed: the median change and gap closed per set;
+    for TSLD, also against KL seed by seed (the runs that differ only in the loss and tau, from the
+    same model before distillation): the median difference and the seeds where TSLD is at least as good."""
+    def setting(e: dict, loss: bool = True) -> tuple:
+        d = {k: v for k, v in e["distill"].items() if loss or k not in ("method", "tau")}
+        before = tuple(e["sets"][n]["before_ppl"] for n in names if n in e["sets"])  # the same stages before
+        return e["variant"], e["quantization"], json.dumps(d, sort_keys=True), e["machine"], before
     groups: dict[tuple, list[dict]] = {}
     for e in entries:
-        setting = (e["variant"], e["quantization"], json.dumps(e["distill"], sort_keys=True), e["machine"])
-        groups.setdefault(setting, []).append(e)
-    rows = [(setting, runs) for setting, runs in groups.items() if len({r.get("seed", 0) for r in runs}) > 1]
+        groups.setdefault(setting(e), []).append(e)
+    kl = {(setting(e, loss=False), e.get("seed", 0)): e for e in entries if e["distill"]["method"] == "kl"}
+    rows = [runs for runs in groups.values() if len({r.get("seed", 0) for r in runs}) > 1]
     if not rows:
         return []
-    lines = ["## Medians over seeds (distillation seed only; same stages before it)", "",
+    lines = ["## Over distillation seeds (same stages before it)", "",
+             "Medians per set over the seeds of each setting. TSLD vs KL: TSLD's change minus KL's at the same "
+             "seed, in percentage points (negative: TSLD better), median and per seed, and the seeds where "
+             "TSLD's perplexity is at most KL's.", "",
              "| variant | distillation | seeds | " + " | ".join(f"{n} change % (median)" for n in names)
-             + " | " + " | ".join(f"{n} gap closed % (median)" for n in names) + " | machine |",
-             "|" + "---|" * (4 + 2 * len(names))]
-    for (variant, _, _, machine), runs in rows:
+             + " | " + " | ".join(f"{n} gap closed % (median)" for n in names)
+             + " | " + " | ".join(f"{n} TSLD vs KL" for n in names) + " | machine |",
+             "|" + "---|" * (4 + 3 * len(names))]
+    for runs in rows:
+        runs = sorted(runs, key=lambda r: r.get("seed", 0))
         d = runs[0]["distill"]
-        med = {n: (statistics.median(r["sets"][n]["change_pct"] for r in runs),
-                   statistics.median(r["sets"][n]["gap_closed_pct"] for r in runs)) for n in names}
-        lines.append("| " + " | ".join(
-            [variant, f"{d['method']} {d['steps']} steps, lr {d['lr']:g}" + (f", tau {d['tau']:g}" if d["method"] == "tsld"
-                                                                             else ""),
-             ", ".join(str(r.get("seed", 0)) for r in sorted(runs, key=lambda r: r.get("seed", 0)))]
-            + [f"{med[n][0]:+.2f}" for n in names] + [f"{med[n][1]:.1f}" for n in names] + [machine]) + " |")
-    return lines + [""]
-
-
-def loss_pairs(entries: list[dict], names: list[str]) -> list[str]:
-    """TSLD against KL seed by seed: runs that differ only in the loss (and TSLD's tau), paired on the
-    distillation seed and on the model before distillation; per set the median difference in change
-    points and the seeds where TSLD is at least as good."""
-    def setting(e: dict) -> tuple:
-        rest = {k: v for k, v in e["distill"].items() if k not in ("method", "tau")}
-        before = tuple(e["sets"][n]["before_ppl"] for n in names if n in e["sets"])  # the same stages before
-        return e["variant"], e["quantization"], json.dumps(rest, sort_keys=True), e["machine"], before
-    kl = {(setting(e), e.get("seed", 0)): e for e in entries if e["distill"]["method"] == "kl"}
-    groups: dict[tuple, list[tuple[dict, dict]]] = {}
-    for e in entries:
-        other = kl.get((setting(e), e.get("seed", 0)))
-        if e["distill"]["method"] == "tsld" and other is not None:
-            groups.setdefault((setting(e), e["distill"]["tau"]), []).append((e, other))
-    if not groups:
-        return []
-    lines = ["## TSLD against KL at equal steps, paired by seed", "",
-             "Difference = TSLD's change minus KL's change, in percentage points (negative: TSLD better); "
-             "'TSLD <= KL' counts the seeds where TSLD's perplexity is at most KL's.", "",
-             "| variant | distillation | seeds | " + " | ".join(f"{n} difference (median; per seed)" for n in names)
-             + " | " + " | ".join(f"{n} TSLD <= KL" for n in names) + " | machine |",
-             "|" + "---|" * (4 + 2 * len(names))]
-    for ((variant, _, _, machine, _), tau), pairs in groups.items():
-        pairs.sort(key=lambda p: p[0].get("seed", 0))
-        d = pairs[0][0]["distill"]
-        cells = [variant, f"{d['steps']} steps, lr {d['lr']:g}, tau {tau:g}",
-                 ", ".join(str(t.get("seed", 0)) for t, _ in pairs)]
+        cells = [runs[0]["variant"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}"
+                 + (f", tau {d['tau']:g}" if d["method"] == "tsld" else ""),
+                 ", ".join(str(r.get("seed", 0)) for r in runs)]
+        cells += [f"{statistics.median(r['sets'][n]['change_pct'] for r in runs):+.2f}" for n in names]
+        cells += [f"{statistics.median(r['sets'][n]['gap_closed_pct'] for r in runs):.1f}" for n in names]
+        pairs = [(r, kl[(setting(r, loss=False), r.get("seed", 0))]) for r in runs
+                 if d["method"] == "tsld" and (setting(r, loss=False), r.get("seed", 0)) in kl]
         for n in names:
             diffs = [t["sets"][n]["change_pct"] - k["sets"][n]["change_pct"] for t, k in pairs]
-            cells.append(f"{statistics.median(diffs):+.2f}; " + " ".join(f"{x:+.2f}" for x in diffs))
-        for n in names:
             wins = sum(t["sets"][n]["after_ppl"] <= k["sets"][n]["after_ppl"] for t, k in pairs)
-            cells.append(f"{wins} of {len(pairs)}")
-        lines.append("| " + " | ".join(cells + [machine]) + " |")
+            cells.append(f"{statistics.median(diffs):+.2f} ({' '.join(f'{x:+.2f}' for x in diffs)}); "
+                         f"{wins} of {len(pairs)}" if pairs else "-")
+        lines.append("| " + " | ".join(cells + [runs[0]["machine"]]) + " |")
     return lines + [""]
-
 
 if __name__ == "__main__":
     main()
