@@ -15,6 +15,10 @@ def generated_windows(teacher_dir: str | Path, n: int, length: int, seed: int, b
 
     model, tok = load_model(teacher_dir, device=device), load_tokenizer(teacher_dir)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    # min_new_tokens == max_new_tokens: no row ends early, so nothing is ever padded and any pad id
+    # other than BOS does; it only keeps generate from taking the one-token BOS prompts for right-padding.
+    pad = next((p for p in (model.generation_config.pad_token_id, tok.pad_token_id, tok.eos_token_id)
+                if p is not None and p != bos), (bos + 1) % model.config.vocab_size)
     torch.manual_seed(seed)
     out = []
     for start in range(0, n, batch):
@@ -23,7 +27,7 @@ def generated_windows(teacher_dir: str | Path, n: int, length: int, seed: int, b
         with torch.inference_mode():
             seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                  temperature=1.0, top_p=0.95, max_new_tokens=length, min_new_tokens=length,
-                                 pad_token_id=tok.eos_token_id)
+                                 pad_token_id=pad)
         out.append(seq[:, 1:length + 1].cpu())
         if on_batch is not None:
             on_batch(start + rows, n)

@@ -23,3 +23,20 @@ def test_distillation_trains_on_the_teacher_s_samples_seeded(tiny_model_dir, tin
     windows = training_windows(stage, tiny_data_dir, tiny_model_dir, 7, lambda msg, m: seen.append(msg))
     assert torch.equal(windows, generated_windows(tiny_model_dir, 5, 12, seed=7))
     assert seen[-1] == "teacher generated 5/5 sequences"
+
+
+def test_bos_prompts_are_not_taken_for_right_padding(tiny_model_dir, caplog):
+    """The tokenizer's BOS and EOS are one id (as SmolLM2's are); every prompt is that one token and
+    nothing is padded, so generate must not warn that it sees right-padding."""
+    import transformers
+
+    from frugalflow.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    assert tok.bos_token_id is not None and tok.bos_token_id == tok.eos_token_id
+    transformers.logging.enable_propagation()
+    try:
+        generated_windows(tiny_model_dir, 4, 6, seed=0, batch=4)
+    finally:
+        transformers.logging.disable_propagation()
+    assert not [r for r in caplog.records if "padding" in r.getMessage()]
