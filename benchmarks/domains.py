@@ -282,5 +282,6 @@ def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
         lines.append("| " + " | ".join(cells + [runs[0]["machine"]]) + " |")
     return lines + [""]
 
+
 if __name__ == "__main__":
     main()
