@@ -272,8 +272,8 @@ def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
                  ", ".join(str(r.get("seed", 0)) for r in runs)]
         cells += [f"{statistics.median(r['sets'][n]['change_pct'] for r in runs):+.2f}" for n in names]
         cells += [f"{statistics.median(r['sets'][n]['gap_closed_pct'] for r in runs):.1f}" for n in names]
-        pairs = [(r, kl[(setting(r, loss=False), r.get("seed", 0))]) for r in runs
-                 if d["method"] == "tsld" and (setting(r, loss=False), r.get("seed", 0)) in kl]
+        pairs = [(r, kl[key]) for r in runs
+                 if d["method"] == "tsld" and (key := (setting(r, loss=False), r.get("seed", 0))) in kl]
         for n in names:
             diffs = [t["sets"][n]["change_pct"] - k["sets"][n]["change_pct"] for t, k in pairs]
             wins = sum(t["sets"][n]["after_ppl"] <= k["sets"][n]["after_ppl"] for t, k in pairs)
