@@ -55,6 +55,7 @@ from frugalflow.stages import run_stage  # noqa: E402
 from frugalflow.teacher_text import generated_windows  # noqa: E402
 
 STAGE_BY_METHOD = {"tsld": TSLDDistill, "kl": KLDistill}
+TSLD_ONLY = ("method", *sorted(set(TSLDDistill.model_fields) - set(KLDistill.model_fields)))  # tau, scale_by
 
 
 def cpu_model() -> str:
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="distillation steps (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="distillation learning rate (default: the recipe's)")
     parser.add_argument("--tau", type=float, help="TSLD's token-scale temperature (default: the recipe's)")
+    parser.add_argument("--scale-by", choices=("target", "entropy"),
+                        help="TSLD's token score: the teacher's cross-entropy on the text or its entropy "
+                             "(default: the recipe's)")
     parser.add_argument("--gen-len", type=int, default=256)
     parser.add_argument("--seed", type=int, help="the distillation's seed (default: the recipe's)")
     parser.add_argument("--rounds", type=int, default=5, help="decode race rounds (0: no race)")
@@ -117,11 +121,12 @@ def main() -> None:
     *compress, last = recipe.stages
     if last.kind != "distill":
         raise SystemExit(f"{args.params}: the last stage is {last.method}, not a distillation stage")
-    last = last.model_copy(update={k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("tau", args.tau))
-                                   if v is not None})
+    last = last.model_copy(update={k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("tau", args.tau),
+                                                     ("scale_by", args.scale_by)) if v is not None})
     if args.method and args.method != last.method:  # the same settings under the other loss
-        last = STAGE_BY_METHOD[args.method](**{k: v for k, v in last.model_dump().items() if k != "tau"}
-                                            | {"method": args.method})
+        other = STAGE_BY_METHOD[args.method]
+        last = other(**{k: v for k, v in last.model_dump().items() if k in other.model_fields}
+                     | {"method": args.method})
 
     current, seconds = base, {}
     for i, stage in enumerate(compress):
@@ -229,8 +234,7 @@ def markdown(entries: list[dict]) -> str:
     for e in entries:
         d = e["distill"]
         cells = [e["variant"], e["quantization"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}"
-                 + (f", tau {d['tau']:g}" if d['method'] == "tsld" else "")
-                 + (f", seed {e['seed']}" if e.get("seed") else "") + f"; {e['distill_data']}"]
+                 + tsld_settings(d) + (f", seed {e['seed']}" if e.get("seed") else "") + f"; {e['distill_data']}"]
         cells += [f"{e['sets'][n]['change_pct']:+.2f} ({e['sets'][n]['before_change_pct']:+.2f})" if n in e["sets"]
                   else "-" for n in names]
         cells += [f"{e['sets'][n]['gap_closed_pct']}" if n in e["sets"] else "-" for n in names]
@@ -241,12 +245,21 @@ def markdown(entries: list[dict]) -> str:
     return "\n".join(lines + seed_summary(entries, names)) + "\n"
 
 
+def tsld_settings(d: dict) -> str:
+    """', tau T' for a TSLD run, and its token score when it is not the paper's (older runs lack the key)."""
+    if d["method"] != "tsld":
+        return ""
+    return f", tau {d['tau']:g}" + (f", scored by {d['scale_by']}" if d.get("scale_by", "target") != "target" else "")
+
+
 def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
     """Per setting run at more than one distillation seed: the median change and gap closed per set;
     for TSLD, also against KL seed by seed (the runs that differ only in the loss and tau, from the
     same model before distillation): the median difference and the seeds where TSLD is at least as good."""
     def setting(e: dict, loss: bool = True) -> tuple:
-        d = {k: v for k, v in e["distill"].items() if loss or k not in ("method", "tau")}
+        d = {k: v for k, v in e["distill"].items() if loss or k not in TSLD_ONLY}
+        if loss and d["method"] == "tsld":
+            d.setdefault("scale_by", "target")  # runs from before the option
         before = tuple(e["sets"][n]["before_ppl"] for n in names if n in e["sets"])  # the same stages before
         return e["variant"], e["quantization"], json.dumps(d, sort_keys=True), e["machine"], before
     groups: dict[tuple, list[dict]] = {}
@@ -267,8 +280,7 @@ def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
     for runs in rows:
         runs = sorted(runs, key=lambda r: r.get("seed", 0))
         d = runs[0]["distill"]
-        cells = [runs[0]["variant"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}"
-                 + (f", tau {d['tau']:g}" if d["method"] == "tsld" else ""),
+        cells = [runs[0]["variant"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}" + tsld_settings(d),
                  ", ".join(str(r.get("seed", 0)) for r in runs)]
         cells += [f"{statistics.median(r['sets'][n]['change_pct'] for r in runs):+.2f}" for n in names]
         cells += [f"{statistics.median(r['sets'][n]['gap_closed_pct'] for r in runs):.1f}" for n in names]

@@ -303,6 +303,9 @@ class TSLDDistill(_Distill):
 
     method: Literal["tsld"]
     tau: float = Field(10.0, gt=0.0, le=1000.0)
+    scale_by: Literal["target", "entropy"] = Field(
+        "target", description="a token's score: the teacher's cross-entropy on the text's next token (the paper), "
+        "or the teacher's entropy (that cross-entropy's expectation: no sampling noise on generated text)")
 
 
 Stage = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune, OWLPrune, StructuredPrune, RTNQuant, GPTQQuant,

@@ -22,15 +22,20 @@ def _logits(*shape, seed=0):
     return torch.randn(*shape, generator=g, dtype=torch.float64).float() * 2
 
 
-def _tsld_loop(student, teacher, labels, tau, detach_scale=True):
-    """Per-token loop straight from the paper's definition."""
+def _tsld_loop(student, teacher, labels, tau, detach_scale=True, scale_by="target"):
+    """Per-token loop straight from the paper's definition (scale_by 'entropy': the teacher's
+    entropy in place of its cross-entropy on the label)."""
     B, T, _ = student.shape
     per_seq = []
     for b in range(B):
         valid = [t for t in range(T) if labels[b, t] != IGNORE_INDEX]
         if not valid:
             continue
-        ce = torch.stack([-torch.log_softmax(teacher[b, t], -1)[labels[b, t]] for t in valid])
+        if scale_by == "entropy":
+            ce = torch.stack([-(torch.softmax(teacher[b, t], -1) * torch.log_softmax(teacher[b, t], -1)).sum()
+                              for t in valid])
+        else:
+            ce = torch.stack([-torch.log_softmax(teacher[b, t], -1)[labels[b, t]] for t in valid])
         if detach_scale:
             ce = ce.detach()
         scale = torch.exp(ce / tau) / torch.exp(ce / tau).sum()
@@ -42,16 +47,29 @@ def _tsld_loop(student, teacher, labels, tau, detach_scale=True):
     return torch.stack(per_seq).mean()
 
 
+@pytest.mark.parametrize("scale_by", ["target", "entropy"])
 @pytest.mark.parametrize("tau", [10.0, 1.0, 0.3])
-def test_tsld_matches_per_token_loop(tau):
+def test_tsld_matches_per_token_loop(tau, scale_by):
     s, t = _logits(3, 6, 11, seed=1), _logits(3, 6, 11, seed=2)
     labels = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(3))
     labels[1, 2] = IGNORE_INDEX
     labels[2, :] = IGNORE_INDEX  # a sequence with nothing to score is left out of the mean
-    got = tsld_loss(s, t, labels, tau=tau)
-    want = _tsld_loop(s.double(), t.double(), labels, tau)
+    got = tsld_loss(s, t, labels, tau=tau, scale_by=scale_by)
+    want = _tsld_loop(s.double(), t.double(), labels, tau, scale_by=scale_by)
     assert torch.isfinite(got)
     assert math.isclose(float(got), float(want), rel_tol=1e-5)
+
+
+def test_tsld_entropy_scale_ignores_which_token_came_next():
+    s, t = _logits(2, 6, 11, seed=1), _logits(2, 6, 11, seed=2)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 11, (2, 6), generator=g), torch.randint(0, 11, (2, 6), generator=g)
+    a[0, 4] = b[0, 4] = IGNORE_INDEX
+    assert not torch.equal(a, b)
+    assert float(tsld_loss(s, t, a, scale_by="entropy")) == float(tsld_loss(s, t, b, scale_by="entropy"))
+    assert float(tsld_loss(s, t, a, tau=0.5)) != float(tsld_loss(s, t, b, tau=0.5))  # the paper's score does not
+    with pytest.raises(ValueError, match="target, entropy"):
+        tsld_loss(s, t, a, scale_by="confidence")
 
 
 def test_tsld_scale_is_detached_and_gradients_match_loop():

@@ -158,6 +158,17 @@ def test_distillation_trains_on_the_chosen_splits_only(tmp_path, tiny_model_dir,
         stage_config("kl", train_splits=["eval"])
 
 
+def test_tsld_token_score_reaches_the_training(tmp_path, tiny_model_dir, tiny_data_dir):
+    kw = dict(steps=2, batch_size=2, seq_len=32, lr=1e-2, tau=0.5)
+    for score in ("target", "entropy"):
+        run_stage(stage_config("tsld", scale_by=score, **kw), tiny_model_dir, tmp_path / score,
+                  data_dir=tiny_data_dir, teacher_dir=tiny_model_dir)
+    target, entropy = (load_model(tmp_path / score).state_dict() for score in ("target", "entropy"))
+    assert any(not torch.equal(target[k], entropy[k]) for k in target)
+    with pytest.raises(ValueError, match="'target' or 'entropy'"):
+        stage_config("tsld", scale_by="confidence")
+
+
 def test_structured_pruning_gives_a_smaller_plain_model(tmp_path, tiny_model_dir, tiny_data_dir):
     from transformers import AutoModelForCausalLM
 

@@ -9,8 +9,10 @@ batch of input ids into next-token targets is `next_token_labels` (used by
 - `tsld_loss`: token-scaled logit distillation (Kim et al. 2023, arXiv:2308.06744): each
   token's soft cross-entropy is weighted by softmax_t(ce_teacher_t / tau) over the sequence,
   so tokens the teacher finds hard count more; weights are detached, sum over tokens,
-  mean over sequences. Its authors train it together with the ground-truth cross-entropy
-  (their `tsld` option: `gt + tsld`, the TSLD term summed over a batch of B sequences, the
+  mean over sequences. `scale_by="entropy"` scores a token by the teacher's entropy instead:
+  its expected cross-entropy, which on text the teacher sampled itself is the sampled token's
+  cross-entropy without the sampling noise. Its authors train it together with the
+  ground-truth cross-entropy (their `tsld` option: `gt + tsld`, the TSLD term summed over a batch of B sequences, the
   cross-entropy averaged); with the mean over sequences here, `ce_weight` 1/B gives their
   mix, 0.5 at our batch of 2.
 - `hidden_state_loss`: relative MSE ||h_s - h_t||^2 / ||h_t||^2, averaged over chosen layers.
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 LOSSES = ("kl", "tsld", "ce", "hidden")
+TOKEN_SCORES = ("target", "entropy")  # what TSLD's token scale is a softmax of (over tau)
 
 
 def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,22 +65,29 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def tsld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-              tau: float = 10.0) -> torch.Tensor:
+              tau: float = 10.0, scale_by: str = "target") -> torch.Tensor:
     """Token-scaled logit distillation on logits [B, T, V] aligned with labels [B, T].
 
-    ce_t = -log p_teacher(label_t); s = softmax over the sequence of ce / tau (detached,
-    ignored tokens get weight 0); loss = mean over sequences of sum_t s_t * H(p_teacher_t, p_student_t).
+    score_t = -log p_teacher(label_t) (scale_by 'target') or H(p_teacher_t) ('entropy');
+    s = softmax over the sequence of score / tau (detached, ignored tokens get weight 0);
+    loss = mean over sequences of sum_t s_t * H(p_teacher_t, p_student_t).
     """
     if student_logits.dim() != 3 or labels.shape != student_logits.shape[:-1]:
         raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(student_logits.shape)} "
                          f"and {tuple(labels.shape)}")
+    if scale_by not in TOKEN_SCORES:
+        raise ValueError(f"scale_by must be one of {', '.join(TOKEN_SCORES)}, got {scale_by!r}")
     t_logits = teacher_logits.float()
+    t_probs = torch.softmax(t_logits, dim=-1)
     valid = labels != IGNORE_INDEX
     with torch.no_grad():
-        ce_teacher = F.cross_entropy(t_logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        scores = (ce_teacher / tau).masked_fill(~valid, float("-inf"))
+        if scale_by == "entropy":
+            score = -(t_probs * F.log_softmax(t_logits, dim=-1)).sum(-1)
+        else:
+            score = F.cross_entropy(t_logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        scores = (score / tau).masked_fill(~valid, float("-inf"))
         scale = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid token -> all 0
-    soft_ce = -(torch.softmax(t_logits, dim=-1) * F.log_softmax(student_logits.float(), dim=-1)).sum(-1)
+    soft_ce = -(t_probs * F.log_softmax(student_logits.float(), dim=-1)).sum(-1)
     per_seq = (scale * soft_ce).sum(-1)
     rows = valid.any(-1)
     if not rows.any():
@@ -114,7 +124,7 @@ def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def distill_loss(weights: dict[str, float], student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                 temperature: float = 1.0, tau: float = 10.0,
+                 temperature: float = 1.0, tau: float = 10.0, tsld_scale_by: str = "target",
                  student_hidden: Sequence[torch.Tensor] | None = None,
                  teacher_hidden: Sequence[torch.Tensor] | None = None,
                  hidden_layers: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -134,7 +144,7 @@ def distill_loss(weights: dict[str, float], student_logits: torch.Tensor, teache
     if "kl" in active:
         parts["kl"] = kl_loss(s, t, temperature, labels != IGNORE_INDEX)
     if "tsld" in active:
-        parts["tsld"] = tsld_loss(s, t, labels, tau)
+        parts["tsld"] = tsld_loss(s, t, labels, tau, tsld_scale_by)
     if "ce" in active:
         parts["ce"] = ce_loss(s, labels)
     if "hidden" in active:

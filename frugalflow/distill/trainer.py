@@ -180,14 +180,14 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 # settings that must match for a checkpoint to be resumed (steps may grow)
 _RESUME_KEYS = ("lr", "batch_size", "seq_len", "temperature", "warmup_steps", "grad_clip", "loss_weights",
-                "seed", "grad_accum", "weight_decay", "tau", "n_windows")
+                "seed", "grad_accum", "weight_decay", "tau", "tsld_scale_by", "n_windows")
 
 
 # --------------------------------------------------------------------------- training
 def distill(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor, *, steps: int,
             lr: float = 1e-5, batch_size: int = 2, seq_len: int = 256, temperature: float = 1.0,
             warmup_steps: int = 0, grad_clip: float = 1.0, loss: str = "kl",
-            loss_weights: dict[str, float] | None = None, tau: float = 10.0,
+            loss_weights: dict[str, float] | None = None, tau: float = 10.0, tsld_scale_by: str = "target",
             hidden_layers: list[int] | None = None, grad_accum: int = 1, weight_decay: float = 0.0,
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
             masks: dict[str, torch.Tensor] | None = None, grids: dict[str, Grid] | None = None,
@@ -221,7 +221,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
     settings = dict(lr=lr, batch_size=batch_size, seq_len=seq_len, temperature=temperature,
                     warmup_steps=warmup_steps, grad_clip=grad_clip, loss_weights=weights, seed=seed,
                     grad_accum=grad_accum, weight_decay=weight_decay, tau=tau,
-                    n_windows=int(train_windows.shape[0]))
+                    tsld_scale_by=tsld_scale_by, n_windows=int(train_windows.shape[0]))
     t0 = time.perf_counter()
     student.to(device)
     teacher.to(device).eval().requires_grad_(False)
@@ -312,7 +312,8 @@ def _train(student, teacher, windows, steps, settings, weights, need_hidden, hid
                 with autocast():
                     s_out = forward(input_ids=x, use_cache=False, output_hidden_states=need_hidden)
                 total, parts = distill_loss(weights, s_out.logits, t_logits, x, temperature=settings["temperature"],
-                                            tau=settings["tau"], student_hidden=s_out.hidden_states if need_hidden
+                                            tau=settings["tau"], tsld_scale_by=settings["tsld_scale_by"],
+                                            student_hidden=s_out.hidden_states if need_hidden
                                             else None, teacher_hidden=t_hidden, hidden_layers=hidden_layers)
                 scaled = total / settings["grad_accum"]
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -391,6 +392,7 @@ def run(stage, model_dir: Path, out_dir: Path, ctx: dict):
     stats = distill(student, teacher, windows, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
                     seq_len=stage.seq_len, temperature=stage.temperature, warmup_steps=stage.warmup_steps,
                     grad_clip=stage.grad_clip, loss=stage.method, tau=getattr(stage, "tau", 10.0),
+                    tsld_scale_by=getattr(stage, "scale_by", "target"),
                     loss_weights={k: w for k, w in weights.items() if w}, grad_accum=stage.grad_accum,
                     checkpoint_dir=ctx.get("checkpoint_dir"),
                     checkpoint_every=stage.checkpoint_every, masks=masks or None, grids=grids or None,
