@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--scale-by", choices=("target", "entropy"),
                         help="TSLD's token score: the teacher's cross-entropy on the text or its entropy "
                              "(default: the recipe's)")
+    parser.add_argument("--ce-weight", type=float, help="weight of the cross-entropy on the training text, beside "
+                                                        "either loss (default: the recipe's)")
     parser.add_argument("--gen-len", type=int, default=256)
     parser.add_argument("--seed", type=int, help="the distillation's seed (default: the recipe's)")
     parser.add_argument("--rounds", type=int, default=5, help="decode race rounds (0: no race)")
@@ -122,7 +124,8 @@ def main() -> None:
     if last.kind != "distill":
         raise SystemExit(f"{args.params}: the last stage is {last.method}, not a distillation stage")
     last = last.model_copy(update={k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("tau", args.tau),
-                                                     ("scale_by", args.scale_by)) if v is not None})
+                                                     ("scale_by", args.scale_by), ("ce_weight", args.ce_weight))
+                                   if v is not None})
     if args.method and args.method != last.method:  # the same settings under the other loss
         other = STAGE_BY_METHOD[args.method]
         last = other(**{k: v for k, v in last.model_dump().items() if k in other.model_fields}
@@ -234,7 +237,7 @@ def markdown(entries: list[dict]) -> str:
     for e in entries:
         d = e["distill"]
         cells = [e["variant"], e["quantization"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}"
-                 + tsld_settings(d) + (f", seed {e['seed']}" if e.get("seed") else "") + f"; {e['distill_data']}"]
+                 + loss_settings(d) + (f", seed {e['seed']}" if e.get("seed") else "") + f"; {e['distill_data']}"]
         cells += [f"{e['sets'][n]['change_pct']:+.2f} ({e['sets'][n]['before_change_pct']:+.2f})" if n in e["sets"]
                   else "-" for n in names]
         cells += [f"{e['sets'][n]['gap_closed_pct']}" if n in e["sets"] else "-" for n in names]
@@ -245,11 +248,14 @@ def markdown(entries: list[dict]) -> str:
     return "\n".join(lines + seed_summary(entries, names)) + "\n"
 
 
-def tsld_settings(d: dict) -> str:
-    """', tau T' for a TSLD run, and its token score when it is not the paper's (older runs lack the key)."""
-    if d["method"] != "tsld":
-        return ""
-    return f", tau {d['tau']:g}" + (f", scored by {d['scale_by']}" if d.get("scale_by", "target") != "target" else "")
+def loss_settings(d: dict) -> str:
+    """', tau T' for a TSLD run, its token score when it is not the paper's (older runs lack the key),
+    and the cross-entropy term's weight when there is one."""
+    text = ""
+    if d["method"] == "tsld":
+        text = f", tau {d['tau']:g}" + (f", scored by {d['scale_by']}" if d.get("scale_by", "target") != "target"
+                                        else "")
+    return text + (f", + {d['ce_weight']:g} x cross-entropy" if d.get("ce_weight") else "")
 
 
 def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
@@ -280,7 +286,7 @@ def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
     for runs in rows:
         runs = sorted(runs, key=lambda r: r.get("seed", 0))
         d = runs[0]["distill"]
-        cells = [runs[0]["variant"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}" + tsld_settings(d),
+        cells = [runs[0]["variant"], f"{d['method']} {d['steps']} steps, lr {d['lr']:g}" + loss_settings(d),
                  ", ".join(str(r.get("seed", 0)) for r in runs)]
         cells += [f"{statistics.median(r['sets'][n]['change_pct'] for r in runs):+.2f}" for n in names]
         cells += [f"{statistics.median(r['sets'][n]['gap_closed_pct'] for r in runs):.1f}" for n in names]
