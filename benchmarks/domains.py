@@ -260,7 +260,7 @@ def loss_settings(d: dict) -> str:
 
 def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
     """Per setting run at more than one distillation seed: the median change and gap closed per set;
-    for TSLD, also against KL seed by seed (the runs that differ only in the loss and tau, from the
+    for TSLD, also against KL seed by seed (the runs that differ only in the loss and TSLD_ONLY, from the
     same model before distillation): the median difference and the seeds where TSLD is at least as good."""
     def setting(e: dict, loss: bool = True) -> tuple:
         d = {k: v for k, v in e["distill"].items() if loss or k not in TSLD_ONLY}

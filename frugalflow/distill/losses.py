@@ -12,9 +12,9 @@ batch of input ids into next-token targets is `next_token_labels` (used by
   mean over sequences. `scale_by="entropy"` scores a token by the teacher's entropy instead:
   its expected cross-entropy, which on text the teacher sampled itself is the sampled token's
   cross-entropy without the sampling noise. Its authors train it together with the
-  ground-truth cross-entropy (their `tsld` option: `gt + tsld`, the TSLD term summed over a batch of B sequences, the
-  cross-entropy averaged); with the mean over sequences here, `ce_weight` 1/B gives their
-  mix, 0.5 at our batch of 2.
+  ground-truth cross-entropy (their `tsld` option: `gt + tsld`, the TSLD term summed over a
+  batch of B sequences, the cross-entropy averaged); with the mean over sequences here,
+  `ce_weight` 1/B gives their mix, 0.5 at our batch of 2.
 - `hidden_state_loss`: relative MSE ||h_s - h_t||^2 / ||h_t||^2, averaged over chosen layers.
 - `ce_loss`: ordinary next-token cross-entropy on the labels.
 """
