@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from frugalflow.config import KLDistill, TSLDDistill  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
+from frugalflow.distill.losses import TOKEN_SCORES  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
 from frugalflow.evaluate.sets import every_set  # noqa: E402
 from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="distillation steps (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="distillation learning rate (default: the recipe's)")
     parser.add_argument("--tau", type=float, help="TSLD's token-scale temperature (default: the recipe's)")
-    parser.add_argument("--scale-by", choices=("target", "entropy"),
+    parser.add_argument("--scale-by", choices=TOKEN_SCORES,
                         help="TSLD's token score: the teacher's cross-entropy on the text or its entropy "
                              "(default: the recipe's)")
     parser.add_argument("--ce-weight", type=float, help="weight of the cross-entropy on the training text, beside "
