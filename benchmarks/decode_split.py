@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer  # noqa: E402
 from frugalflow.quant.pack import INT4_MM_CPU, INT8_MM, QuantLinear  # noqa: E402
 from frugalflow.recipe_io import load_recipe  # noqa: E402
@@ -113,8 +113,7 @@ def main() -> None:
     ms = {k: round(statistics.median(v), 2) for k, v in times.items()}
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "model": final.name, "rounds": args.rounds,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads", "load_average": round(os.getloadavg()[0], 1),
+        "machine": describe(), "load_average": round(os.getloadavg()[0], 1),
         "ms_per_token": ms,
         "linears_ms": {"base fp32": round(ms["base fp32"] - ms["base fp32, linears zeroed"], 2),
                        "packed bf16": round(ms["packed bf16"] - ms["packed bf16, linears zeroed"], 2)},

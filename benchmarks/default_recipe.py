@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
 from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
@@ -77,8 +77,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "default_recipe.json").write_text(json.dumps(result, indent=1) + "\n")
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    machine = f"{describe()}, load average {os.getloadavg()[0]:.1f}"
     lines = ["# Default recipe against fp32 dense, SmolLM2-135M-Instruct", "",
              f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
              f"Recipe: params.yaml ({result['recipe']}), output {model_dir.name}. Perplexity on the "

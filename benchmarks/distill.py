@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from frugalflow import config as C  # noqa: E402
 from frugalflow.data import load_windows, prepare_data  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
@@ -164,8 +164,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "distill.json").write_text(json.dumps(result, indent=1) + "\n")
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    machine = f"{describe()}, load average {os.getloadavg()[0]:.1f}"
     lines = ["# Distillation, SmolLM2-135M-Instruct", "", f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
              f"Compressed: SparseGPT 50% + AWQ w4 g64. Training: {args.steps} steps, batch 2 x 256 tokens, "
              f"lr {args.lr}, 20 warmup steps, cosine decay, bf16 autocast, mask and grid kept, "

@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -44,6 +43,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from frugalflow.config import KLDistill, TSLDDistill  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.distill.losses import TOKEN_SCORES  # noqa: E402
@@ -57,15 +57,6 @@ from frugalflow.teacher_text import generated_windows  # noqa: E402
 
 STAGE_BY_METHOD = {"tsld": TSLDDistill, "kl": KLDistill}
 TSLD_ONLY = ("method", *sorted(set(TSLDDistill.model_fields) - set(KLDistill.model_fields)))  # tau, scale_by
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it (runs on different machines differ in kind)."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
-        return line.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def key_of(*parts) -> str:
@@ -188,8 +179,7 @@ def main() -> None:
         "decode_vs_fp32": round(tps[fastest] / tps["base_fp32"], 3) if tps else None,
         "decode_vs_bf16": round(tps[fastest] / tps["base_bf16"], 3) if tps else None, "rounds": args.rounds,
         "stage_seconds": seconds, "wall_minutes": round((time.time() - started) / 60, 1),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "machine": describe(),
         "load_average": round(os.getloadavg()[0], 1),
     }
     entry["all_within_10pct"] = all(s["change_pct"] <= 10.0 for s in per_set.values())

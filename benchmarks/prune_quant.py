@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from frugalflow import config as C  # noqa: E402
 from frugalflow.data import load_windows, prepare_data  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
@@ -133,8 +133,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prune_quant.json").write_text(json.dumps(rows, indent=1) + "\n")
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads, load average before decode {os.getloadavg()[0]:.1f}")
+    machine = f"{describe()}, load average before decode {os.getloadavg()[0]:.1f}"
     dense_ppl = records.get("dense", {}).get("ppl")
     lines = ["# Pruning and quantization, SmolLM2-135M-Instruct", "",
              f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",

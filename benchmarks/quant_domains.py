@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from frugalflow.arch import compressible_linears  # noqa: E402
 from frugalflow.config import GPTQQuant, WandaPrune  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
@@ -88,8 +88,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "windows_per_set": args.windows,
               "base_ppl": {n: round(v, 3) for n, v in base_ppl.items()}, "rows": rows,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} threads",
+              "machine": describe(),
               "load_average": round(os.getloadavg()[0], 1), "wall_minutes": round((time.time() - started) / 60, 1)}
     out = Path(args.out)
     (out / "quant_domains.json").write_text(json.dumps(result, indent=1) + "\n")

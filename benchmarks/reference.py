@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,13 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from pydantic import TypeAdapter
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from frugalflow.config import Stage  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
@@ -112,8 +111,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "calibration": f"{len(load_windows(data, 'calib'))} x 512 "
               "tokens of the calibration corpus (data/calib)", "windows": {k: len(v) for k, v in sets.items()},
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} threads", "load_average": round(os.getloadavg()[0], 1),
+              "machine": describe(), "load_average": round(os.getloadavg()[0], 1),
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

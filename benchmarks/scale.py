@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -28,6 +27,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu_model  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 SIZES = {  # name -> LlamaConfig fields
     "0.1B": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -181,7 +184,7 @@ def main() -> None:
     log = open(args.workdir / "scale.log", "a")
     limits = {k: int(v) for k, v in (item.split("=") for item in args.layers.split(",") if item)}
     rows = []
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
               "torch": torch.__version__, "settings": "4-bit, group 64, asymmetric; GPTQ: 4 random-token windows of "
               "128 tokens, batch 4; models: random bf16 weights", "rows": rows}
     for size in args.sizes.split(","):
