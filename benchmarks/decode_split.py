@@ -8,7 +8,7 @@ replaced by one that returns zeros (what is left is everything but the linears: 
 Python, norms, rotary, KV cache, attention, sampling), and MODEL_DIR with its sibling linears
 unlinked (quant/fused.py off). Then the weight bandwidth of torch's CPU kernels at one row on a
 1536 x 576 layer, cache-cold (120 distinct weights in turn): int8 and int4 packed, fp32 and bf16
-dense. Writes decode_split.json and decode_split.md.
+dense. Adds the run to decode_split.json and rewrites decode_split.md from all of them.
 """
 from __future__ import annotations
 
@@ -88,6 +88,18 @@ def kernel_bandwidth(copies: int = 120, n: int = 1536, k: int = 576) -> dict[str
     return out
 
 
+def section(run: dict) -> list[str]:
+    """One run's table, the linears' share and the kernels' bandwidth, as markdown lines."""
+    lines = [f"## {run['date']}: {run['machine']}, load {run['load_average']}", "",
+             f"Model {run['model']}, {run['rounds']} rounds.", "", "| model | ms per token | vs base fp32 |",
+             "|---|---|---|"]
+    lines += [f"| {k} | {v} | {run['speedup_vs_base_fp32'].get(k, '')} |" for k, v in run["ms_per_token"].items()]
+    return lines + ["", f"Linears: {run['linears_ms']['base fp32']} ms per token in the base, "
+                    f"{run['linears_ms']['packed bf16']} ms in the packed model; the rest is what the zeroed rows take.",
+                    "", "Kernel weight bandwidth at one row, 1536 x 576, cache-cold (GB/s): "
+                    + ", ".join(f"{k} {v}" for k, v in run["kernel_GBps_1536x576_cold"].items()), ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a packed model folder (e.g. a flow's or domains.py's final model)")
@@ -122,19 +134,17 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_split.json").write_text(json.dumps(result, indent=1) + "\n")
+    runs = json.loads((out / "decode_split.json").read_text()) if (out / "decode_split.json").exists() else []
+    runs = ([runs] if isinstance(runs, dict) else runs) + [result]  # one run per entry, machines differ
+    (out / "decode_split.json").write_text(json.dumps(runs, indent=1) + "\n")
     lines = ["# Where a decoded token's time goes: packed SmolLM2-135M vs the fp32 base", "",
-             f"Produced by `python benchmarks/decode_split.py` on {result['model']}: {result['machine']}, load "
-             f"{result['load_average']}, {result['date']}; HF generate, {NEW_TOKENS} new tokens, batch 1, greedy, "
-             f"medians of {args.rounds} interleaved rounds (prefill included, spread over the tokens).", "",
-             "| model | ms per token | vs base fp32 |", "|---|---|---|"]
-    lines += [f"| {k} | {v} | {result['speedup_vs_base_fp32'].get(k, '')} |" for k, v in ms.items()]
-    lines += ["", f"Linears: {result['linears_ms']['base fp32']} ms per token in the base, "
-              f"{result['linears_ms']['packed bf16']} ms in the packed model; the rest is what the zeroed rows take.",
-              "", "Kernel weight bandwidth at one row, 1536 x 576, cache-cold (GB/s): "
-              + ", ".join(f"{k} {v}" for k, v in result["kernel_GBps_1536x576_cold"].items()), ""]
+             "Produced by `python benchmarks/decode_split.py`, one section per run, newest first. HF generate, "
+             f"{NEW_TOKENS} new tokens, batch 1, greedy, medians of interleaved rounds (prefill included, spread "
+             "over the tokens).", ""]
+    for run in reversed(runs):
+        lines += section(run)
     (out / "decode_split.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print("\n".join(section(result)))
 
 
 if __name__ == "__main__":
