@@ -134,9 +134,10 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = json.loads((out / "decode_split.json").read_text()) if (out / "decode_split.json").exists() else []
+    record = out / "decode_split.json"
+    runs = json.loads(record.read_text()) if record.exists() else []
     runs = ([runs] if isinstance(runs, dict) else runs) + [result]  # one run per entry, machines differ
-    (out / "decode_split.json").write_text(json.dumps(runs, indent=1) + "\n")
+    record.write_text(json.dumps(runs, indent=1) + "\n")
     lines = ["# Where a decoded token's time goes: packed SmolLM2-135M vs the fp32 base", "",
              "Produced by `python benchmarks/decode_split.py`, one section per run, newest first. HF generate, "
              f"{NEW_TOKENS} new tokens, batch 1, greedy, medians of interleaved rounds (prefill included, spread "
