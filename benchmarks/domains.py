@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
+from benchmarks.paired import mean_and_p  # noqa: E402
 from frugalflow.config import KLDistill, TSLDDistill  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.distill.losses import TOKEN_SCORES  # noqa: E402
@@ -252,7 +253,8 @@ def loss_settings(d: dict) -> str:
 def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
     """Per setting run at more than one distillation seed: the median change and gap closed per set;
     for TSLD, also against KL seed by seed (the runs that differ only in the loss and TSLD_ONLY, from the
-    same model before distillation): the median difference and the seeds where TSLD is at least as good."""
+    same model before distillation): the median difference, the seeds where TSLD is at least as good, and
+    the mean difference with its paired sign-flip p-value."""
     def setting(e: dict, loss: bool = True) -> tuple:
         d = {k: v for k, v in e["distill"].items() if loss or k not in TSLD_ONLY}
         if loss and d["method"] == "tsld":
@@ -268,8 +270,10 @@ def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
         return []
     lines = ["## Over distillation seeds (same stages before it)", "",
              "Medians per set over the seeds of each setting. TSLD vs KL: TSLD's change minus KL's at the same "
-             "seed, in percentage points (negative: TSLD better), median and per seed, and the seeds where "
-             "TSLD's perplexity is at most KL's.", "",
+             "seed, in percentage points (negative: TSLD better), median and per seed, the seeds where "
+             "TSLD's perplexity is at most KL's, and the mean difference with the two-sided p-value of an "
+             "exact paired sign-flip test (benchmarks/paired.py; the smallest p n seeds can give is 2 / 2^n).",
+             "",
              "| variant | distillation | seeds | " + " | ".join(f"{n} change % (median)" for n in names)
              + " | " + " | ".join(f"{n} gap closed % (median)" for n in names)
              + " | " + " | ".join(f"{n} TSLD vs KL" for n in names) + " | machine |",
@@ -287,7 +291,7 @@ def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
             diffs = [t["sets"][n]["change_pct"] - k["sets"][n]["change_pct"] for t, k in pairs]
             wins = sum(t["sets"][n]["after_ppl"] <= k["sets"][n]["after_ppl"] for t, k in pairs)
             cells.append(f"{statistics.median(diffs):+.2f} ({' '.join(f'{x:+.2f}' for x in diffs)}); "
-                         f"{wins} of {len(pairs)}" if pairs else "-")
+                         f"{wins} of {len(pairs)}; {mean_and_p(diffs)}" if pairs else "-")
         lines.append("| " + " | ".join(cells + [runs[0]["machine"]]) + " |")
     return lines + [""]
 

@@ -35,8 +35,9 @@ def test_tsld_pairs_with_kl_seed_by_seed_and_counts_the_seeds_it_is_at_least_as_
     tsld, kl = summary_rows(entries)
     assert tsld[2] == "0, 1, 2" and tsld[3] == "+3.00" and tsld[4] == "+4.50"  # medians of the changes
     assert tsld[5] == "85.0" and tsld[6] == "77.5"  # medians of the gap closed
-    assert tsld[7] == "+0.00 (+1.00 +0.00 -4.00); 2 of 3"  # eval: behind at seed 0, level at 1, ahead at 2
-    assert tsld[8] == "-1.00 (-1.00 -3.00 -0.50); 3 of 3"
+    # eval: behind at seed 0, level at 1, ahead at 2; every sign pattern is as far from 0 as the observed mean
+    assert tsld[7] == "+0.00 (+1.00 +0.00 -4.00); 2 of 3; mean -1.00, p 1"
+    assert tsld[8] == "-1.00 (-1.00 -3.00 -0.50); 3 of 3; mean -1.50, p 0.25"  # only all-minus and all-plus
     assert kl[0] == "default" and kl[7:9] == ["-", "-"]
 
 
@@ -59,4 +60,5 @@ def test_a_tsld_only_setting_does_not_split_the_kl_pairing():
     entries += [run("tsld", s, {"eval": 10.4, "legal": 10.6}, tau=3.0, scale_by="entropy") for s in (0, 1)]
     tsld = next(r for r in summary_rows(entries) if r[1].startswith("tsld"))
     assert "tau 3, scored by entropy" in tsld[1]
-    assert tsld[7] == "-1.00 (-1.00 -1.00); 2 of 2" and tsld[8] == "+1.00 (+1.00 +1.00); 0 of 2"
+    assert tsld[7] == "-1.00 (-1.00 -1.00); 2 of 2; mean -1.00, p 0.5"
+    assert tsld[8] == "+1.00 (+1.00 +1.00); 0 of 2; mean +1.00, p 0.5"
