@@ -254,7 +254,7 @@ def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
     """Per setting run at more than one distillation seed: the median change and gap closed per set;
     for TSLD, also against KL seed by seed (the runs that differ only in the loss and TSLD_ONLY, from the
     same model before distillation): the median difference, the seeds where TSLD is at least as good, and
-    the mean difference with its paired sign-flip p-value."""
+    the mean difference with its interval and paired sign-flip p-value."""
     def setting(e: dict, loss: bool = True) -> tuple:
         d = {k: v for k, v in e["distill"].items() if loss or k not in TSLD_ONLY}
         if loss and d["method"] == "tsld":
@@ -271,8 +271,9 @@ def seed_summary(entries: list[dict], names: list[str]) -> list[str]:
     lines = ["## Over distillation seeds (same stages before it)", "",
              "Medians per set over the seeds of each setting. TSLD vs KL: TSLD's change minus KL's at the same "
              "seed, in percentage points (negative: TSLD better), median and per seed, the seeds where "
-             "TSLD's perplexity is at most KL's, and the mean difference with the two-sided p-value of an "
-             "exact paired sign-flip test (benchmarks/paired.py; the smallest p n seeds can give is 2 / 2^n).",
+             "TSLD's perplexity is at most KL's, and the mean difference with, in brackets, its 90% interval "
+             "and the two-sided p-value of an exact paired sign-flip test (benchmarks/paired.py; the smallest "
+             "p n seeds can give is 2 / 2^n, so the interval needs 5 seeds or more).",
              "",
              "| variant | distillation | seeds | " + " | ".join(f"{n} change % (median)" for n in names)
              + " | " + " | ".join(f"{n} gap closed % (median)" for n in names)
