@@ -4,6 +4,7 @@ running the real flow on it, and starting/stopping/waiting on server subprocesse
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -91,6 +94,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def post(url: str, payload: dict, timeout: float = 60) -> tuple[int, dict]:
+    """POST `payload` as JSON; (status, JSON body), an HTTP error's included."""
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def stop(proc: subprocess.Popen, first: int = signal.SIGINT, wait_s: float = 20) -> None:

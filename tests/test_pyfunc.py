@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import free_port, post
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
@@ -195,22 +195,6 @@ def test_model_needs_neither_tasks_nor_flows(store, tmp_path):
 
 
 # --------------------------------------------------------------------------- serving
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers(store, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"

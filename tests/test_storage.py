@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,16 +9,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from tasks import storage as S
 
 pytestmark = pytest.mark.slow  # starts a real server (about 1 s)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, free_port, tail, wait_for
+from helpers import ROOT, free_port, post, tail, wait_for
 from team_stack import NIGHTLY_MODEL, nightly_runs
 
 NAME = NIGHTLY_MODEL
@@ -185,16 +185,6 @@ def test_down_stops_everything_and_up_loses_nothing(team_stack, runs):
     assert "passed" in json.loads(text)  # the artifact came back through the server from the restored bucket
 
 
-def post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
 def test_mlflow_models_serve_the_champion_from_the_server(team_stack, runs, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
     bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
@@ -218,7 +208,7 @@ def test_mlflow_models_serve_the_champion_from_the_server(team_stack, runs, tmp_
 
         assert wait_for(ready, SERVE_S, 0.5), f"no answer within {SERVE_S} s:\n{tail(log)}"
         status, body = post(f"http://127.0.0.1:{port}/invocations",
-                            {"inputs": ["def f(x):"], "params": {"max_new_tokens": 4}})
+                            {"inputs": ["def f(x):"], "params": {"max_new_tokens": 4}}, timeout=120)
         assert status == 200, body
         (answer,) = body["predictions"]
         assert isinstance(answer, str) and answer
