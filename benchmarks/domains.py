@@ -90,6 +90,22 @@ def distill_data(variant: str, data: Path, teacher: Path, work: Path, splits: li
                                         f"corpus windows, {gen_len} tokens each")
 
 
+def before_distillation(compress: list, base: Path, data: Path, work: Path, seed: int) -> tuple[Path, dict]:
+    """The output of the stages before distillation, run into `work` under names made of their
+    settings and input (reused when present), and the seconds of those that ran."""
+    current, seconds = base, {}
+    for i, stage in enumerate(compress):
+        out = work / f"{i}-{stage.method}-{key_of(stage.model_dump(mode='json'), current.name)}"
+        if not (out / "config.json").is_file():
+            t = time.perf_counter()
+            run_stage(stage, current, out, data_dir=data, teacher_dir=base, seed=seed,
+                      pruned=any(s.kind == "prune" for s in compress[:i]))
+            seconds[stage.method] = round(time.perf_counter() - t, 1)
+            print(f"{stage.method}: {seconds[stage.method]} s -> {out.name}", flush=True)
+        current = out
+    return current, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
@@ -124,17 +140,7 @@ def main() -> None:
         last = other(**{k: v for k, v in last.model_dump().items() if k in other.model_fields}
                      | {"method": args.method})
 
-    current, seconds = base, {}
-    for i, stage in enumerate(compress):
-        out = work / f"{i}-{stage.method}-{key_of(stage.model_dump(mode='json'), current.name)}"
-        if not (out / "config.json").is_file():
-            t = time.perf_counter()
-            run_stage(stage, current, out, data_dir=data, teacher_dir=base, seed=recipe.seed,
-                      pruned=any(s.kind == "prune" for s in compress[:i]))
-            seconds[stage.method] = round(time.perf_counter() - t, 1)
-            print(f"{stage.method}: {seconds[stage.method]} s -> {out.name}", flush=True)
-        current = out
-    before = current
+    before, seconds = before_distillation(compress, base, data, work, recipe.seed)
     seed = recipe.seed if args.seed is None else args.seed
     ddata, splits, described = distill_data(args.variant, data, base, work, list(last.train_splits), args.gen_len,
                                             seed)

@@ -75,24 +75,31 @@ def tsld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     if student_logits.dim() != 3 or labels.shape != student_logits.shape[:-1]:
         raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(student_logits.shape)} "
                          f"and {tuple(labels.shape)}")
-    if scale_by not in TOKEN_SCORES:
-        raise ValueError(f"scale_by must be one of {', '.join(TOKEN_SCORES)}, got {scale_by!r}")
-    t_logits = teacher_logits.float()
-    t_probs = torch.softmax(t_logits, dim=-1)
-    valid = labels != IGNORE_INDEX
-    with torch.no_grad():
-        if scale_by == "entropy":
-            score = -(t_probs * F.log_softmax(t_logits, dim=-1)).sum(-1)
-        else:
-            score = F.cross_entropy(t_logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        scores = (score / tau).masked_fill(~valid, float("-inf"))
-        scale = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid token -> all 0
+    scale = token_scale(teacher_logits, labels, tau, scale_by)
+    t_probs = torch.softmax(teacher_logits.float(), dim=-1)
     soft_ce = -(t_probs * F.log_softmax(student_logits.float(), dim=-1)).sum(-1)
     per_seq = (scale * soft_ce).sum(-1)
-    rows = valid.any(-1)
+    rows = (labels != IGNORE_INDEX).any(-1)
     if not rows.any():
         return per_seq.sum() * 0.0
     return per_seq[rows].mean()
+
+
+@torch.no_grad()
+def token_scale(teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float = 10.0,
+                scale_by: str = "target") -> torch.Tensor:
+    """TSLD's token weights [B, T]: softmax over each sequence of score / tau, score_t the teacher's
+    cross-entropy on labels[t] ('target') or its entropy ('entropy'); ignored tokens get weight 0
+    and a sequence with no valid token all 0."""
+    if scale_by not in TOKEN_SCORES:
+        raise ValueError(f"scale_by must be one of {', '.join(TOKEN_SCORES)}, got {scale_by!r}")
+    t_logits = teacher_logits.float()
+    if scale_by == "entropy":
+        score = -(torch.softmax(t_logits, dim=-1) * F.log_softmax(t_logits, dim=-1)).sum(-1)
+    else:
+        score = F.cross_entropy(t_logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    scores = (score / tau).masked_fill(labels == IGNORE_INDEX, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
 def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
