@@ -90,6 +90,14 @@ def distill_data(variant: str, data: Path, teacher: Path, work: Path, splits: li
                                         f"corpus windows, {gen_len} tokens each")
 
 
+def recipe_and_folders(params: str, work: str) -> tuple:
+    """The recipe at `params`, its base model and data folders, and `work` (created)."""
+    recipe = load_recipe(params)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return recipe, ROOT / recipe.base_model.path, ROOT / recipe.data.path, work
+
+
 def before_distillation(compress: list, base: Path, data: Path, work: Path, seed: int) -> tuple[Path, dict]:
     """The output of the stages before distillation, run into `work` under names made of their
     settings and input (reused when present), and the seconds of those that ran."""
@@ -125,9 +133,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench-domains"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
-    recipe = load_recipe(args.params)
-    base, data, work = ROOT / recipe.base_model.path, ROOT / recipe.data.path, Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    recipe, base, data, work = recipe_and_folders(args.params, args.work)
     started = time.time()
     *compress, last = recipe.stages
     if last.kind != "distill":

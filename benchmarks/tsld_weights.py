@@ -7,7 +7,7 @@ the student before distillation.
 The student is params.yaml's stages before distillation, run like benchmarks/domains.py (reused
 from its `--work` folder). Texts: `generated`, the default's training text (the teacher's samples,
 the recipe's seed, as many and as long as the stage trains on); `corpus`, as many windows of the
-calibration corpus's train split cut to the same length. Per sequence of L scored tokens, with w
+calibration corpus's train split (at most) cut to the same length. Per sequence of L scored tokens, with w
 TSLD's weights (frugalflow.distill.losses.token_scale) and kl_t the student's KL from the teacher:
 - effective share = 1 / (L * sum w^2): 1 when every token weighs the same, 1/L for one token;
 - top weight = L * max w, and p90 / p10 of L * w;
@@ -30,12 +30,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.domains import before_distillation  # noqa: E402
+from benchmarks.domains import before_distillation, recipe_and_folders  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from frugalflow.data import load_windows  # noqa: E402
 from frugalflow.distill.losses import IGNORE_INDEX, next_token_labels, token_scale  # noqa: E402
 from frugalflow.models import load_model  # noqa: E402
-from frugalflow.recipe_io import load_recipe  # noqa: E402
 from frugalflow.teacher_text import generated_windows  # noqa: E402
 
 SCALES = (("target", 10.0), ("target", 3.0), ("entropy", 10.0))
@@ -84,9 +83,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench-domains"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
-    recipe = load_recipe(args.params)
-    base, data, work = ROOT / recipe.base_model.path, ROOT / recipe.data.path, Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    recipe, base, data, work = recipe_and_folders(args.params, args.work)
     *compress, last = recipe.stages
     if last.method != "tsld":
         raise SystemExit(f"{args.params}: the last stage is {last.method}, not tsld")
