@@ -108,9 +108,27 @@ def history(client: MlflowClient, name: str) -> list[dict]:
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
+def _version_list(client: MlflowClient, name: str) -> str:
+    """'1, 2 (champion), 3' for a message; 'none' when the model has no version (or does not exist)."""
+    champion = version_by_alias(client, name, "champion")
+    try:
+        numbers = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        numbers = []
+    marked = [f"{n} (champion)" if champion is not None and str(n) == str(champion.version) else str(n)
+              for n in numbers]
+    return ", ".join(marked) or "none"
+
+
 def _move(client: MlflowClient, name: str, version: str, reason: str, by: str) -> dict:
     """Move `champion` to `version` and record the move (the caller holds the promotion lock)."""
-    target = client.get_model_version(name, str(version))  # raises if it does not exist
+    try:
+        target = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise BadInput(f"registered model {name!r} has no version {version!r}; "
+                       f"its versions: {_version_list(client, name)}") from exc
     previous = version_by_alias(client, name, "champion")
     entry = {"version": str(target.version), "previous": str(previous.version) if previous else None,
              "at": _now(), "reason": reason, "by": by}

@@ -11,8 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from prefect.logging.configuration import ensure_logging_setup
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Prefect's console log handler writes to whatever sys.stderr is when prefect sets up its logging. Set up
+# here, that is pytest's session-long capture. Set up first by the CLI inside a test that uses capsys
+# (`sweep` and `schedule` import it lazily), it would be that test's stream, closed after it, and every
+# later flow in the same worker would fail on its first log line.
+ensure_logging_setup()
 
 TINY_VOCAB = 384
 

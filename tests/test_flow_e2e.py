@@ -118,7 +118,7 @@ def test_cli_promote_rollback_and_runs(two_runs, project):
     assert out.returncode == 0, out.stderr
     assert client.get_model_version_by_alias(MODEL, "champion").version == 1
     out = cli("promote", "99", "--reason", "x")
-    assert out.returncode != 0 and "99" in out.stderr
+    assert out.returncode == 2 and "no version '99'; its versions: 1 (champion), 2" in out.stderr, out.stderr
     table = cli("runs")
     assert table.returncode == 0 and table.stdout.count("tiny-e2e") >= 2 and "(champion)" in table.stdout
     first, second = (r["run_id"][:8] for r in two_runs)
