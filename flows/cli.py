@@ -180,7 +180,13 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from frugalflow.errors import BadInput
+    from tasks.team.procs import port_free
+
     _, _, uri = _client(args)
+    if not port_free(args.host, args.port):
+        raise BadInput(f"--port {args.port} / --host {args.host}: cannot listen on {args.host}:{args.port} (in use, "
+                       f"or not an address of this machine); pick a free port with --port")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
@@ -291,11 +297,19 @@ def _one_of(*choices: str):
     return parse
 
 
-def _integer(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a valid integer") from None
+def _integer(low: int, high: int | None = None):
+    """A parser for an integer from `low` to `high` (no upper bound when None)."""
+    allowed = f"{low} to {high}" if high is not None else f"{low} or more"
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise typer.BadParameter(f"{value!r} is not a valid integer") from None
+        if number < low or (high is not None and number > high):
+            raise typer.BadParameter(f"{number} is out of range (allowed: {allowed})")
+        return number
+    return parse
 
 
 EXIT_CODES = "Exit codes:" + __doc__.split("Exit codes:", 1)[1]
@@ -332,7 +346,7 @@ def sweep_command(params: Params = "params.yaml",
                       help="values of one recipe key (repeat for more keys; adds to sweep.grid)")] = None,
                   set_: Sets = None,
                   parallel: Annotated[Optional[int], typer.Option(
-                      parser=_integer, metavar="N", help="candidates at once (default sweep.max_parallel)")] = None,
+                      parser=_integer(1), metavar="N", help="candidates at once (default sweep.max_parallel)")] = None,
                   cluster: Annotated[Optional[str], typer.Option(
                       metavar="tcp://HOST:PORT", help="send candidates to this Dask scheduler "
                       "(default: sweep.cluster, else local processes)")] = None) -> int:
@@ -350,7 +364,7 @@ def schedule_command(file: Annotated[Optional[str], typer.Argument(metavar="FILE
 
 @app.command("runs", help="recent runs")
 def runs_command(params: Params = "params.yaml", tracking_uri: TrackingUri = None,
-                 n: Annotated[int, typer.Option("-n", parser=_integer, metavar="N", help="how many")] = 10) -> int:
+                 n: Annotated[int, typer.Option("-n", parser=_integer(1), metavar="N", help="how many")] = 10) -> int:
     return cmd_runs(Namespace(params=params, tracking_uri=tracking_uri, n=n))
 
 
@@ -407,7 +421,7 @@ def team_command(action: Annotated[str, typer.Argument(parser=_one_of("up", "sta
 @app.command("ui", help="open the MLflow UI on the store")
 def ui_command(params: Params = "params.yaml", tracking_uri: TrackingUri = None,
                host: Annotated[str, typer.Option(metavar="HOST")] = "127.0.0.1",
-               port: Annotated[int, typer.Option(parser=_integer, metavar="PORT")] = 5000) -> int:
+               port: Annotated[int, typer.Option(parser=_integer(1, 65535), metavar="PORT")] = 5000) -> int:
     return cmd_ui(Namespace(params=params, tracking_uri=tracking_uri, host=host, port=port))
 
 

@@ -42,11 +42,15 @@ def candidate_recipes(params: str, grid_options: list[str], overrides: list[str]
     params_path = Path(params).resolve()
     root = project_root(params_path)
     grid = dict(load_flow_recipe(params_path, root, overrides).sweep.grid)
+    given = set()
     for text in grid_options:
         key, values = parse_grid_option(text)
-        grid[key] = values
+        if key in given:
+            raise RecipeError("grid", [f"-g {key} given twice: list its values in one -g, e.g. {key}=V1,V2"])
+        given.add(key)
+        grid[key] = values  # replaces the recipe's sweep.grid values for that key
     if not grid:
-        raise RecipeError("sweep", ["no grid: pass -g KEY=V1,V2 (e.g. -g stages.0.sparsity=0.1,0.3) "
+        raise RecipeError("grid", ["no grid: pass -g KEY=V1,V2 (e.g. -g stages.0.sparsity=0.1,0.3) "
                                     "or set sweep.grid in the recipe"])
     out = []
     for assignment in expand_grid(grid):
@@ -54,7 +58,7 @@ def candidate_recipes(params: str, grid_options: list[str], overrides: list[str]
         try:
             recipe = load_flow_recipe(params_path, root, overrides + as_overrides(assignment))
         except RecipeError as exc:
-            raise RecipeError(f"sweep candidate {name}", exc.problems) from None
+            raise RecipeError(f"candidate {name}", exc.problems) from None
         out.append(Candidate(name, assignment, recipe))
     return out
 

@@ -26,7 +26,7 @@ def parse_grid_option(text: str) -> tuple[str, list[Any]]:
     key, sep, raw = text.partition("=")
     values = [v.strip() for v in raw.split(",") if v.strip()] if sep else []
     if not key.strip() or not values:
-        raise RecipeError("sweep", [f"{text!r}: expected KEY=V1,V2,..., e.g. stages.0.sparsity=0.1,0.3"])
+        raise RecipeError("grid", [f"{text!r}: expected KEY=V1,V2,..., e.g. stages.0.sparsity=0.1,0.3"])
     return key.strip(), [parse_scalar(v) for v in values]
 
 

@@ -5,6 +5,7 @@ every case fails before Prefect, DVC or any model work starts."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ MODEL = "tiny-bad-input"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir):
     """A project (not run) whose store holds one finished run and one registered version that is
-    champion without any recorded history; a lone folder without dvc.yaml; a corrupt model."""
+    champion without any recorded history; a lone folder without dvc.yaml; a corrupt model; a busy port."""
     proj = make_project(tmp_path_factory.mktemp("bad-input"), tiny_recipe(tiny_model_dir, MODEL))
     client = client_for(proj)
     exp = client.create_experiment(MODEL, artifact_location=(proj / "mlartifacts").as_uri())
@@ -44,7 +45,11 @@ def world(tmp_path_factory, tiny_model_dir):
             (corrupt / f).write_bytes((tiny_model_dir / f).read_bytes())
     weights = (tiny_model_dir / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
-    return {"proj": proj, "lone": lone, "tiny": tiny_model_dir, "run_id": run.info.run_id}
+    with socket.socket() as busy:  # a port something else listens on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield {"proj": proj, "lone": lone, "tiny": tiny_model_dir, "run_id": run.info.run_id,
+               "busy_port": str(busy.getsockname()[1])}
 
 
 def snapshot(proj: Path) -> dict:
@@ -144,6 +149,10 @@ CASES = [
                                                                                       "KEY=V1,V2"]),
     ("sweep-grid-point-out-of-range", lambda w: ["sweep", "-p", P, "-g", "stages.0.sparsity=0.5,1.5"],
      2, ["sweep candidate sparsity=1.5", "stages.0.sparsity"]),
+    ("sweep-grid-key-twice", lambda w: ["sweep", "-p", P, "-g", "stages.0.sparsity=0.1", "-g", "stages.0.sparsity=0.3"],
+     2, ["-g stages.0.sparsity given twice", "stages.0.sparsity=V1,V2"]),
+    ("sweep-parallel-zero", lambda w: ["sweep", "-p", P, "--parallel", "0", "-g", "stages.0.sparsity=0.1,0.3"],
+     2, ["--parallel", "0 is out of range (allowed: 1 or more)"]),
     ("sweep-override-dvc-owned", lambda w: ["sweep", "-p", P, "-s", "data.eval_windows=3", "-g",
                                             "stages.0.sparsity=0.1,0.2"], 2, ["data.eval_windows=3"]),
     # ---- schedule
@@ -153,6 +162,7 @@ CASES = [
      2, ["schedule.cron", "61 * * * *"]),
     # ---- runs / compare / promote / rollback: the store
     ("runs-missing-params", lambda w: ["runs", "-p", str(w["proj"] / "gone.yaml")], 2, ["gone.yaml"]),
+    ("runs-n-zero", lambda w: ["runs", "-p", P, "-n", "0"], 2, ["-n", "0 is out of range (allowed: 1 or more)"]),
     ("runs-n-not-a-number", lambda w: ["runs", "-p", P, "-n", "ten"], 2, ["'ten'"]),
     ("compare-unknown-run", lambda w: ["compare", "ffffffff", "-p", P], 2, ["ffffffff"]),
     ("compare-not-an-id", lambda w: ["compare", "run#1", "-p", P], 2, ["run#1", "not a run id"]),
@@ -185,6 +195,10 @@ CASES = [
                                        str(w["lone"] / "new-team")], 2, ["not a frugalflow checkout"]),
     # ---- ui
     ("ui-port-not-a-number", lambda w: ["ui", "-p", P, "--port", "http"], 2, ["'http'"]),
+    ("ui-port-out-of-range", lambda w: ["ui", "-p", P, "--port", "99999"], 2,
+     ["--port", "99999 is out of range (allowed: 1 to 65535)"]),
+    ("ui-port-in-use", lambda w: ["ui", "-p", P, "--port", w["busy_port"]], 2,
+     ["cannot listen on 127.0.0.1:", "in use", "pick a free port"]),
     ("ui-missing-params", lambda w: ["ui", "-p", str(w["proj"] / "nope.yaml")], 2, ["nope.yaml"]),
 ]
 
