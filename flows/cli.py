@@ -185,8 +185,8 @@ def cmd_ui(args) -> int:
 
     _, _, uri = _client(args)
     if not port_free(args.host, args.port):
-        raise BadInput(f"--port {args.port} / --host {args.host}: cannot listen on {args.host}:{args.port} (in use, "
-                       f"or not an address of this machine); pick a free port with --port")
+        raise BadInput(f"--port {args.port}: cannot listen on {args.host}:{args.port} (in use, or --host is not an "
+                       f"address of this machine); pick a free port with --port")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
