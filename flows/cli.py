@@ -19,7 +19,9 @@ Exit codes:
     4  a service that cannot be reached or refuses: MLflow store or server, S3, Prefect API, a full disk
     1  anything else: a bug, printed with its traceback
 Every message names the key, file or service, the value found and what is allowed or what to do.
-SIGTERM stops a command as Ctrl-C does: runs are closed FAILED, servers it started are stopped.
+SIGTERM stops a command as Ctrl-C does: runs are closed FAILED, servers it started are stopped;
+it exits 143 after SIGTERM, 130 after Ctrl-C (SIGINT), also when the signal reaches its whole
+process group (Ctrl-C in a terminal, `timeout`, a service manager).
 """
 from __future__ import annotations
 
@@ -81,6 +83,9 @@ def cmd_run(args) -> int:
     _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
     _adopt()
     from flows.nightly import compression_flow
+    from flows.temporary_api import start_in_own_session
+
+    start_in_own_session()
 
     result = compression_flow(params=args.params, overrides=args.set)
     promo = result["promotion"]
@@ -108,6 +113,9 @@ def cmd_sweep(args) -> int:
     print(f"sweep: {len(candidates)} candidates: {', '.join(c.label for c in candidates)}")
     _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
     _adopt()
+    from flows.temporary_api import start_in_own_session
+
+    start_in_own_session()
     workers = args.parallel or recipe.sweep.max_parallel
     cluster = getattr(args, "cluster", None) or recipe.sweep.cluster
     runner = runner_for(workers, cluster)  # exit 2/4 on a bad or silent cluster address
@@ -441,6 +449,9 @@ def _parse_and_run(argv: list[str]) -> int:
         raise SystemExit(getattr(exc, "exit_code", 2)) from None
 
 
+STOPPED_BY_SIGTERM = 128 + 15  # the exit status of a command stopped by SIGTERM, as a shell reports it
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; map what went wrong to an exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -457,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         code, message = known
         print(f"frugalflow {command}: {message}", file=sys.stderr)
         return code
+    except KeyboardInterrupt:  # Ctrl-C: what the flow recorded is closed as for SIGTERM; no traceback
+        print(f"frugalflow {command}: interrupted (SIGINT)", file=sys.stderr)
+        return 128 + 2
+    except SystemExit as exc:
+        if exc.code == STOPPED_BY_SIGTERM:
+            print(f"frugalflow {command}: stopped (SIGTERM)", file=sys.stderr)
+        raise
     finally:
         restore()
 
@@ -471,7 +489,7 @@ def _sigterm_as_exit():
         return lambda: None
 
     def on_term(signum, frame):
-        raise SystemExit(128 + signum)
+        raise SystemExit(STOPPED_BY_SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, on_term)
     return lambda: signal.signal(signal.SIGTERM, previous)

@@ -12,7 +12,8 @@ checkpoint and ends with weights bitwise equal to an uninterrupted distillation 
 (CPU); every killed run's MLflow runs end FAILED with a tag saying why; no registry version is
 duplicated (the rerun adopts the version that the run killed during registration created); no
 process a killed run started outlives the rerun's start. `frugalflow ui` stops its MLflow server
-on SIGTERM and on SIGINT.
+on SIGTERM and on SIGINT; `frugalflow run` sent SIGTERM or SIGINT with its whole process group
+records its crash, closes its runs FAILED and exits 143 / 130 within seconds.
 """
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ def owned_by(pid: int) -> list[int]:
     return found
 
 
+def kill_with_what_it_started(pid: int) -> None:
+    """SIGKILL the process group of `pid` and of every process it owns (its servers have their own)."""
+    for group in [pid, *owned_by(pid)]:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _sigint_default() -> None:
+    """As from a terminal: an xdist worker may have SIGINT ignored, which a child inherits (Python
+    then raises no KeyboardInterrupt: the child never sees Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Runs:
     """`frugalflow run` subprocesses on one project, each frozen at a point and killed."""
 
@@ -69,7 +85,7 @@ class Runs:
             env.update(FRUGALFLOW_TEST_PAUSE_AT=point, FRUGALFLOW_TEST_PAUSE_FILE=str(marker))
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "-p", str(self.project / "params.yaml")],
                                 cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_sigint_default)
         self.procs.append(proc)
         return proc, marker, log
 
@@ -85,10 +101,7 @@ class Runs:
 
     def cleanup(self) -> None:
         for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_with_what_it_started(proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +241,7 @@ def test_ui_stops_its_mlflow_server_on(sig, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "-p", str(tmp_path / "params.yaml"),
                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_WORKERS": "1"},
-                            # as from a terminal: an xdist worker may have SIGINT ignored, which a child
-                            # inherits (Python then raises no KeyboardInterrupt: the UI never saw the signal)
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            env={**os.environ, "MLFLOW_WORKERS": "1"}, preexec_fn=_sigint_default)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}/health", log, "frugalflow ui", 300)
         os.kill(proc.pid, sig)  # to the CLI process only, as `kill` or a service manager sends it
@@ -247,8 +257,36 @@ def test_ui_stops_its_mlflow_server_on(sig, tmp_path):
         assert "MLflow UI stopped" in log.read_text()
         assert not owned_by(proc.pid), "processes the UI started outlived it"
     finally:
-        for pid in [proc.pid, *owned_by(proc.pid)]:  # the server runs in its own process group
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_with_what_it_started(proc.pid)
+
+
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGTERM, 143, "stopped (SIGTERM)"),
+                                           (signal.SIGINT, 130, "interrupted (SIGINT)")], ids=["SIGTERM", "SIGINT"])
+def test_a_run_signalled_with_its_process_group_stops_at_once_and_records_it(sig, code, said, tmp_path,
+                                                                               tiny_model_dir):
+    """Ctrl-C in a terminal, `timeout` or a service manager signal the whole process group, Prefect's
+    temporary API server included. The run must still report its crash to that server, close its
+    MLflow runs FAILED, stop the server and exit with the signal's status, in seconds (with the
+    server in the CLI's group it died first: 150 s of retries, then exit 4 'Prefect API cannot be
+    reached')."""
+    project = make_project(tmp_path, tiny_recipe(tiny_model_dir, MODEL, stages=[{"method": "wanda", "sparsity": 0.5}]))
+    runs = Runs(project)
+    try:
+        proc, marker, log = runs.start("stage0.compute")  # its own temporary Prefect server
+        wait_for(lambda: marker.exists() or proc.poll() is not None, 600, 0.2)
+        assert marker.exists(), f"run did not reach stage0.compute (exit {proc.poll()}):\n{tail(log)}"
+        signalled = time.monotonic()
+        os.killpg(proc.pid, sig)
+        assert proc.wait(120) == code, tail(log)
+        took = time.monotonic() - signalled
+        text = log.read_text()
+        assert took < 60, f"{took:.0f} s from {sig.name} to exit\n{tail(log)}"
+        assert f"frugalflow run: {said}" in text and "Traceback" not in text, tail(log)
+        assert "Finished in state Crashed" in text and "Error logging to API" not in text, tail(log)
+        assert not owned_by(proc.pid), "processes the run started outlived it"
+        client = client_for(project)
+        exp = client.get_experiment_by_name(MODEL).experiment_id
+        statuses = [r.info.status for r in client.search_runs([exp])]
+        assert statuses and set(statuses) == {"FAILED"}, statuses
+    finally:
+        runs.cleanup()
