@@ -222,3 +222,13 @@ def test_distill_stage_with_processes_2_runs_under_torchrun(tmp_path, tiny_model
     pruned = load_model(tmp_path / "pruned")
     for name, m in q2.items():  # pruned weights stay exactly zero in the 2-process output
         assert torch.all(m.dequantize()[pruned.get_submodule(name).weight == 0] == 0), name
+
+
+def test_a_progress_event_is_read_even_with_another_ranks_output_on_its_line():
+    """As seen once in CI: rank 1's warning landed after rank 0's event, before its newline."""
+    event = {"message": "perplexity before distillation 353.314", "metrics": {"ppl_before": 353.3}}
+    line = ddp._PREFIX + '{"message": "perplexity before distillation 353.314", "metrics": {"ppl_before": 353.3}}' \
+        + "/x/ddp.py:61: UserWarning: keep using `broadcast_buffers=False`\n"
+    assert ddp.split_event(line) == (event, "/x/ddp.py:61: UserWarning: keep using `broadcast_buffers=False`\n")
+    assert ddp.split_event(ddp._PREFIX + '{"message": "m", "metrics": {}}\n') == ({"message": "m", "metrics": {}}, "\n")
+    assert ddp.split_event("W1205 rank 1 warning\n") == (None, "W1205 rank 1 warning\n")

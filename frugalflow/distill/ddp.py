@@ -89,6 +89,15 @@ def barrier() -> None:
 
 
 # --------------------------------------------------------------------------- launching
+def split_event(line: str) -> tuple[dict | None, str]:
+    """A line of torchrun's output -> (rank 0's progress event or None, the other text on the line:
+    another rank's output can land after the event, before its newline)."""
+    if not line.startswith(_PREFIX):
+        return None, line
+    event, end = json.JSONDecoder().raw_decode(line, len(_PREFIX))
+    return event, line[end:]
+
+
 def launch_stage(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
     """Run a distill stage's `trainer.run` in `stage.processes` processes under torchrun; returns
     rank 0's stats. ctx as in stages.run_stage; its `report` gets rank 0's progress live."""
@@ -110,11 +119,11 @@ def launch_stage(stage, model_dir: Path, out_dir: Path, ctx: dict) -> dict:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         try:
             for line in proc.stdout:
-                if line.startswith(_PREFIX):
-                    event = json.loads(line[len(_PREFIX):])
+                event, rest = split_event(line)
+                if event is not None:
                     report(event["message"], event["metrics"])
-                else:
-                    tail.append(line.rstrip("\n"))
+                if rest.strip():
+                    tail.append(rest.rstrip("\n"))
             rc = proc.wait()
         finally:
             if proc.poll() is None:
@@ -146,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(message: str, metrics: dict) -> None:
         if rank == 0:
-            print(_PREFIX + json.dumps({"message": message, "metrics": metrics}, default=float), flush=True)
+            # one write, newline included: the other ranks' output shares the pipe (print writes the
+            # newline separately, and a warning from rank 1 once landed between the two)
+            sys.stdout.write(_PREFIX + json.dumps({"message": message, "metrics": metrics}, default=float) + "\n")
+            sys.stdout.flush()
 
     ctx = {"device": device, "data_dir": Path(spec["data_dir"]), "teacher_dir": Path(spec["teacher_dir"]),
            "seed": spec["seed"], "checkpoint_dir": spec["checkpoint_dir"], "pruned": spec["pruned"],
