@@ -81,11 +81,8 @@ def _services_or_exit(params: str, overrides: list[str]) -> None:
 def cmd_run(args) -> int:
     _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
     _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
-    _adopt()
+    _before_flow()
     from flows.nightly import compression_flow
-    from flows.temporary_api import start_in_own_session
-
-    start_in_own_session()
 
     result = compression_flow(params=args.params, overrides=args.set)
     promo = result["promotion"]
@@ -112,10 +109,7 @@ def cmd_sweep(args) -> int:
         return 2
     print(f"sweep: {len(candidates)} candidates: {', '.join(c.label for c in candidates)}")
     _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
-    _adopt()
-    from flows.temporary_api import start_in_own_session
-
-    start_in_own_session()
+    _before_flow()
     workers = args.parallel or recipe.sweep.max_parallel
     cluster = getattr(args, "cluster", None) or recipe.sweep.cluster
     runner = runner_for(workers, cluster)  # exit 2/4 on a bad or silent cluster address
@@ -224,6 +218,15 @@ def _stop_group(proc: subprocess.Popen, wait_s: float = 10) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _before_flow() -> None:
+    """What `run` and `sweep` do before their flow starts: clean up after killed runs, own what this
+    run starts, and keep Prefect's temporary API server out of this process group."""
+    from flows.temporary_api import start_in_own_session
+
+    _adopt()
+    start_in_own_session()
 
 
 def _adopt() -> None:
