@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint transformers5 browser postgres team team-down demo test validate runs ui clean-runs
+.PHONY: install lint transformers5 llamacpp browser postgres team team-down demo test validate runs ui clean-runs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,13 +60,22 @@ $(TF5)/5.17/.installed: requirements-transformers5.17.lock $(STAMP)
 	touch $@
 transformers5: $(TF5)/5.25/.installed $(TF5)/5.17/.installed
 
+# llama.cpp, the engine the GGUF export is for (tests/test_llamacpp.py, benchmarks/llamacpp.py):
+# llama-cpp-python and its tools built from source (requirements-llamacpp.lock), about 10 minutes on
+# 2 cores the first time on a machine; the build is cached outside the checkout (infra/llamacpp/build.sh).
+LLAMACPP := $(VENV)/llamacpp/.installed
+$(LLAMACPP): requirements-llamacpp.lock infra/llamacpp/build.sh $(STAMP)
+	infra/llamacpp/build.sh $(BIN)/python
+	touch $@
+llamacpp: $(LLAMACPP)
+
 lint: $(STAMP)          ## ruff (configured in pyproject.toml); part of `make test`
 	$(BIN)/ruff check .
 
 # Two pytest-xdist workers: much of the suite waits on servers and subprocesses (tests/conftest.py
 # keeps each module, and each shared server, on one worker). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
-test: $(STAMP) lint transformers5 browser postgres  ## the test suite (CPU only; starts its own local servers and a headless browser)
+test: $(STAMP) lint transformers5 llamacpp browser postgres  ## the test suite (CPU only; starts its own local servers and a headless browser)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 validate: $(STAMP)

@@ -9,7 +9,8 @@
     frugalflow promote VERSION --reason TEXT         move `champion` by hand
     frugalflow rollback --reason TEXT                move `champion` back to the previous one
     frugalflow ui [--port 5000]                      the MLflow UI on the local store
-    frugalflow export DIR --format F --out PATH      a packed model as GGUF (llama.cpp) or compressed-tensors (vLLM)
+    frugalflow export DIR|models:/NAME@ALIAS --format F --out PATH
+                                                     a model as GGUF (llama.cpp) or compressed-tensors (vLLM)
     frugalflow team up|status|down [--home DIR]      team mode on this machine: PostgreSQL, S3, MLflow, Prefect, worker
 
 Exit codes:
@@ -239,22 +240,28 @@ def _adopt() -> None:
 
 
 def cmd_export(args) -> int:
-    from frugalflow.export import ExportError
+    from frugalflow.export import ExportError, export
 
+    options = dict(float_type=args.float_type, require_exact=args.require_exact, overwrite=args.overwrite)
     try:
-        if args.format == "gguf":
-            from frugalflow.export.gguf import export_gguf
+        if args.model_dir.startswith("models:/"):  # a registered version: its attached file, else an export of it
+            from tasks import tracking as T
+            from tasks.serving import fetch
 
-            summary = export_gguf(args.model_dir, args.out, float_type=args.float_type,
-                                  require_exact=args.require_exact, overwrite=args.overwrite)
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # else the recipe's store
+            client = T.connect(uri) if uri else _client(args)[0]
+            non_default = {k: v for k, v in options.items() if k != "overwrite" and v not in ("f16", False)}
+            summary = fetch(client, args.model_dir, args.format, args.out, overwrite=args.overwrite, **non_default)
+            print(f"{args.model_dir} is {summary['name']} version {summary['version']}; "
+                  + ("downloaded the file the flow attached to it" if summary["attached"] else "exported its model"))
         else:
-            from frugalflow.export.compressed_tensors import export_compressed_tensors
-
-            summary = export_compressed_tensors(args.model_dir, args.out, require_exact=args.require_exact,
-                                                overwrite=args.overwrite)
+            summary = export(args.format, args.model_dir, args.out, **options)
     except (ExportError, FileExistsError) as exc:
         print(f"frugalflow export: {exc}", file=sys.stderr)
         return 2
+    if summary.get("attached"):
+        print(f"wrote {summary['path']} ({summary['format']}, {summary['bytes'] / 1e6:.1f} MB)")
+        return 0
     kinds = summary.get("linears") or summary.get("formats")
     print(f"wrote {summary['path']} ({summary['format']}, {summary['bytes'] / 1e6:.1f} MB): linears {kinds}")
     if summary["format"] == "gguf":
@@ -402,7 +409,8 @@ def rollback_command(reason: Reason, params: Params = "params.yaml", tracking_ur
 
 @app.command("export", help="write a model as GGUF or compressed-tensors for serving")
 def export_command(model_dir: Annotated[str, typer.Argument(
-                       metavar="MODEL_DIR", help="a dense or packed model directory (with its tokenizer)")],
+                       metavar="MODEL", help="a dense or packed model directory (with its tokenizer), or a registered "
+                                             "version: models:/NAME@ALIAS or models:/NAME/VERSION")],
                    format_: Annotated[str, typer.Option("--format", parser=_one_of("gguf", "compressed-tensors"),
                                                         metavar="gguf|compressed-tensors")],
                    out: Annotated[str, typer.Option(metavar="PATH", help="the .gguf file, or the compressed-tensors directory")],
@@ -411,9 +419,11 @@ def export_command(model_dir: Annotated[str, typer.Argument(
                        help="GGUF type of embeddings and of layers without a quantized GGUF type")] = "f16",
                    require_exact: Annotated[bool, typer.Option(
                        "--require-exact", help="refuse instead of writing a quantized layer dequantized")] = False,
-                   overwrite: Annotated[bool, typer.Option("--overwrite")] = False) -> int:
+                   overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+                   params: Params = "params.yaml", tracking_uri: TrackingUri = None) -> int:
     return cmd_export(Namespace(model_dir=model_dir, format=format_, out=out, float_type=float_type,
-                                require_exact=require_exact, overwrite=overwrite))
+                                require_exact=require_exact, overwrite=overwrite, params=params,
+                                tracking_uri=tracking_uri))
 
 
 @app.command("team", help="team mode on this machine: up, status, down (see infra/README.md)")

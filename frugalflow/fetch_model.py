@@ -49,6 +49,63 @@ def gguf_to_hf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     fresh.load_state_dict(loaded.state_dict())
     fresh.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    restore_gguf_tokenizer(gguf_dir / gguf_file, out_dir)
+
+
+# llama.cpp's pre-tokenizer names whose Hugging Face pre_tokenizer transformers' GGUF loader does not
+# rebuild (it writes a plain ByteLevel for every gpt2-model vocabulary)
+PRE_TOKENIZERS = {
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+}
+
+
+SPECIAL_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+               "pad_token": "tokenizer.ggml.padding_token_id", "unk_token": "tokenizer.ggml.unknown_token_id"}
+
+
+def restore_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    """Make the saved tokenizer split and frame text as the GGUF's own does.
+
+    transformers' GGUF loader (4.57) rebuilds a gpt2-model vocabulary with a plain ByteLevel
+    pre-tokenizer, a post-processor that puts BOS before every text and EOS = BOS, whatever the
+    file says. The GGUF's tokenizer.ggml.pre, add_bos/eos_token, add_space_prefix and special ids
+    (written by llama.cpp's converter from the original tokenizer) are put back, so that our
+    runtime and llama.cpp tokenize a text to the same ids."""
+    import gguf
+
+    fields = gguf.GGUFReader(gguf_path).fields
+
+    def value(key: str, default=None):
+        return fields[key].contents() if key in fields else default
+
+    tokenizer_json, config_json = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
+    state, config = json.loads(tokenizer_json.read_text()), json.loads(config_json.read_text())
+    if value("tokenizer.ggml.pre") in PRE_TOKENIZERS:
+        state["pre_tokenizer"] = PRE_TOKENIZERS[value("tokenizer.ggml.pre")]
+    add_bos = bool(value("tokenizer.ggml.add_bos_token", True))
+    if not add_bos and state.get("post_processor", {}).get("type") == "TemplateProcessing":
+        state["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                                   "use_regex": True}
+    for flag in ("add_bos_token", "add_eos_token"):  # as the file says, or unset where it says nothing
+        if f"tokenizer.ggml.{flag}" in fields:
+            config[flag] = bool(value(f"tokenizer.ggml.{flag}"))
+        else:
+            config.pop(flag, None)
+    if "tokenizer.ggml.add_space_prefix" in fields:
+        config["add_prefix_space"] = bool(value("tokenizer.ggml.add_space_prefix"))
+    tokens = value("tokenizer.ggml.tokens")
+    for role, key in SPECIAL_IDS.items():
+        if key in fields:
+            config[role] = tokens[value(key)]
+            config.pop(f"{role}_id", None)
+    tokenizer_json.write_text(json.dumps(state, ensure_ascii=False))
+    config_json.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    special = out_dir / "special_tokens_map.json"
+    if special.is_file():
+        special.write_text(json.dumps({k: config[k] for k in SPECIAL_IDS if k in config}, indent=2,
+                                      ensure_ascii=False) + "\n")
 
 
 def declare_fast_tokenizer(model_dir: str | Path) -> None:

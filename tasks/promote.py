@@ -1,7 +1,8 @@
 """Prefect task: register a passing candidate as `challenger` (and, when a models bucket is
-configured, publish its directory there), then promote it to `champion` when there is none or it
-beats the current one on the recipe's objective, decided at promotion time under the model's
-promotion lock (tasks/registry.py `promote_if_better`), not from the gate's earlier look."""
+configured, publish its directory there), attach its GGUF and compressed-tensors files
+(tasks/serving.py), then promote it to `champion` when there is none or it beats the current one
+on the recipe's objective, decided at promotion time under the model's promotion lock
+(tasks/registry.py `promote_if_better`), not from the gate's earlier look."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from prefect import task
 
 from tasks import registry as R
 from tasks import tracking as T
+from tasks.serving import attach as attach_serving_files
 
 MODELS_URI_ENV = "FRUGALFLOW_MODELS_URI"  # e.g. s3://frugalflow-models: versions go to <uri>/<model>/v<N>
 
@@ -56,6 +58,8 @@ def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tra
     logger.info("registered %s version %s as challenger", model_name, version)
     T.set_tags(client, run_id, {"frugalflow.registered_version": version})
     publish_version(client, model_name, version, model_dir, logger)  # its URI: the version's tag `s3_uri`
+    if model_dir:  # a deploy step gets llama.cpp's and vLLM's files from the alias alone
+        attach_serving_files(client, model_name, version, run_id, model_dir, logger)
     decision = R.promote_if_better(client, model_name, version, verdict["objective"])
     if decision["promoted"]:
         logger.info("promoted %s version %s to champion (%s)", model_name, version, decision["reason"])

@@ -153,3 +153,47 @@ def test_recipe_files_take_dvc_owned_sections_from_params(project):
     recipe_file.write_text("name: other\ndata: {window: 128}\nstages:\n  - method: rtn\n")
     with pytest.raises(RecipeError, match="data: differs"):
         load_flow_recipe(recipe_file, project, [])
+
+
+def test_export_from_the_registry(two_runs, project, tmp_path):
+    """A deploy step knows only the alias: `frugalflow export models:/NAME@champion` gets the GGUF and
+    the compressed-tensors folder the flow attached to that version (byte for byte what a local export
+    of the version's model writes), from a folder that is not the project, given the tracking URI."""
+    import gguf
+
+    client = client_for(project)
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert version.tags["serving.gguf"] == "serving/model.gguf"
+    assert version.tags["serving.compressed-tensors"] == "serving/compressed-tensors"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "export", *args, "--tracking-uri",
+                               client.tracking_uri], capture_output=True, text=True, cwd=tmp_path)
+
+    out = cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m.gguf")
+    assert out.returncode == 0, out.stderr
+    assert f"{MODEL} version {version.version}; downloaded the file the flow attached" in out.stdout
+    model_dir = client.download_artifacts(version.run_id, "model", str(tmp_path / "dl"))
+    local = subprocess.run([sys.executable, "-m", "flows.cli", "export", model_dir, "--format", "gguf", "--out",
+                            str(tmp_path / "local.gguf")], capture_output=True, text=True, cwd=ROOT)
+    assert local.returncode == 0, local.stderr
+    attached, exported = gguf.GGUFReader(tmp_path / "m.gguf"), gguf.GGUFReader(tmp_path / "local.gguf")
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in attached.tensors] == \
+        [(t.name, t.tensor_type, t.data.tobytes()) for t in exported.tensors]
+    fields = {k for k in attached.fields if k != "general.name"}  # the folder's name: the stage's key vs "model"
+    assert all(attached.fields[k].contents() == exported.fields[k].contents() for k in fields)
+    assert attached.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+
+    out = cli(f"models:/{MODEL}/{version.version}", "--format", "compressed-tensors", "--out", "ct")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    # an option the attached file was not written with: exported from the version's model instead
+    out = cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m32.gguf", "--float-type", "f32")
+    assert out.returncode == 0 and "exported its model" in out.stdout, out.stderr
+    assert (tmp_path / "m32.gguf").stat().st_size > (tmp_path / "m.gguf").stat().st_size
+    # what is refused: an existing file, an unknown alias, a URI that is not the registry's
+    assert cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m.gguf").returncode == 2
+    bad = cli(f"models:/{MODEL}@nosuch", "--format", "gguf", "--out", "x.gguf")
+    assert bad.returncode == 2 and "nosuch" in bad.stderr, bad.stderr
+    bad = cli("models:/m-123abc", "--format", "gguf", "--out", "x.gguf")
+    assert bad.returncode == 2 and "models:/NAME@ALIAS" in bad.stderr, bad.stderr

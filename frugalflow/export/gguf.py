@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from hashlib import sha256
 from pathlib import Path
 
 import gguf
@@ -35,6 +36,7 @@ from frugalflow.export.common import (
     load_for_export,
     write_atomically,
 )
+from frugalflow.export.llamacpp_vocab import CHKTXT, PRE_TOKENIZER_BY_HASH
 from frugalflow.quant.runtime import PackedLinear
 
 Q = gguf.GGMLQuantizationType
@@ -44,7 +46,6 @@ FILE_TYPES = {Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: gguf.LlamaFileType
               Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.F32: gguf.LlamaFileType.ALL_F32}
-_PRE_GPT2 = {"type": "ByteLevel", "use_regex": True}
 
 
 # --------------------------------------------------------------------------- which type
@@ -135,17 +136,27 @@ def rope_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- tokenizer
-def _pre_tokenizer_name(pre: dict | None) -> str | None:
-    """llama.cpp's name for a byte-level pre-tokenizer we recognise, else None."""
+def pre_tokenizer_name(tok) -> tuple[str, str]:
+    """(llama.cpp's name for the tokenizer's BPE pre-tokenizer, how it was found).
+
+    First as llama.cpp's converter does it (the hash of CHKTXT's token ids looked up in its table),
+    so a known model gets exactly the name the converter writes; a vocabulary the table does not
+    know (one trained here) by the structure of its pre_tokenizer: the GPT-2 regex is 'gpt-2', the
+    regex after single digits is 'smollm'; else 'default' (llama.cpp's own rules)."""
+    chkhsh = sha256(str(tok.encode(CHKTXT)).encode()).hexdigest()
+    if chkhsh in PRE_TOKENIZER_BY_HASH:
+        return PRE_TOKENIZER_BY_HASH[chkhsh][0], f"hash {chkhsh[:12]} ({PRE_TOKENIZER_BY_HASH[chkhsh][1]})"
+    pre = json.loads(tok.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+
     def is_gpt2(p):
-        return p and p.get("type") == "ByteLevel" and p.get("use_regex", True)
+        return p.get("type") == "ByteLevel" and p.get("use_regex", True)
     if is_gpt2(pre):
-        return "gpt2"
-    if pre and pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+        return "gpt-2", "structure: byte-level with the GPT-2 regex"
+    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
         digits, byte_level = pre["pretokenizers"]
         if digits.get("type") == "Digits" and digits.get("individual_digits") and is_gpt2(byte_level):
-            return "smollm"  # digits split one by one, then the GPT-2 regex
-    return None
+            return "smollm", "structure: single digits, then the GPT-2 regex"
+    return "default", "not recognised"
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int) -> dict:
@@ -177,14 +188,17 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int)
         else:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
-    pre = _pre_tokenizer_name(state.get("pre_tokenizer"))
+    pre, found_by = pre_tokenizer_name(tok)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or "default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
-    info = {"tokens": len(tokens), "pre": pre or "default"}
-    if pre is None:
+    add_prefix_space = tok.init_kwargs.get("add_prefix_space")
+    if add_prefix_space is not None:  # as the converter: only where tokenizer_config.json says
+        writer.add_add_space_prefix(bool(add_prefix_space))
+    info = {"tokens": len(tokens), "pre": pre, "pre_found_by": found_by}
+    if found_by == "not recognised":
         info["warning"] = ("pre-tokenizer not recognised: llama.cpp will split text with its default "
                            "rules, which may differ from the HF tokenizer")
     return info
