@@ -99,7 +99,7 @@ def test_gguf_reader_sees_our_weights(models, tmp_path, name, qtype, exact):
     assert gguf.LlamaFileType(field("general.file_type")).name == summary["file_type"]
     assert summary["file_type"].endswith(qtype)
     assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre"), len(field("tokenizer.ggml.tokens")),
-            field("tokenizer.ggml.eos_token_id")) == ("gpt2", "gpt2", 384, 0)
+            field("tokenizer.ggml.eos_token_id")) == ("gpt2", "gpt-2", 384, 0)  # llama.cpp refuses "gpt2"
     assert len(field("tokenizer.ggml.merges")) > 0
 
     ours = load_model(models(name))
@@ -141,6 +141,24 @@ def test_gguf_tokenizer_round_trip(models, tmp_path):
     ids = ours(text, add_special_tokens=False).input_ids
     assert tok(text, add_special_tokens=False).input_ids == ids
     assert tok.decode(ids) == text and tok.eos_token_id == 0
+
+
+def test_gguf_pre_tokenizer_names_llamacpp_reads(tiny_tokenizer):
+    """A vocabulary llama.cpp's converter does not know is named by its pre-tokenizer's structure, with a
+    name llama.cpp accepts (it refuses "gpt2"); anything else is "default", never a guess."""
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    from frugalflow.export.gguf import pre_tokenizer_name
+
+    assert pre_tokenizer_name(tiny_tokenizer)[0] == "gpt-2"
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    assert pre_tokenizer_name(tok) == ("smollm", "structure: single digits, then the GPT-2 regex")
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert pre_tokenizer_name(tok) == ("default", "not recognised")
 
 
 def test_gguf_fallback_and_require_exact(models, tmp_path):
