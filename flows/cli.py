@@ -250,8 +250,7 @@ def cmd_export(args) -> int:
 
             uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # else the recipe's store
             client = T.connect(uri) if uri else _client(args)[0]
-            non_default = {k: v for k, v in options.items() if k != "overwrite" and v not in ("f16", False)}
-            summary = fetch(client, args.model_dir, args.format, args.out, overwrite=args.overwrite, **non_default)
+            summary = fetch(client, args.model_dir, args.format, args.out, **options)
             print(f"{args.model_dir} is {summary['name']} version {summary['version']}; "
                   + ("downloaded the file the flow attached to it" if summary["attached"] else "exported its model"))
         else:

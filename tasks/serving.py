@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from frugalflow.errors import BadInput
-from frugalflow.export import FORMATS, ExportError, export
+from frugalflow.export import FORMATS, export
 from frugalflow.export.common import write_atomically
 from tasks.registry import candidate_run_id
 
@@ -27,14 +27,15 @@ REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<
 def attach(client: MlflowClient, name: str, version: str, run_id: str, model_dir: str | Path, logger) -> dict:
     """Export model_dir in every format and log each as an artifact of run_id; {format: artifact path}.
     A format the model has no exact layout for is written dequantized where it can be (the
-    exporter's fallback) and skipped with a warning where it cannot."""
+    exporter's fallback); where no file can be written, the version keeps its registration and
+    the warning says why (a deploy step then exports the version's model itself)."""
     attached = {}
     for fmt in FORMATS:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / NAMES[fmt]
             try:
                 export(fmt, model_dir, out)
-            except ExportError as exc:
+            except Exception as exc:  # noqa: BLE001 (the registration stands without serving files)
                 logger.warning("version %s has no %s file: %s", version, fmt, exc)
                 continue
             if out.is_dir():
@@ -59,24 +60,25 @@ def resolve(client: MlflowClient, uri: str):
         raise BadInput(f"{uri}: the registry has no such version ({exc.message.splitlines()[0]})") from exc
 
 
-def fetch(client: MlflowClient, uri: str, fmt: str, out: str | Path, overwrite: bool = False,
-          **export_options) -> dict:
+def fetch(client: MlflowClient, uri: str, fmt: str, out: str | Path, *, float_type: str = "f16",
+          require_exact: bool = False, overwrite: bool = False) -> dict:
     """Write the servable `fmt` file of the version `uri` names to `out`: the file attached to it
-    when there is one and no export option is given, else an export of its logged model
-    directory. A summary: format, path, bytes, version, and `attached` (True when downloaded)."""
+    when there is one and the options are those it was written with (the defaults), else an export
+    of its logged model directory. A summary: format, path, bytes, version, and `attached` (True when downloaded)."""
     version = resolve(client, uri)
     out = Path(out)
     if out.exists() and not overwrite:  # before any download
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     attached, run_id = version.tags.get(TAG.format(fmt=fmt)), candidate_run_id(version)
     with tempfile.TemporaryDirectory() as tmp:
-        if attached and not any(export_options.values()):
+        if attached and (float_type, require_exact) == ("f16", False):
             got = Path(client.download_artifacts(run_id, attached, tmp))
             summary = {"format": fmt, "path": str(out), "attached": True}
         else:
             model_dir = Path(client.download_artifacts(run_id, "model", tmp))
             got = Path(tmp) / NAMES[fmt]
-            summary = {**export(fmt, model_dir, got, **export_options), "path": str(out), "attached": False}
+            summary = {**export(fmt, model_dir, got, float_type=float_type, require_exact=require_exact),
+                       "path": str(out), "attached": False}
         write_atomically(out, lambda tmp: shutil.copytree(got, tmp, dirs_exist_ok=True) if got.is_dir()
                          else shutil.copyfile(got, tmp), is_dir=got.is_dir(), overwrite=overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*")) if out.is_dir() else out.stat().st_size

@@ -40,7 +40,8 @@ def models(tmp_path_factory, tiny_model_dir):
     root, built = tmp_path_factory.mktemp("export-models"), {"dense": tiny_model_dir}
     specs = {"w4a": dict(bits=4, group_size=32, symmetric=False), "w4s": dict(bits=4, group_size=32, symmetric=True),
              "w8": dict(bits=8, group_size=32, symmetric=True), "w3": dict(bits=3, group_size=32),
-             "w4a_log8": dict(bits=4, group_size=32, symmetric=False, scale_format="log8")}
+             "w4a_log8": dict(bits=4, group_size=32, symmetric=False, scale_format="log8"),
+             "w4h8": dict(bits=4, group_size=32, symmetric=True, head_bits=8)}
 
     def get(name: str):
         if name not in built:
@@ -79,7 +80,7 @@ def logits(model) -> torch.Tensor:
 # --------------------------------------------------------------------------- GGUF
 @pytest.mark.parametrize("name, qtype, exact", [
     ("w4a", "Q4_1", False), ("w4s", "Q4_0", True), ("w8", "Q8_0", True), ("dense", "F16", False),
-    ("i8d", "Q8_0", False), ("w4a_log8", "Q4_1", False)])
+    ("i8d", "Q8_0", False), ("w4a_log8", "Q4_1", False), ("w4h8", "Q4_0", True)])
 def test_gguf_reader_sees_our_weights(models, tmp_path, name, qtype, exact):
     path = tmp_path / "m.gguf"
     summary = export_gguf(models(name), path)
@@ -124,13 +125,28 @@ def test_gguf_reader_sees_our_weights(models, tmp_path, name, qtype, exact):
                 assert torch.allclose(got, W.detach(), rtol=FP16_EPS, atol=2.0 ** -25)  # fp16 subnormal step / 2
 
 
-@pytest.mark.parametrize("name, atol", [("w4a", 2e-3), ("w4s", 1e-5), ("w8", 1e-5), ("dense", 2e-3)])
+@pytest.mark.parametrize("name, atol", [("w4a", 2e-3), ("w4s", 1e-5), ("w8", 1e-5), ("dense", 2e-3), ("w4h8", 2e-3)])
 def test_transformers_gguf_loader_matches_logits(models, tmp_path, name, atol):
     export_gguf(models(name), tmp_path / "m.gguf")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
     assert loaded.config.tie_word_embeddings
     ref = logits(reference(models(name)))
     assert torch.allclose(logits(loaded), ref, atol=atol, rtol=0), float((logits(loaded) - ref).abs().max())
+
+
+def test_gguf_int8_head_is_one_q8_0_table(models, tmp_path):
+    """A tied int8 head is written once, as token_embd in Q8_0 (its row scales rounded to fp16), not as
+    a dequantized F16 table: about half the bytes."""
+    summary = export_gguf(models("w4h8"), tmp_path / "h.gguf")
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "h.gguf").tensors}
+    assert tensors["token_embd.weight"].tensor_type.name == "Q8_0" and "output.weight" not in tensors
+    head = load_model(models("w4h8")).lm_head
+    got = torch.from_numpy(dequantize(tensors["token_embd.weight"].data, gguf.GGMLQuantizationType.Q8_0).copy())
+    W = head.dequantize(torch.float32)
+    assert (got.reshape(W.shape) - W).abs().max() <= W.abs().max() * FP16_EPS
+    dense = export_gguf(models("w4s"), tmp_path / "d.gguf")
+    assert summary["tensor_types"]["Q8_0"] == 1 and dense["tensor_types"]["F16"] == 1
+    assert summary["bytes"] < dense["bytes"]
 
 
 def test_gguf_tokenizer_round_trip(models, tmp_path):

@@ -79,7 +79,7 @@ def real(tmp_path_factory, smollm2_base):
 def test_llamacpp_runs_the_export_as_our_runtime_does(real, name):
     root, data, dirs = real
     out = root / f"{name}.gguf"
-    summary = export_gguf(dirs[name], out, float_type="f32" if name == "dense" else "f16")
+    summary = export_gguf(dirs[name], out)
     assert summary["tokenizer"]["pre"] == "smollm"
     if name == "mixed":
         assert summary["linears"]["Q8_0"] > 0 and summary["linears"]["Q4_1"] > 0

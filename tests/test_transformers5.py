@@ -141,6 +141,6 @@ def test_real_smollm2_base_tokenizes_the_same_in_transformers5(smollm2_base):
     assert json.loads((base / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     items = items_for({"base": base}, score=())
     pinned = measure_here(items)["base"]["ids"]
-    assert pinned[:5] == [1, 504, 5905, 1789, 4594]
+    assert pinned[:4] == [504, 5905, 1789, 4594]  # no BOS: SmolLM2's GGUF says add_bos_token false
     for version in TF5:
         assert measure_in(version, items)["base"]["ids"] == pinned, version

@@ -21,15 +21,17 @@ class ExportError(ValueError):
     """A model (or a request) an exporter cannot honour; the message says why."""
 
 
-def load_for_export(model_dir: str | Path) -> nn.Module:
-    """The model in model_dir (dense or packed), fp32 activations, checked for export."""
+def load_for_export(model_dir: str | Path, keep_tied_head: Callable[[PackedLinear], bool] = lambda head: False
+                    ) -> nn.Module:
+    """The model in model_dir (dense or packed), fp32 activations, checked for export. A packed output
+    head tied to the input embedding is dequantized (a dense table and head) unless keep_tied_head(head)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ExportError(f"{model_dir}: model directory does not exist")
     model = load_model(model_dir)  # ModelLoadError (a ValueError) names the problem
     check_llama(model.config)
     embedding = model.get_input_embeddings()
-    if isinstance(embedding, TiedEmbedding):  # the serving formats get a dense table (and tied head)
+    if isinstance(embedding, TiedEmbedding) and not keep_tied_head(embedding.head):
         dequantize_all(model, only={module_name(model, embedding.head)})
     return model
 

@@ -13,7 +13,8 @@ onto GGUF's 32-weight blocks whenever g % 32 == 0 (each group is g/32 blocks sha
     (activation quantization is not carried: llama.cpp chooses its own).
 Anything else (2/3/6/7 bits, 8-bit with offsets, g % 32 != 0, smoothed int8, dense layers) is
 written dequantized as F16 (default) or F32 and listed in the summary's `fallback`;
-require_exact=True refuses such a quantized layer instead.
+require_exact=True refuses such a quantized layer instead. An int8 output head tied to the input
+embedding is written once, as the token table in Q8_0 (llama.cpp uses it as the output too).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from frugalflow.export.common import (
     write_atomically,
 )
 from frugalflow.export.llamacpp_vocab import CHKTXT, PRE_TOKENIZER_BY_HASH
-from frugalflow.quant.runtime import PackedLinear
+from frugalflow.quant.runtime import PackedLinear, TiedEmbedding
 
 Q = gguf.GGMLQuantizationType
 BLOCK = 32
@@ -218,7 +219,8 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, float_type: str = "
     if float_type not in FLOAT_TYPES:
         raise ExportError(f"float_type must be one of {sorted(FLOAT_TYPES)}, got {float_type!r}")
     model_dir = Path(model_dir)
-    model = load_for_export(model_dir)
+    # a tied int8 head is written once, as the Q8_0 token table (llama.cpp reads it for the missing output)
+    model = load_for_export(model_dir, keep_tied_head=lambda head: gguf_type(head)[0] is not None)
     plan = {name: gguf_type(layer) for name, layer in linears(model).items()}
     fallback = {name: why for name, (qtype, why) in plan.items() if qtype is None}
     quantized_fallback = {n: w for n, w in fallback.items() if w != "dense layer"}
@@ -261,6 +263,12 @@ def _write(model: nn.Module, plan: dict, path: Path, float_type: tuple, tokenize
     tensor_types, linear_types, max_err = Counter(), Counter(), 0.0
     tied = bool(getattr(config, "tie_word_embeddings", False))
     modules = dict(model.named_modules())
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, TiedEmbedding):  # the packed head's rows are the table
+        qtype = gguf_type(embedding.head)[0]
+        data, max_err = quantized_tensor(embedding.head, qtype, None)
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight", data, raw_dtype=qtype)
+        tensor_types[qtype.name] += 1
     for param_name, t in model.state_dict().items():
         module_name, _, leaf = param_name.rpartition(".")
         if tied and module_name == "lm_head":
