@@ -155,28 +155,30 @@ def test_recipe_files_take_dvc_owned_sections_from_params(project):
         load_flow_recipe(recipe_file, project, [])
 
 
-def test_export_from_the_registry(two_runs, project, tmp_path):
+def test_export_from_the_registry(two_runs, project, tmp_path, monkeypatch, capsys):
     """A deploy step knows only the alias: `frugalflow export models:/NAME@champion` gets the GGUF and
-    the compressed-tensors folder the flow attached to that version (byte for byte what a local export
-    of the version's model writes), from a folder that is not the project, given the tracking URI."""
+    the compressed-tensors folder the flow attached to that version (tensor for tensor what a local
+    export of the version's model writes), from a folder that is not the project, given the tracking URI."""
     import gguf
+
+    from flows.cli import main
 
     client = client_for(project)
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert version.tags["serving.gguf"] == "serving/model.gguf"
     assert version.tags["serving.compressed-tensors"] == "serving/compressed-tensors"
+    monkeypatch.chdir(tmp_path)
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flows.cli", "export", *args, "--tracking-uri",
-                               client.tracking_uri], capture_output=True, text=True, cwd=tmp_path)
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main(["export", *args, "--tracking-uri", client.tracking_uri])
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
-    out = cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m.gguf")
-    assert out.returncode == 0, out.stderr
-    assert f"{MODEL} version {version.version}; downloaded the file the flow attached" in out.stdout
+    code, out, err = cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m.gguf")
+    assert code == 0, err
+    assert f"{MODEL} version {version.version}; downloaded the file the flow attached" in out
     model_dir = client.download_artifacts(version.run_id, "model", str(tmp_path / "dl"))
-    local = subprocess.run([sys.executable, "-m", "flows.cli", "export", model_dir, "--format", "gguf", "--out",
-                            str(tmp_path / "local.gguf")], capture_output=True, text=True, cwd=ROOT)
-    assert local.returncode == 0, local.stderr
+    assert main(["export", model_dir, "--format", "gguf", "--out", "local.gguf"]) == 0
     attached, exported = gguf.GGUFReader(tmp_path / "m.gguf"), gguf.GGUFReader(tmp_path / "local.gguf")
     assert [(t.name, t.tensor_type, t.data.tobytes()) for t in attached.tensors] == \
         [(t.name, t.tensor_type, t.data.tobytes()) for t in exported.tensors]
@@ -184,16 +186,15 @@ def test_export_from_the_registry(two_runs, project, tmp_path):
     assert all(attached.fields[k].contents() == exported.fields[k].contents() for k in fields)
     assert attached.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
-    out = cli(f"models:/{MODEL}/{version.version}", "--format", "compressed-tensors", "--out", "ct")
-    assert out.returncode == 0, out.stderr
+    code, _, err = cli(f"models:/{MODEL}/{version.version}", "--format", "compressed-tensors", "--out", "ct")
+    assert code == 0, err
     assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     # an option the attached file was not written with: exported from the version's model instead
-    out = cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m32.gguf", "--float-type", "f32")
-    assert out.returncode == 0 and "exported its model" in out.stdout, out.stderr
-    assert "other floats F32" in out.stdout and (tmp_path / "m32.gguf").is_file()
+    code, out, err = cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m32.gguf", "--float-type", "f32")
+    assert code == 0 and "exported its model" in out and "other floats F32" in out, err
     # what is refused: an existing file, an unknown alias, a URI that is not the registry's
-    assert cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m.gguf").returncode == 2
-    bad = cli(f"models:/{MODEL}@nosuch", "--format", "gguf", "--out", "x.gguf")
-    assert bad.returncode == 2 and "nosuch" in bad.stderr, bad.stderr
-    bad = cli("models:/m-123abc", "--format", "gguf", "--out", "x.gguf")
-    assert bad.returncode == 2 and "models:/NAME@ALIAS" in bad.stderr, bad.stderr
+    assert cli(f"models:/{MODEL}@champion", "--format", "gguf", "--out", "m.gguf")[0] == 2
+    code, _, err = cli(f"models:/{MODEL}@nosuch", "--format", "gguf", "--out", "x.gguf")
+    assert code == 2 and "nosuch" in err, err
+    code, _, err = cli("models:/m-123abc", "--format", "gguf", "--out", "x.gguf")
+    assert code == 2 and "models:/NAME@ALIAS" in err, err

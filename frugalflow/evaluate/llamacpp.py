@@ -71,7 +71,8 @@ def run_tool(name: str, *args: str, timeout: float = 1800) -> str:
 @contextmanager
 def loaded(gguf_path: str | Path, n_ctx: int = 512, threads: int | None = None):
     """A llama_cpp.Llama for the file, with logits kept for every position; closed on exit.
-    A file llama.cpp refuses raises ValueError carrying llama.cpp's own log lines."""
+    A file llama.cpp refuses raises ValueError carrying llama.cpp's own log lines. threads: default
+    every core (llama.cpp's threads spin while they wait: give it fewer where other work runs)."""
     llama_cpp = binding()
     _LOG.clear()
     try:
@@ -111,8 +112,8 @@ def perplexity(gguf_path: str | Path, windows: torch.Tensor, threads: int | None
     return math.exp(total / count)
 
 
-def generate(gguf_path: str | Path, prompt: str, max_tokens: int = 32) -> str:
+def generate(gguf_path: str | Path, prompt: str, max_tokens: int = 32, threads: int | None = None) -> str:
     """Greedy continuation of prompt, as llama.cpp's sampler gives it at temperature 0."""
-    with loaded(gguf_path) as model:
+    with loaded(gguf_path, threads=threads) as model:
         out = model(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
     return out["choices"][0]["text"]
