@@ -146,10 +146,11 @@ def _client(args):
 
 def cmd_runs(args) -> int:
     from flows.tables import render_table
-    from tasks.run_table import recent_runs
+    from tasks.run_table import columns_for, recent_runs
 
     client, recipe, _ = _client(args)
-    print(render_table(recent_runs(client, recipe.registry.model_name, args.n)))
+    rows = recent_runs(client, recipe.registry.model_name, args.n)
+    print(render_table(rows, columns_for(rows)))
     return 0
 
 

@@ -33,7 +33,7 @@ def start_parent_run(project: Project, name: str, tags: dict | None = None) -> T
                             "frugalflow.recipe": recipe.name, "frugalflow.params": str(project.params_path),
                             **process_tags(), **(tags or {})})
     T.log_params(client, run, flatten(recipe))
-    T.log_datasets(client, run, project.data_dir, project.data_key)
+    T.log_datasets(client, run, project.data_dir, project.data_key, recipe.stages)
     T.log_text(client, run, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "recipe.yaml")
     return T.Tracking(uri=project.uri, experiment_id=project.experiment_id, parent_run_id=run)
 

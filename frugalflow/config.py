@@ -38,6 +38,19 @@ class BaseModelConfig(Strict):
         return self
 
 
+class CalibSourceConfig(Strict):
+    """More calibration text: local files (paths or glob patterns relative to the project root, read
+    in sorted order) of which the first `windows` windows join the calibration split."""
+
+    text_files: list[str] = Field(min_length=1)
+    windows: int = Field(ge=1, le=4096)
+
+    @field_validator("text_files", mode="before")
+    @classmethod
+    def _one_pattern(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
 class DataConfig(Strict):
     """Corpus and split sizes; `prepare_data` writes calib/train/eval token windows to `path`."""
 
@@ -48,6 +61,9 @@ class DataConfig(Strict):
     calib_windows: int = Field(32, ge=1, le=4096)
     train_windows: int = Field(64, ge=0, le=100000)
     eval_windows: int = Field(40, ge=1, le=4096)
+    calib_mix: dict[str, CalibSourceConfig] = Field(
+        {}, description="name -> more calibration windows from other text (e.g. other languages), appended to "
+        "the corpus's calib_windows; every calibrated stage and the mixed-precision sensitivity see them")
     path: str = "data"
 
     @model_validator(mode="after")
@@ -278,6 +294,9 @@ class _Distill(Strict):
         "generated: text the teacher samples from its begin-of-sequence token (no domain)")
     generated_sequences: int = Field(64, ge=1, le=1_000_000, description="with train_splits generated: how many")
     generated_tokens: int = Field(256, ge=8, le=8192, description="with train_splits generated: tokens each")
+    generated_prompts: list[str] = Field([], description="with train_splits generated: the teacher's samples "
+                                         "begin with these texts in turn (e.g. one per language; '' = its "
+                                         "begin-of-sequence token alone); none: all from that token")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     processes: int = Field(1, ge=1, le=1024, description="training processes on this host (torchrun, "
                            "DistributedDataParallel: gloo on the CPU, nccl with one GPU each); batch_size stays the "

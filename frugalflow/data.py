@@ -4,14 +4,17 @@ Documents are split by a hash of their key, so the same document always lands in
 same split: sha1(key) % 5 in {0, 1, 2} -> calibration, 3 -> training, 4 -> evaluation.
 Each split's texts are joined with a blank line, tokenized with the base model's
 tokenizer and cut into `window`-token windows; at most the first `*_windows` of each are
-kept (the pydoc topics give 156 calibration, 39 training and 24 evaluation windows of 512)
-and written as `<split>.safetensors` (int64 [n, window]) plus `manifest.json`.
+kept (the pydoc topics give 156 calibration, 39 training and 24 evaluation windows of 512).
+`calib_mix` appends the first windows of other text to the calibration split (e.g. other
+languages: corpora/README.md). Written as `<split>.safetensors` (int64 [n, window]) plus
+`manifest.json`, which lists where the calibration windows came from.
 
     python -m frugalflow.data --params params.yaml
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 from pathlib import Path
@@ -38,6 +41,30 @@ def load_corpus(cfg: DataConfig) -> dict[str, str]:
             raise FileNotFoundError(f"data.text_files: {path} does not exist")
         docs[str(path)] = path.read_text(encoding="utf-8", errors="replace")
     return docs
+
+
+def calib_mix_windows(cfg: DataConfig, encode) -> tuple[list[torch.Tensor], dict]:
+    """The windows of each `calib_mix` source (sorted by name) and, per source, its files,
+    tokens and windows. Raises FileNotFoundError for a pattern that matches no file and
+    ValueError for a source too short for its windows."""
+    parts, sources = [], {}
+    for name, source in sorted(cfg.calib_mix.items()):
+        files: set[Path] = set()
+        for pattern in source.text_files:
+            hits = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+            if not hits:
+                raise FileNotFoundError(f"data.calib_mix.{name}.text_files: {pattern!r} matches no file "
+                                        f"(relative to {Path.cwd()})")
+            files.update(hits)
+        ordered = sorted(files)
+        ids = encode("\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in ordered))
+        windows = to_windows(ids, cfg.window, source.windows)
+        if len(windows) < source.windows:
+            raise ValueError(f"data.calib_mix.{name}: {len(ids)} tokens give {len(windows)} windows of "
+                             f"{cfg.window}, fewer than windows={source.windows}; add text or ask for fewer")
+        parts.append(windows)
+        sources[name] = {"files": [str(p) for p in ordered], "tokens": len(ids), "windows": len(windows)}
+    return parts, sources
 
 
 def split_of(key: str) -> str:
@@ -92,6 +119,12 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: str | Path, out_dir: str | Path
         tensors[split] = windows
         manifest["splits"][split] = {"documents": len(keys[split]), "tokens": len(ids),
                                      "windows": len(windows), "first_keys": keys[split][:5]}
+    if cfg.calib_mix:
+        parts, sources = calib_mix_windows(cfg, encode)
+        calib = manifest["splits"]["calib"]
+        calib["sources"] = {cfg.corpus: {"windows": calib["windows"]}} | sources
+        tensors["calib"] = torch.cat([tensors["calib"], *parts])
+        calib["windows"] = len(tensors["calib"])
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, windows in tensors.items():
         save_file({"windows": windows.contiguous()}, str(out_dir / f"{split}.safetensors"))
@@ -114,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe(args.params)
     manifest = prepare_data(recipe.data, args.tokenizer or recipe.base_model.path)
     for split, info in manifest["splits"].items():
+        mix = ", ".join(f"{k} {v['windows']}" for k, v in info.get("sources", {}).items())
         print(f"prepare_data: {split}: {info['documents']} documents, {info['tokens']} tokens, "
-              f"{info['windows']} windows")
+              f"{info['windows']} windows" + (f" ({mix})" if mix else ""))
 
 
 if __name__ == "__main__":

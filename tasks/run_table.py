@@ -1,4 +1,6 @@
-"""Recent flow runs from the tracking store, as rows for `frugalflow runs` (flows/tables.py draws them)."""
+"""Recent flow runs from the tracking store, as rows for `frugalflow runs` (flows/tables.py draws them):
+the candidate's perplexity, its change against the base on every evaluation set side by side (the
+languages among them), size, speed and the version it registered."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -8,6 +10,29 @@ from mlflow import MlflowClient
 from tasks.registry import version_by_alias
 
 COLUMNS = ("run", "started", "recipe", "status", "verdict", "ppl", "size MB", "tok/s", "version")
+SET_PREFIX = "candidate.ppl."
+
+
+def columns_for(rows: list[dict]) -> tuple[str, ...]:
+    """COLUMNS with, after ppl, one `<set> %` column per evaluation set any of the rows has
+    (`eval %` first, then the named sets in the order first seen)."""
+    sets = [c for r in rows for c in r if c.endswith(" %")]
+    sets = list(dict.fromkeys(sets))
+    at = COLUMNS.index("ppl") + 1
+    return COLUMNS[:at] + tuple(sets) + COLUMNS[at:]
+
+
+def set_changes(metrics: dict) -> dict[str, float]:
+    """`<set> %` -> the candidate's perplexity change against the base model in percent, for the
+    prepared eval split (`eval %`) and every named set the run evaluated."""
+    out = {}
+    for key, value in metrics.items():
+        if key == "candidate.ppl" or key.startswith(SET_PREFIX):
+            name = "eval" if key == "candidate.ppl" else key[len(SET_PREFIX):]
+            base = metrics.get("baseline." + key[len("candidate."):])
+            if base:
+                out[f"{name} %"] = (value / base - 1) * 100
+    return dict(sorted(out.items(), key=lambda kv: kv[0] != "eval %"))
 
 
 def recent_runs(client: MlflowClient, model_name: str, limit: int = 10) -> list[dict]:
@@ -31,5 +56,6 @@ def recent_runs(client: MlflowClient, model_name: str, limit: int = 10) -> list[
             "size MB": metrics.get("candidate.size_mb"),
             "tok/s": metrics.get("candidate.decode_tps"),
             "version": version or "-",
+            **set_changes(metrics),
         })
     return rows

@@ -2,6 +2,7 @@
 so Prefect tasks in worker threads log to the right run)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -128,8 +129,6 @@ def source_tags(lineage: dict, name: str = "frugalflow") -> dict:
 
 def _file_md5(path: Path) -> str:
     """The md5 DVC records for a file inside a tracked folder (the file's content md5)."""
-    import hashlib
-
     digest = hashlib.md5()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -137,22 +136,40 @@ def _file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def log_datasets(client: MlflowClient, run_id: str, data_dir: Path, data_key: str) -> list[str]:
+def log_datasets(client: MlflowClient, run_id: str, data_dir: Path, data_key: str, stages=()) -> list[str]:
     """The prepared splits (calib/train/eval.safetensors) as MLflow dataset inputs of the run,
     each with context calibration/training/evaluation and the file's DVC md5 as digest; the
-    source names the file and the DVC hash of the folder. Returns the logged names."""
+    source names the file, the DVC hash of the folder and, for calib, its sources (the corpus and
+    each `data.calib_mix` entry with its windows). Each distillation stage that trains on text the
+    teacher generates adds a `generated/<method>` training input (its prompts, sequences and
+    tokens in the source). Returns the logged names."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    try:
+        splits = json.loads((Path(data_dir) / "manifest.json").read_text()).get("splits", {})
+    except (OSError, ValueError):
+        splits = {}
     inputs = []
     for stem, context in SPLITS.items():
         path = Path(data_dir) / f"{stem}.safetensors"
         if not path.is_file():
             continue
-        source = json.dumps({"path": str(path), "dvc_dir_md5": data_key})
+        about = {"path": str(path), "dvc_dir_md5": data_key}
+        if "sources" in splits.get(stem, {}):
+            about["sources"] = {k: v["windows"] for k, v in splits[stem]["sources"].items()}
         dataset = Dataset(name=f"{Path(data_dir).name}/{stem}", digest=_file_md5(path), source_type="local",
-                          source=source)
+                          source=json.dumps(about))
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    for stage in stages:
+        if "generated" not in getattr(stage, "train_splits", ()):
+            continue
+        about = {"teacher": "base_model", "sequences": stage.generated_sequences, "tokens": stage.generated_tokens,
+                 "prompts": list(stage.generated_prompts)}
+        digest = hashlib.md5(json.dumps(about, sort_keys=True).encode()).hexdigest()
+        dataset = Dataset(name=f"generated/{stage.method}", digest=digest, source_type="local",
+                          source=json.dumps(about))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")]))
     if inputs:
         _log_inputs_racing(client, run_id, inputs)
     return [d.dataset.name for d in inputs]

@@ -5,6 +5,7 @@ import hashlib
 import pydoc_data.topics
 
 import pytest
+import torch
 
 from frugalflow.config import DataConfig
 from frugalflow.data import load_windows, prepare_data, split_documents, split_of, tokenize_fn
@@ -69,3 +70,44 @@ def test_stage_tokenizes_like_the_transformers_tokenizer(tmp_path, tiny_model_di
     monkeypatch.setattr(transformers, "AutoTokenizer", Recorded)
     assert tokenize_fn(slow_only)(text) == expected
     assert Recorded.calls == [str(slow_only)]
+
+
+def test_calib_mix_appends_the_first_windows_of_each_source(tmp_path, tiny_model_dir):
+    (tmp_path / "fr").mkdir()
+    (tmp_path / "fr" / "b.txt").write_text("le chat dort sur le tapis rouge " * 40)
+    (tmp_path / "fr" / "a.txt").write_text("une phrase en français, assez longue " * 40)
+    (tmp_path / "de.txt").write_text("der Hund schläft im Garten hinter dem Haus " * 40)
+    plain = DataConfig(window=64, calib_windows=5, train_windows=2, eval_windows=2, path=str(tmp_path / "plain"))
+    mixed = plain.model_copy(update={"path": str(tmp_path / "mixed"), "calib_mix": DataConfig.model_validate(
+        {"calib_mix": {"german": {"text_files": str(tmp_path / "de.txt"), "windows": 2},
+                       "french": {"text_files": [str(tmp_path / "fr" / "*.txt")], "windows": 3}}}).calib_mix})
+    prepare_data(plain, tiny_model_dir)
+    manifest = prepare_data(mixed, tiny_model_dir)
+    base, calib = load_windows(tmp_path / "plain", "calib"), load_windows(tmp_path / "mixed", "calib")
+    assert calib.shape == (10, 64) and torch.equal(calib[:5], base)
+    encode = tokenize_fn(tiny_model_dir)
+    french = encode((tmp_path / "fr" / "a.txt").read_text() + "\n\n" + (tmp_path / "fr" / "b.txt").read_text())
+    german = encode((tmp_path / "de.txt").read_text())
+    # sources in name order, files in path order, the first windows of each
+    assert calib[5:8].flatten().tolist() == french[:3 * 64]
+    assert calib[8:].flatten().tolist() == german[:2 * 64]
+    sources = manifest["splits"]["calib"]["sources"]
+    assert list(sources) == ["pydoc_topics", "french", "german"]
+    assert [s["windows"] for s in sources.values()] == [5, 3, 2]
+    assert manifest["splits"]["calib"]["windows"] == 10
+    # the other splits are untouched
+    for split in ("train", "eval"):
+        assert torch.equal(load_windows(tmp_path / "mixed", split), load_windows(tmp_path / "plain", split))
+
+
+def test_calib_mix_errors_name_the_source(tmp_path, tiny_model_dir):
+    (tmp_path / "short.txt").write_text("trop court")
+    for mix, message in (({"fr": {"text_files": ["nowhere/*.txt"], "windows": 1}}, "data.calib_mix.fr.text_files"),
+                         ({"fr": {"text_files": [str(tmp_path / "short.txt")], "windows": 1}},
+                          r"data.calib_mix.fr: \d+ tokens give 0 windows of 64")):
+        cfg = DataConfig.model_validate({"window": 64, "calib_windows": 2, "train_windows": 1, "eval_windows": 1,
+                                         "path": str(tmp_path / "d"), "calib_mix": mix})
+        with pytest.raises((FileNotFoundError, ValueError), match=message):
+            prepare_data(cfg, tiny_model_dir)
+    with pytest.raises(ValueError, match="windows"):
+        DataConfig.model_validate({"calib_mix": {"fr": {"text_files": ["x.txt"], "windows": 0}}})

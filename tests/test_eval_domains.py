@@ -145,3 +145,32 @@ def test_report_shows_the_sets_side_by_side():
 def test_params_yaml_keeps_the_race_on():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["evaluation"]["decode_race_rounds"] >= 3
+
+
+# --------------------------------------------------------------------------- languages
+def test_the_default_recipe_evaluates_three_languages_in_two_scripts(smollm2_base):
+    """French, German and Russian (Latin and Cyrillic; Romance, Germanic, Slavic), each at least 20
+    windows of SmolLM2's 512 tokens, none of it English, and none of it in the calibration text
+    that data.calib_mix can add (a different document in the same languages)."""
+    import re
+
+    from frugalflow.models import load_tokenizer
+
+    recipe = load_recipe(ROOT / "params.yaml")
+    tokenizer = load_tokenizer(smollm2_base)
+    english = set("the and of to is are that this with for you your be can not which".split())
+    scripts = {}
+    for name in ("french", "german", "russian"):
+        spec = recipe.evaluation.sets[name]
+        assert spec.max_windows >= 20
+        files = resolve_files(name, spec.text_files, ROOT)
+        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert len(ids) // recipe.data.window >= 20, (name, len(ids))
+        words = re.findall(r"[a-zA-Z']+", text.lower())
+        assert sum(w in english for w in words) / len(text.split()) < 0.02, name
+        scripts[name] = "cyrillic" if len(re.findall("[а-яА-Я]", text)) > len(text) / 3 else "latin"
+        calibration = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "corpora").rglob("*.txt"))
+        probes = [text[i:i + 100] for i in range(0, len(text) - 100, len(text) // 50)]
+        assert not any(p in calibration for p in probes), name
+    assert scripts == {"french": "latin", "german": "latin", "russian": "cyrillic"}

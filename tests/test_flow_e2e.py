@@ -121,6 +121,7 @@ def test_cli_promote_rollback_and_runs(two_runs, project):
     assert out.returncode == 2 and "no version '99'; its versions: 1 (champion), 2" in out.stderr, out.stderr
     table = cli("runs")
     assert table.returncode == 0 and table.stdout.count("tiny-e2e") >= 2 and "(champion)" in table.stdout
+    assert "eval %" in table.stdout.splitlines()[0]  # the change against the base, beside ppl
     first, second = (r["run_id"][:8] for r in two_runs)
     side = cli("compare", first, second)
     assert side.returncode == 0, side.stderr

@@ -40,3 +40,35 @@ def test_bos_prompts_are_not_taken_for_right_padding(tiny_model_dir, caplog):
     finally:
         transformers.logging.disable_propagation()
     assert not [r for r in caplog.records if "padding" in r.getMessage()]
+
+
+def test_prompts_begin_the_rows_in_turn_and_no_prompt_is_the_old_sampling(tiny_model_dir):
+    from frugalflow.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    prompts = ["", "hello world", "abc"]
+    heads = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    assert heads[1] and heads[2]
+    rows = generated_windows(tiny_model_dir, 7, 12, seed=3, batch=2, prompts=prompts)
+    assert rows.shape == (7, 12)
+    for i, row in enumerate(rows):
+        head = heads[i % 3]
+        assert row[:len(head)].tolist() == head, i
+    assert torch.equal(rows, generated_windows(tiny_model_dir, 7, 12, seed=3, batch=2, prompts=prompts))
+    # [''] and no prompts are the same samples from the begin-of-sequence token
+    assert torch.equal(generated_windows(tiny_model_dir, 3, 12, seed=1, batch=2, prompts=[""]),
+                       generated_windows(tiny_model_dir, 3, 12, seed=1, batch=2))
+
+
+def test_a_prompt_as_long_as_the_sequence_is_refused(tiny_model_dir):
+    import pytest
+
+    with pytest.raises(ValueError, match="generated_prompts: 'hello world hello world' is"):
+        generated_windows(tiny_model_dir, 2, 3, seed=0, prompts=["hello world hello world"])
+
+
+def test_distillation_passes_the_stage_s_prompts(tiny_model_dir, tiny_data_dir):
+    stage = stage_config("tsld", train_splits=["generated"], generated_sequences=4, generated_tokens=12,
+                         generated_prompts=["", "hello"])
+    windows = training_windows(stage, tiny_data_dir, tiny_model_dir, 5, lambda msg, m: None)
+    assert torch.equal(windows, generated_windows(tiny_model_dir, 4, 12, seed=5, prompts=["", "hello"]))

@@ -36,6 +36,30 @@ def test_splits_logged_as_datasets_with_dvc_digest_and_source_tags(tmp_path):
         assert source["dvc_dir_md5"] == "feed.dir"
 
 
+
+def test_calibration_sources_and_generated_text_are_recorded(tmp_path):
+    """The recipe's data per stage in MLflow: the calib split names the corpora its windows came from
+    (data.calib_mix), and a distillation stage on teacher text adds that text with its prompts."""
+    from helpers import stage_config
+
+    data, client, exp = splits_and_store(tmp_path)
+    (data / "manifest.json").write_text(json.dumps({"splits": {"calib": {"windows": 32, "sources": {
+        "pydoc_topics": {"windows": 20}, "french": {"windows": 4, "files": ["corpora/x/french.txt"]},
+        "russian": {"windows": 8}}}}}))
+    stages = [stage_config("rtn"), stage_config("tsld", train_splits=["generated"], generated_sequences=8,
+                                                generated_prompts=["", "Voici"])]
+    run_id = T.start_run(client, exp, "r")
+    names = T.log_datasets(client, run_id, data, "feed.dir", stages)
+    assert names == ["data/calib", "data/train", "data/eval", "generated/tsld"]
+    got = {d.dataset.name: (json.loads(d.dataset.source), {t.key: t.value for t in d.tags})
+           for d in client.get_run(run_id).inputs.dataset_inputs}
+    assert got["data/calib"][0]["sources"] == {"pydoc_topics": 20, "french": 4, "russian": 8}
+    assert "sources" not in got["data/eval"][0]
+    source, tags = got["generated/tsld"]
+    assert source["prompts"] == ["", "Voici"] and source["sequences"] == 8
+    assert tags["mlflow.data.context"] == "training"
+
+
 def test_dataset_inserted_by_a_concurrent_run_is_linked_not_fatal(tmp_path):
     """Two nightly runs of one experiment log the same splits at once: the store looks the dataset up,
     the other run inserts it, and this run's insert fails on the unique key (seen on PostgreSQL in CI).

@@ -17,7 +17,8 @@ def training_windows(stage, data_dir, teacher_dir, seed: int, report: Callable, 
     for split in stage.train_splits:
         if split == "generated":
             parts.append(generated_windows(teacher_dir, stage.generated_sequences, stage.generated_tokens, seed,
-                                           device=str(device), on_batch=lambda done, n: report(
+                                           device=str(device), prompts=stage.generated_prompts,
+                                           on_batch=lambda done, n: report(
                                                f"teacher generated {done}/{n} sequences", {})))
         else:
             parts.append(load_windows(data_dir, split))
