@@ -108,11 +108,12 @@ def input_problems(recipe: Recipe, root: Path) -> list[str]:
         if chars == 0 and not problems:
             problems.append(f"data.text_files: the corpus is empty (no text in {len(recipe.data.text_files)} "
                             "file(s)); add text")
-    for name, spec in recipe.evaluation.sets.items():
-        for pattern in spec.text_files or []:
+    sources = [(f"data.calib_mix.{name}", mix.text_files) for name, mix in recipe.data.calib_mix.items()]
+    sources += [(f"evaluation.sets.{name}", spec.text_files or []) for name, spec in recipe.evaluation.sets.items()]
+    for key, patterns in sources:
+        for pattern in patterns:
             if not any(Path(p).is_file() for p in glob.glob(str(_rel(root, pattern)), recursive=True)):
-                problems.append(f"evaluation.sets.{name}.text_files: {pattern!r} matches no file (relative to "
-                                f"{root})")
+                problems.append(f"{key}.text_files: {pattern!r} matches no file (relative to {root})")
     lm = recipe.evaluation.lm_eval
     if lm is not None and lm.include_path and not _rel(root, lm.include_path).is_dir():
         problems.append(f"evaluation.lm_eval.include_path: {_rel(root, lm.include_path)} is not a folder")

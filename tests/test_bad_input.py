@@ -122,6 +122,12 @@ CASES = [
     ("validate-eval-set-matches-nothing", lambda w: ["validate", lone_file(w, "sets.yaml", lone_recipe(
         w, evaluation={"sets": {"notes": {"text_files": ["evals/none/*.txt"]}}}))],
      2, ["evaluation.sets.notes.text_files", "evals/none/*.txt"]),
+    ("validate-calib-mix-matches-nothing", lambda w: ["validate", lone_file(w, "mix.yaml", lone_recipe(
+        w, data={"calib_mix": {"fr": {"text_files": ["corpora/none/*.txt"], "windows": 2}}}))],
+     2, ["data.calib_mix.fr.text_files", "corpora/none/*.txt"]),
+    ("validate-calib-mix-no-windows", lambda w: ["validate", lone_file(w, "mix0.yaml", lone_recipe(
+        w, data={"calib_mix": {"fr": {"text_files": ["x.txt"], "windows": 0}}}))],
+     2, ["data.calib_mix.fr.windows", "greater than or equal to 1"]),
     ("validate-lm-eval-folder-missing", lambda w: ["validate", lone_file(w, "lmeval.yaml", lone_recipe(
         w, evaluation={"lm_eval": {"tasks": ["x"], "include_path": "evals/nowhere"}}))],
      2, ["evaluation.lm_eval.include_path", "nowhere"]),
