@@ -47,13 +47,17 @@ PROMPTS = ["", "Voici un article en français. Il explique comment", "Dies ist e
            "Это статья на русском языке. В ней объясняется, как"]
 ENGLISH_CALIB = {"data.calib_windows": 32, "data.calib_mix": {}}
 MIXED_CALIB = {"data.calib_windows": 20, "data.calib_mix": MIX}
+PROMPTS_OFF = {"stages.2.generated_prompts": []}
+PROMPTS_ON = {"stages.2.generated_prompts": PROMPTS}
 VARIANTS = {  # name -> recipe keys set (distillation is stages.2, the quantization stages.1)
-    "english": {**ENGLISH_CALIB, "stages.2.generated_prompts": [], "stages.1.mixed.share": 0.4},
-    "calib-mix": {**MIXED_CALIB, "stages.2.generated_prompts": [], "stages.1.mixed.share": 0.4},
-    "gen-prompts": {**ENGLISH_CALIB, "stages.2.generated_prompts": PROMPTS, "stages.1.mixed.share": 0.4},
-    "both": {**MIXED_CALIB, "stages.2.generated_prompts": PROMPTS, "stages.1.mixed.share": 0.4},
-    "both-share60": {**MIXED_CALIB, "stages.2.generated_prompts": PROMPTS, "stages.1.mixed.share": 0.6},
-    "both-share80": {**MIXED_CALIB, "stages.2.generated_prompts": PROMPTS, "stages.1.mixed.share": 0.8},
+    "english": {**ENGLISH_CALIB, **PROMPTS_OFF, "stages.1.mixed.share": 0.4},
+    "calib-mix": {**MIXED_CALIB, **PROMPTS_OFF, "stages.1.mixed.share": 0.4},
+    "calib-mix-share60": {**MIXED_CALIB, **PROMPTS_OFF, "stages.1.mixed.share": 0.6},
+    "calib-mix-share80": {**MIXED_CALIB, **PROMPTS_OFF, "stages.1.mixed.share": 0.8},
+    "gen-prompts": {**ENGLISH_CALIB, **PROMPTS_ON, "stages.1.mixed.share": 0.4},
+    "calib-mix-prompts": {**MIXED_CALIB, **PROMPTS_ON, "stages.1.mixed.share": 0.4},
+    "calib-mix-share60-prompts": {**MIXED_CALIB, **PROMPTS_ON, "stages.1.mixed.share": 0.6},
+    "calib-mix-share80-prompts": {**MIXED_CALIB, **PROMPTS_ON, "stages.1.mixed.share": 0.8},
 }
 
 
@@ -87,7 +91,7 @@ def ppl_per_set(folder: Path, sets: dict, cache: Path) -> dict[str, float]:
     return out
 
 
-def run_variant(name: str, params: Path, work: Path, rounds: int) -> dict:
+def run_variant(name: str, params: Path, work: Path, rounds: int, distill: bool) -> dict:
     started = time.time()
     recipe = variant_recipe(params, VARIANTS[name])
     base = ROOT / recipe.base_model.path
@@ -96,7 +100,9 @@ def run_variant(name: str, params: Path, work: Path, rounds: int) -> dict:
     stage_work = work / data.name
     before, seconds = before_distillation(compress, base, data, stage_work, recipe.seed)
     final = stage_work / f"{len(compress)}-{last.method}-{key_of(last.model_dump(mode='json'), before.name)}"
-    if not (final / "config.json").is_file():
+    if not distill:
+        final = before
+    elif not (final / "config.json").is_file():
         t = time.perf_counter()
         run_stage(last, before, final, data_dir=data, teacher_dir=base, seed=recipe.seed, pruned=True,
                   report=lambda msg, m: print(msg, flush=True) if "step" not in m or m["step"] % 20 == 0 else None)
@@ -118,10 +124,10 @@ def run_variant(name: str, params: Path, work: Path, rounds: int) -> dict:
     fastest = max(("final_fp32", "final_bf16"), key=tps.get) if tps else None
     calib = json.loads((data / "manifest.json").read_text())["splits"]["calib"]
     return {
-        "variant": name, "date": time.strftime("%Y-%m-%d %H:%M"), "keys": VARIANTS[name],
+        "variant": name, "distilled": distill, "date": time.strftime("%Y-%m-%d %H:%M"), "keys": VARIANTS[name],
         "quantization": quantization(compress), "calibration": calib.get("sources") or {recipe.data.corpus: {
             "windows": calib["windows"]}},
-        "distill_prompts": list(last.generated_prompts), "model": f"{data.name}/{final.name}", "sets": per_set,
+        "distill_prompts": list(last.generated_prompts) if distill else None, "model": f"{data.name}/{final.name}", "sets": per_set,
         "worst_set": max(per_set, key=lambda k: per_set[k]["change_pct"]),
         "size_ratio_vs_fp32": round(weights_size_mb(final) / weights_size_mb(base), 3),
         "decode_tps": {k: round(v, 2) for k, v in tps.items()}, "fastest": fastest,
@@ -147,10 +153,11 @@ def markdown(entries: list[dict], default: str | None) -> str:
              "minutes | machine, load, date |", "|" + "---|" * (4 + len(names) + 6)]
     for e in entries:
         calib = ", ".join(f"{k} {v['windows']}" for k, v in e["calibration"].items())
-        text = "teacher from BOS" if not e["distill_prompts"] else (
+        text = "not distilled" if e["distill_prompts"] is None else "teacher from BOS" if not e["distill_prompts"] else (
             f"teacher, {len(e['distill_prompts'])} prompts in turn ({', '.join(repr(p[:12]) for p in e['distill_prompts'])})")
         cells = [f"**{e['variant']}**" if e["variant"] == default else e["variant"], calib, text, e["quantization"]]
-        cells += [f"{e['sets'][n]['change_pct']:+.2f} ({e['sets'][n]['before_change_pct']:+.2f})" for n in names]
+        cells += [f"{e['sets'][n]['change_pct']:+.2f} ({e['sets'][n]['before_change_pct']:+.2f})" if e["distilled"]
+                  else f"({e['sets'][n]['before_change_pct']:+.2f})" for n in names]
         cells += [f"{e['worst_set']} {e['sets'][e['worst_set']]['change_pct']:+.2f}", f"{e['size_ratio_vs_fp32']}",
                   f"{e['decode_vs_fp32']}x ({e['fastest']})" if e.get("fastest") else "- (no race)",
                   f"{e['wall_minutes']}", f"{e['machine']}, load {e['load_average']}, {e['date']}"]
@@ -164,19 +171,25 @@ def plot(entries: list[dict], path: Path, default: str | None) -> None:
 
     fig = _figure()
     ax = fig.add_subplot()
-    by_size = sorted(entries, key=lambda e: e["size_ratio_vs_fp32"])
-    for name in entries[-1]["sets"]:
-        ax.plot([e["size_ratio_vs_fp32"] for e in by_size], [e["sets"][name]["change_pct"] for e in by_size],
-                marker="o", label=name)
-    for e in entries:
-        worst = e["sets"][e["worst_set"]]["change_pct"]
-        ax.annotate(e["variant"] + (" (default)" if e["variant"] == default else ""), (e["size_ratio_vs_fp32"], worst),
-                    fontsize=7, textcoords="offset points", xytext=(3, 3))
+    colors = {}
+    for distilled, style in ((False, ":"), (True, "-")):  # one line per set: before distillation dotted
+        group = sorted((e for e in entries if e["distilled"] == distilled), key=lambda e: e["size_ratio_vs_fp32"])
+        for name in entries[-1]["sets"]:
+            if not group:
+                continue
+            line, = ax.plot([e["size_ratio_vs_fp32"] for e in group], [e["sets"][name]["change_pct"] for e in group],
+                            marker="o", linestyle=style, color=colors.get(name),
+                            label=f"{name}{'' if distilled else ' (not distilled)'}")
+            colors[name] = line.get_color()
+        for e in group:
+            worst = e["sets"][e["worst_set"]]["change_pct"]
+            ax.annotate(e["variant"] + (" (default)" if e["variant"] == default and distilled else ""),
+                        (e["size_ratio_vs_fp32"], worst), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.axhline(10.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("size / fp32 size")
     ax.set_ylabel("perplexity change vs fp32 base, %")
     ax.set_title("SmolLM2-135M: size against quality per set")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     _save(fig, path)
 
 
@@ -186,6 +199,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--race", default=None, help="the variant that gets the decode race")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-distill", action="store_true", help="stop before distillation: the calibration "
+                        "and quantization variables alone, in a fraction of the time")
     parser.add_argument("--default", default=None, help="the variant params.yaml equals (marked in the table)")
     parser.add_argument("--work", default=str(ROOT / "artifacts" / "bench-languages"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -197,9 +212,10 @@ def main() -> None:
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-        entry = run_variant(name, Path(args.params), work, args.rounds if name == args.race else 0)
+        entry = run_variant(name, Path(args.params), work, args.rounds if name == args.race else 0,
+                            not args.no_distill)
         entries = json.loads(store.read_text()) if store.is_file() else []
-        entries = [e for e in entries if e["variant"] != name] + [entry]
+        entries = [e for e in entries if (e["variant"], e["distilled"]) != (name, entry["distilled"])] + [entry]
         store.write_text(json.dumps(entries, indent=1) + "\n")
         (out / "languages.md").write_text(markdown(entries, args.default))
         plot(entries, out / "languages.png", args.default)
