@@ -137,19 +137,30 @@ def cmd_schedule(args) -> int:
 
 
 def _client(args):
+    """(client, registered model name, tracking URI). The store is --tracking-uri, else
+    MLFLOW_TRACKING_URI, else the recipe's; the model is --model, else the recipe's. With both
+    given the recipe is not read, so the command works from any folder."""
     from tasks import tracking as T
 
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    model = getattr(args, "model", None)
+    if uri and model:
+        return T.connect(uri), model, uri
+    if not Path(args.params).is_file():
+        print(f"invalid recipe {args.params}: file not found; outside a project give the store and the model: "
+              "--tracking-uri URI (or MLFLOW_TRACKING_URI) and --model NAME", file=sys.stderr)
+        raise SystemExit(2)
     recipe = _recipe_or_exit(args.params, [], checks="store")
-    uri = args.tracking_uri or T.resolve_uri(recipe.tracking.uri, Path(args.params).resolve().parent)
-    return T.connect(uri), recipe, uri
+    uri = uri or T.resolve_uri(recipe.tracking.uri, Path(args.params).resolve().parent)
+    return T.connect(uri), model or recipe.registry.model_name, uri
 
 
 def cmd_runs(args) -> int:
     from flows.tables import render_table
     from tasks.run_table import columns_for, recent_runs
 
-    client, recipe, _ = _client(args)
-    rows = recent_runs(client, recipe.registry.model_name, args.n)
+    client, model, _ = _client(args)
+    rows = recent_runs(client, model, args.n)
     print(render_table(rows, columns_for(rows)))
     return 0
 
@@ -158,27 +169,30 @@ def cmd_compare(args) -> int:
     from flows.tables import render_compare
     from tasks.compare import compare_runs
 
-    client, recipe, _ = _client(args)
-    print(render_compare(compare_runs(client, args.runs, recipe.registry.model_name)))
+    client, model, _ = _client(args)
+    print(render_compare(compare_runs(client, args.runs, model)))
     return 0
 
 
 def cmd_promote(args) -> int:
     from tasks.registry import promote
 
-    client, recipe, _ = _client(args)
-    entry = promote(client, recipe.registry.model_name, args.version, args.reason, by="cli")
-    print(f"champion of {recipe.registry.model_name}: version {entry['previous']} -> {entry['version']} "
-          f"at {entry['at']} ({entry['reason']})")
+    client, model, _ = _client(args)
+    entry = promote(client, model, args.version, args.reason, by="cli")
+    if entry["previous"] == entry["version"]:
+        print(f"champion of {model}: version {entry['version']} already; nothing moved or recorded")
+    else:
+        print(f"champion of {model}: version {entry['previous']} -> {entry['version']} "
+              f"at {entry['at']} ({entry['reason']})")
     return 0
 
 
 def cmd_rollback(args) -> int:
     from tasks.registry import rollback
 
-    client, recipe, _ = _client(args)
-    entry = rollback(client, recipe.registry.model_name, args.reason)
-    print(f"champion of {recipe.registry.model_name}: version {entry['previous']} -> {entry['version']} "
+    client, model, _ = _client(args)
+    entry = rollback(client, model, args.reason)
+    print(f"champion of {model}: version {entry['previous']} -> {entry['version']} "
           f"at {entry['at']} ({entry['reason']})")
     return 0
 
@@ -341,7 +355,11 @@ Params = Annotated[str, typer.Option("-p", "--params", metavar="FILE", help="the
 Sets = Annotated[Optional[list[str]], typer.Option("-s", "--set", metavar="KEY=VALUE",
                                                     help="override a recipe key (repeatable)")]
 TrackingUri = Annotated[Optional[str],
-                        typer.Option("--tracking-uri", metavar="URI", help="default: tracking.uri from the params")]
+                        typer.Option("--tracking-uri", metavar="URI", help="default: MLFLOW_TRACKING_URI, else "
+                                                                          "tracking.uri from the params")]
+Model = Annotated[Optional[str], typer.Option("--model", metavar="NAME", help="the registered model (default: "
+                                              "registry.model_name from the params; with --tracking-uri no recipe "
+                                              "is read)")]
 
 
 @app.command("validate", help="check a recipe file")
@@ -381,16 +399,16 @@ def schedule_command(file: Annotated[Optional[str], typer.Argument(metavar="FILE
 
 
 @app.command("runs", help="recent runs")
-def runs_command(params: Params = "params.yaml", tracking_uri: TrackingUri = None,
+def runs_command(params: Params = "params.yaml", tracking_uri: TrackingUri = None, model: Model = None,
                  n: Annotated[int, typer.Option("-n", parser=_integer(1), metavar="N", help="how many")] = 10) -> int:
-    return cmd_runs(Namespace(params=params, tracking_uri=tracking_uri, n=n))
+    return cmd_runs(Namespace(params=params, tracking_uri=tracking_uri, model=model, n=n))
 
 
 @app.command("compare", help="runs side by side")
 def compare_command(runs: Annotated[list[str], typer.Argument(
                         metavar="RUN...", help="run ids or their first characters (frugalflow runs)")],
-                    params: Params = "params.yaml", tracking_uri: TrackingUri = None) -> int:
-    return cmd_compare(Namespace(params=params, tracking_uri=tracking_uri, runs=list(runs)))
+                    params: Params = "params.yaml", tracking_uri: TrackingUri = None, model: Model = None) -> int:
+    return cmd_compare(Namespace(params=params, tracking_uri=tracking_uri, model=model, runs=list(runs)))
 
 
 Reason = Annotated[str, typer.Option("--reason", metavar="TEXT", help="why (kept in the alias history)")]
@@ -398,13 +416,15 @@ Reason = Annotated[str, typer.Option("--reason", metavar="TEXT", help="why (kept
 
 @app.command("promote", help="move champion to a version")
 def promote_command(version: Annotated[str, typer.Argument(metavar="VERSION")], reason: Reason, params: Params = "params.yaml",
-                    tracking_uri: TrackingUri = None) -> int:
-    return cmd_promote(Namespace(params=params, tracking_uri=tracking_uri, version=version, reason=reason))
+                    tracking_uri: TrackingUri = None, model: Model = None) -> int:
+    return cmd_promote(Namespace(params=params, tracking_uri=tracking_uri, model=model, version=version,
+                                 reason=reason))
 
 
 @app.command("rollback", help="move champion back")
-def rollback_command(reason: Reason, params: Params = "params.yaml", tracking_uri: TrackingUri = None) -> int:
-    return cmd_rollback(Namespace(params=params, tracking_uri=tracking_uri, reason=reason))
+def rollback_command(reason: Reason, params: Params = "params.yaml", tracking_uri: TrackingUri = None,
+                     model: Model = None) -> int:
+    return cmd_rollback(Namespace(params=params, tracking_uri=tracking_uri, model=model, reason=reason))
 
 
 @app.command("export", help="write a model as GGUF or compressed-tensors for serving")

@@ -141,8 +141,12 @@ def _move(client: MlflowClient, name: str, version: str, reason: str, by: str) -
 
 
 def promote(client: MlflowClient, name: str, version: str, reason: str, by: str = "flow") -> dict:
-    """Move `champion` to `version` and record the move; returns the history entry."""
+    """Move `champion` to `version` and record the move; returns the history entry. Promoting the
+    current champion moves and records nothing (the entry returned has previous == version, at None)."""
     with promotion_lock(client.tracking_uri, name):
+        current = version_by_alias(client, name, "champion")
+        if current is not None and str(current.version) == str(version):
+            return {"version": str(version), "previous": str(version), "at": None, "reason": reason, "by": by}
         return _move(client, name, version, reason, by)
 
 
@@ -177,12 +181,14 @@ def promote_if_better(client: MlflowClient, name: str, version: str, objective: 
 
 
 def rollback(client: MlflowClient, name: str, reason: str) -> dict:
-    """Move `champion` back to the version that held it before the current one."""
+    """Move `champion` back to the version that held it before the current one: the latest recorded
+    move onto the current champion from another version (moves of a version onto itself, which
+    older releases recorded, are passed over)."""
     with promotion_lock(client.tracking_uri, name):
         current = version_by_alias(client, name, "champion")
         if current is None:
             raise BadInput(f"registered model {name!r} has no champion to roll back")
         for entry in reversed(history(client, name)):
-            if entry["version"] == str(current.version) and entry["previous"]:
+            if entry["version"] == str(current.version) and entry["previous"] not in (None, str(current.version)):
                 return _move(client, name, entry["previous"], f"rollback: {reason}", by="rollback")
         raise BadInput(f"no earlier champion recorded for {name!r} (current champion: version {current.version})")
