@@ -309,3 +309,44 @@ def test_cli_export(models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", str(models("w4s")), "--format", "onnx", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
+
+
+# --------------------------------------------------------------------------- --overwrite
+def test_overwrite_replaces_only_a_previous_export(models, tmp_path, monkeypatch):
+    import shutil
+
+    model = models("w4s")
+    ct, gguf = tmp_path / "ct", tmp_path / "m.gguf"
+    export_compressed_tensors(model, ct)
+    export_gguf(model, gguf)
+    assert (ct / ".frugalflow-export").is_file()
+    before = (ct / "model.safetensors").stat().st_mtime_ns
+    export_compressed_tensors(model, ct, overwrite=True)  # a previous export: replaced
+    export_gguf(model, gguf, overwrite=True)
+    assert (ct / "model.safetensors").stat().st_mtime_ns != before
+    # a folder that is not an export (a project, a model), a file that is not a GGUF: kept, refused
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "params.yaml").write_text("name: mine\n")
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes")
+    copy = tmp_path / "model-copy"
+    shutil.copytree(model, copy)
+    cases = [(lambda: export_compressed_tensors(model, project, overwrite=True), "not a frugalflow export"),
+             (lambda: export_gguf(model, notes, overwrite=True), "not a GGUF file"),
+             (lambda: export_compressed_tensors(copy, copy, overwrite=True), "the input model"),
+             (lambda: export_gguf(model, ct, overwrite=True), "not a file")]
+    (ct / "sub").mkdir()
+    cases.append((lambda: export_compressed_tensors(model, ct, overwrite=True), "holds folders"))
+    for call, why in cases:
+        with pytest.raises(FileExistsError, match=why):
+            call()
+    assert (project / "params.yaml").read_text() == "name: mine\n" and (project / "data").is_dir()
+    assert notes.read_text() == "my notes" and (copy / "config.json").is_file()
+    # an export folder the user works in is kept too
+    (ct / "sub").rmdir()
+    monkeypatch.chdir(ct)
+    with pytest.raises(FileExistsError, match="working folder"):
+        export_compressed_tensors(model, ct, overwrite=True)
+    assert main(["export", str(model), "--format", "compressed-tensors", "--out", str(project), "--overwrite"]) == 2
+    assert (project / "params.yaml").is_file()

@@ -81,13 +81,42 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     return layer.dequantize(torch.float32)
 
 
-def write_atomically(path: Path, write: Callable[[Path], None], is_dir: bool, overwrite: bool) -> Path:
-    """Run write(tmp) on a sibling temporary file or directory, then rename it onto path."""
+EXPORT_MARKER = ".frugalflow-export"  # in every directory write_atomically writes: what --overwrite may replace
+GGUF_MAGIC = b"GGUF"
+
+
+def why_not_replaceable(path: Path, is_dir: bool, keep: tuple[Path, ...] = ()) -> str | None:
+    """Why an existing `path` must not be replaced by an export, or None when it is one (a GGUF
+    file, or a directory of plain files holding EXPORT_MARKER) and holds none of `keep` (the input
+    model, the working folder)."""
+    resolved = path.resolve()
+    for kept in (*keep, Path.cwd()):
+        if kept.resolve() == resolved or kept.resolve().is_relative_to(resolved):
+            return f"it is or holds {kept} (the input model or the working folder)"
+    if path.is_dir() != is_dir:
+        return f"it is not a {'directory' if is_dir else 'file'}"
+    if is_dir:
+        if not (path / EXPORT_MARKER).is_file():
+            return f"it is not a frugalflow export (no {EXPORT_MARKER} in it)"
+        if any(not p.is_file() or p.is_symlink() for p in path.iterdir()):
+            return "it holds folders or links, which no export writes"
+        return None
+    with path.open("rb") as fh:
+        return None if fh.read(4) == GGUF_MAGIC else "it is not a GGUF file"
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], is_dir: bool, overwrite: bool,
+                     keep: tuple[Path, ...] = ()) -> Path:
+    """Run write(tmp) on a sibling temporary file or directory, then rename it onto path. With
+    `overwrite`, only a previous export is replaced (why_not_replaceable), never one of `keep`."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    if path.exists() and path.is_dir() != is_dir:
-        raise FileExistsError(f"{path} exists and is not a {'directory' if is_dir else 'file'}")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        why = "it is a link" if path.is_symlink() else why_not_replaceable(path, is_dir, keep)
+        if why:
+            raise FileExistsError(f"{path} exists and is not replaced: {why}; choose another path or remove "
+                                  "it yourself")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     if is_dir:
@@ -95,6 +124,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], is_dir: bool, ov
     try:
         write(tmp)
         if is_dir:
+            (tmp / EXPORT_MARKER).write_text("written by frugalflow export; `--overwrite` may replace this folder\n")
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             if path.exists():
                 os.rename(path, old)

@@ -166,7 +166,7 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, float_
                 shutil.copy2(src, tmp / fname)
         declare_fast_tokenizer(tmp)
 
-    write_atomically(Path(out_dir), write, is_dir=True, overwrite=overwrite)
+    write_atomically(Path(out_dir), write, is_dir=True, overwrite=overwrite, keep=(model_dir,))
     formats: dict[str, int] = {}
     for s in schemes.values():
         formats[s["format"]] = formats.get(s["format"], 0) + 1

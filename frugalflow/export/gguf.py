@@ -233,7 +233,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, float_type: str = "
         summary.update(_write(model, plan, tmp, FLOAT_TYPES[float_type], Path(tokenizer_dir or model_dir),
                               model_dir.name))
 
-    write_atomically(Path(out_path), write, is_dir=False, overwrite=overwrite)
+    write_atomically(Path(out_path), write, is_dir=False, overwrite=overwrite, keep=(model_dir,))
     summary["bytes"] = Path(out_path).stat().st_size
     return summary
 
