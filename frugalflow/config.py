@@ -17,6 +17,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from frugalflow.errors import BadInput
 
 
+# names that become parts of paths and object keys (the recipe, the registered model): a letter or
+# digit first, so never '.', '..' or a hidden name; no separator
+PATH_SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -424,7 +429,7 @@ OBJECTIVE_NAMES = ("ppl", "size_mb", "decode_tps", "prefill_tps", "latency_p50_m
 
 
 class RegistryConfig(Strict):
-    model_name: str = Field("smollm2-frugal", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model_name: str = Field("smollm2-frugal", min_length=1, pattern=PATH_SAFE_NAME)
     objective: str = Field("ppl", description="ppl | size_mb | decode_tps | ppl.<set> | lm_eval.<task>.<metric> | ...")
 
     @field_validator("objective")
@@ -481,7 +486,7 @@ class SweepConfig(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field("smollm2-frugal", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("smollm2-frugal", min_length=1, pattern=PATH_SAFE_NAME)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     artifacts_dir: str = "artifacts"

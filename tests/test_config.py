@@ -91,3 +91,14 @@ def test_cli_validate_exit_codes(tmp_path):
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
     assert [s.kind for s in recipe.stages]
+
+
+@pytest.mark.parametrize("key,value", [("registry.model_name", ".."), ("registry.model_name", "../escape"),
+                                       ("registry.model_name", ".hidden"), ("registry.model_name", "a/b"),
+                                       ("name", ".."), ("name", "x/../../y")])
+def test_names_used_as_paths_cannot_leave_their_folder(key, value):
+    """The recipe name and the registered model name become parts of paths and S3 keys
+    (`<models>/<name>/v<N>`): no separator, never '.', '..' or a hidden name."""
+    with pytest.raises(RecipeError, match=key.split(".")[-1]):
+        load_recipe(ROOT / "params.yaml", [f"{key}={value}"])
+    assert load_recipe(ROOT / "params.yaml", [f"{key}=team.model-2"])
