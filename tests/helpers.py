@@ -64,6 +64,7 @@ def make_project(proj: Path, recipe: dict) -> Path:
     (proj / "frugalflow").mkdir()
     for name in ("fetch_model.py", "data.py"):  # the DVC stages' code deps
         shutil.copy(ROOT / "frugalflow" / name, proj / "frugalflow" / name)
+    shutil.copytree(ROOT / "corpora", proj / "corpora")  # prepare_data's text deps
     (proj / "params.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     (proj / ".gitignore").write_text("/models\n/data\n/artifacts\n/mlartifacts\nmlflow.db\n")
     git(proj, "init", "-q")
