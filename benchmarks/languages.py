@@ -9,7 +9,8 @@ language in turn) and the share of decoder weights kept at 8 bits. Stages run wi
 `run_stage` into `--work`, each data configuration prepared in its own folder and stage outputs
 named by their settings and input (reused when present). Every variant is evaluated on every set
 of params.yaml (the prepared eval split, English out-of-domain sets and the languages): change of
-perplexity against the fp32 base, before and after distillation; size on disk against fp32. The
+perplexity against the fp32 base, before and after distillation (quantized weights dequantized to
+fp32 for speed: the same weights); size on disk against fp32. The
 variant named by `--race` also gets the decode race (HF generate, 64 new tokens, batch 1, greedy,
 median of interleaved rounds, against the base in the same rounds).
 Writes languages.json (entries kept across runs, one per variant and model), languages.md and
@@ -35,6 +36,7 @@ from benchmarks.machine import describe  # noqa: E402
 from frugalflow.config import fingerprint  # noqa: E402
 from frugalflow.data import prepare_data  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
+from frugalflow.method import float_model  # noqa: E402
 from frugalflow.evaluate.sets import every_set  # noqa: E402
 from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noqa: E402
@@ -82,9 +84,11 @@ def prepared(recipe, work: Path, base: Path) -> Path:
 
 
 def ppl_per_set(folder: Path, sets: dict, cache: Path) -> dict[str, float]:
+    """Perplexity on every set, with quantized linears dequantized to fp32 (the same weights; on a
+    CPU without AVX-512 the packed kernels take about 5x longer on 512-token windows)."""
     if cache.is_file():
         return json.loads(cache.read_text())
-    model = load_model(folder)
+    model = float_model(folder, "cpu")[0]
     out = {name: round(perplexity(model, w), 4) for name, w in sets.items()}
     cache.write_text(json.dumps(out))
     print(f"{folder.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
@@ -110,7 +114,7 @@ def run_variant(name: str, params: Path, work: Path, rounds: int, distill: bool)
     tokenizer = load_tokenizer(base)
     sets = every_set(recipe.evaluation.sets, data, tokenizer, ROOT)
     key = key_of(sorted(recipe.evaluation.sets))
-    ppl = {label: ppl_per_set(folder, sets, folder / f"ppl-{key}.json")
+    ppl = {label: ppl_per_set(folder, sets, work / f"ppl-{key_of(str(folder.relative_to(ROOT)), key)}.json")
            for label, folder in (("base", base), ("before", before), ("after", final))}
     per_set = {n: {"windows": len(sets[n]), "base_ppl": ppl["base"][n], "before_ppl": ppl["before"][n],
                    "after_ppl": ppl["after"][n], "change_pct": round((ppl["after"][n] / ppl["base"][n] - 1) * 100, 2),
