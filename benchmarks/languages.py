@@ -36,9 +36,9 @@ from benchmarks.machine import describe  # noqa: E402
 from frugalflow.config import fingerprint  # noqa: E402
 from frugalflow.data import prepare_data  # noqa: E402
 from frugalflow.evaluate.perplexity import perplexity  # noqa: E402
-from frugalflow.method import float_model  # noqa: E402
 from frugalflow.evaluate.sets import every_set  # noqa: E402
 from frugalflow.evaluate.speed import interleaved_decode_tps  # noqa: E402
+from frugalflow.method import float_model  # noqa: E402
 from frugalflow.models import load_model, load_tokenizer, weights_size_mb  # noqa: E402
 from frugalflow.recipe_io import apply_override, read_yaml, recipe_from_dict  # noqa: E402
 from frugalflow.stages import run_stage  # noqa: E402
@@ -131,7 +131,8 @@ def run_variant(name: str, params: Path, work: Path, rounds: int, distill: bool)
         "variant": name, "distilled": distill, "date": time.strftime("%Y-%m-%d %H:%M"), "keys": VARIANTS[name],
         "quantization": quantization(compress), "calibration": calib.get("sources") or {recipe.data.corpus: {
             "windows": calib["windows"]}},
-        "distill_prompts": list(last.generated_prompts) if distill else None, "model": f"{data.name}/{final.name}", "sets": per_set,
+        "distill_prompts": list(last.generated_prompts) if distill else None,
+        "model": f"{data.name}/{final.name}", "sets": per_set,
         "worst_set": max(per_set, key=lambda k: per_set[k]["change_pct"]),
         "size_ratio_vs_fp32": round(weights_size_mb(final) / weights_size_mb(base), 3),
         "decode_tps": {k: round(v, 2) for k, v in tps.items()}, "fastest": fastest,

@@ -16,7 +16,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from frugalflow.errors import BadInput
 
-
 # names that become parts of paths and object keys (the recipe, the registered model): a letter or
 # digit first, so never '.', '..' or a hidden name; no separator
 PATH_SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
