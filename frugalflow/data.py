@@ -14,7 +14,6 @@ languages: corpora/README.md). Written as `<split>.safetensors` (int64 [n, windo
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from frugalflow.config import DataConfig
-from frugalflow.recipe_io import load_recipe
+from frugalflow.recipe_io import load_recipe, matching_files
 
 SPLITS = ("calib", "train", "eval")
 
@@ -51,7 +50,7 @@ def calib_mix_windows(cfg: DataConfig, encode) -> tuple[list[torch.Tensor], dict
     for name, source in sorted(cfg.calib_mix.items()):
         files: set[Path] = set()
         for pattern in source.text_files:
-            hits = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+            hits = matching_files(pattern)
             if not hits:
                 raise FileNotFoundError(f"data.calib_mix.{name}.text_files: {pattern!r} matches no file "
                                         f"(relative to {Path.cwd()})")

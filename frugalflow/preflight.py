@@ -10,12 +10,11 @@ device). Every problem is one line of a RecipeError (exit code 2).
 """
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 
 from frugalflow.config import Recipe, RecipeError
-from frugalflow.recipe_io import apply_override, parse_override, read_yaml, recipe_from_dict
+from frugalflow.recipe_io import apply_override, matching_files, parse_override, read_yaml, recipe_from_dict
 
 DVC_OWNED = ("base_model", "data")  # read by the DVC stages straight from params.yaml
 
@@ -112,7 +111,7 @@ def input_problems(recipe: Recipe, root: Path) -> list[str]:
     sources += [(f"evaluation.sets.{name}", spec.text_files or []) for name, spec in recipe.evaluation.sets.items()]
     for key, patterns in sources:
         for pattern in patterns:
-            if not any(Path(p).is_file() for p in glob.glob(str(_rel(root, pattern)), recursive=True)):
+            if not matching_files(pattern, root):
                 problems.append(f"{key}.text_files: {pattern!r} matches no file (relative to {root})")
     lm = recipe.evaluation.lm_eval
     if lm is not None and lm.include_path and not _rel(root, lm.include_path).is_dir():

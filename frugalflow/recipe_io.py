@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,9 @@ def flatten(recipe: Recipe) -> dict[str, str]:
 
     walk("", recipe.model_dump(mode="json"))
     return out
+
+
+def matching_files(pattern: str, root: str | Path = ".") -> list[Path]:
+    """The files a recipe's path or glob pattern names (relative to `root` unless absolute; ** recurses)."""
+    full = pattern if Path(pattern).is_absolute() else str(Path(root) / pattern)
+    return [Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file()]

@@ -9,7 +9,6 @@ Problems are raised as RecipeError naming the key, e.g. `evaluation.sets.notes.t
 """
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from frugalflow.config import EvalSetConfig, RecipeError
 from frugalflow.data import load_windows, to_windows
+from frugalflow.recipe_io import matching_files
 
 
 def project_root_of(data_dir: Path) -> Path:
@@ -33,8 +33,7 @@ def resolve_files(name: str, patterns: list[str], root: Path) -> list[Path]:
     found: set[Path] = set()
     problems = []
     for pattern in patterns:
-        full = pattern if Path(pattern).is_absolute() else str(Path(root) / pattern)
-        hits = [Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file()]
+        hits = matching_files(pattern, root)
         if not hits:
             problems.append(f"evaluation.sets.{name}.text_files: {pattern!r} matches no file "
                             f"(relative to {root})")
