@@ -14,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from frugalflow.config import METHODS, Recipe, RecipeError
+from frugalflow.redact import redact
 
 
 def _describe(err: dict) -> str:
@@ -126,7 +127,7 @@ def load_recipe(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
 
 
 def flatten(recipe: Recipe) -> dict[str, str]:
-    """The recipe as flat `a.b.c -> value` strings, for MLflow params."""
+    """The recipe as flat `a.b.c -> value` strings, for MLflow params (URL passwords redacted)."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -137,7 +138,7 @@ def flatten(recipe: Recipe) -> dict[str, str]:
             for i, v in enumerate(value):
                 walk(f"{prefix}.{i}", v)
         else:
-            out[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+            out[prefix] = redact(json.dumps(value) if isinstance(value, list) else str(value))
 
     walk("", recipe.model_dump(mode="json"))
     return out

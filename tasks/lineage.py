@@ -78,6 +78,9 @@ def shared_remote(root: Path) -> tuple[str, dict | None, str] | None:
     return name, None, url
 
 
+REPRO_LOCK_S = 3600  # a `dvc repro` + push of SmolLM2 and its data fits with room to spare
+
+
 def reproduce(root: Path, push: bool = False, remote: tuple[str, dict | None, str] | None = None) -> list[str]:
     """`dvc repro` in `root`, pulling missing outputs from `remote` (see `shared_remote`) and
     pushing to it afterwards when given; returns the names of the stages that ran."""
@@ -88,11 +91,40 @@ def reproduce(root: Path, push: bool = False, remote: tuple[str, dict | None, st
     logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints
     # DVC resolves stage paths against the working directory: run it from the project root.
     name, extra, _ = remote or (None, None, None)
-    with contextlib.chdir(root), Repo(str(root), remote=name, remote_config=extra) as repo:
+    with checkout_lock(root), contextlib.chdir(root), Repo(str(root), remote=name, remote_config=extra) as repo:
         ran = repo.reproduce(pull=remote is not None)
         if push or remote is not None:
             repo.push(remote=name)
     return [getattr(s, "addressing", str(s)) for s in ran]
+
+
+@contextlib.contextmanager
+def checkout_lock(root: Path, timeout: float = REPRO_LOCK_S):
+    """One `dvc repro` + push at a time per checkout: a second run in the same folder (a manual run
+    during the nightly one) waits for the first instead of failing on DVC's own lock, which DVC gives
+    up on after a few seconds."""
+    from filelock import FileLock, Timeout
+
+    from frugalflow.errors import ServiceUnavailable
+
+    path = root / ".dvc" / "tmp" / "frugalflow-repro.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logging.getLogger(__name__).warning("another run is reproducing the DVC data in %s; waiting up to %d s "
+                                            "(%s)", root, timeout, path)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise ServiceUnavailable(f"another run has held the DVC lock of {root} ({path}) for more than "
+                                     f"{timeout:.0f} s; see which run with `frugalflow runs` and wait or "
+                                     "stop it") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @task(name="update-data")

@@ -17,21 +17,33 @@ from pathlib import Path
 
 import httpx
 
+from frugalflow.redact import redact
+
 TIMEOUT_S = 5
 TEAM_HINT = "`frugalflow team status` shows the team services"
 
 
 class ServiceDown(ConnectionError):
-    """A service the run needs cannot be reached or refuses (exit code 4)."""
+    """A service the run needs cannot be reached or refuses (exit code 4); URL passwords redacted."""
 
     exit_code = 4
 
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
-def _get(url: str) -> httpx.Response | Exception:
+
+def _get(url: str, auth: tuple[str, str] | None = None) -> httpx.Response | Exception:
     try:
-        return httpx.get(url, timeout=TIMEOUT_S)
+        return httpx.get(url, timeout=TIMEOUT_S, auth=auth)
     except httpx.HTTPError as exc:
         return exc
+
+
+def mlflow_login() -> tuple[str, str] | None:
+    """The MLflow account of this environment (MLFLOW_TRACKING_USERNAME / _PASSWORD), as MLflow's client
+    sends it."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    return (user, password) if user and password else None
 
 
 def check_mlflow(uri: str):
@@ -48,7 +60,7 @@ def check_mlflow(uri: str):
         if health.status_code != 200:
             raise ServiceDown(f"MLflow tracking server at {base} answered {health.status_code} on /health: "
                               f"{health.text[:200]!r}. Check the server's log ({TEAM_HINT}).")
-        api = _get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+        api = _get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", mlflow_login())
         if isinstance(api, Exception) or api.status_code >= 500:
             found = f"{type(api).__name__}: {api}" if isinstance(api, Exception) else \
                 f"{api.status_code} {api.text[:300]!r}"
@@ -56,8 +68,11 @@ def check_mlflow(uri: str):
                               "cannot use its database (is PostgreSQL up, is the server's database password "
                               f"right?). See the server's log; {TEAM_HINT}.")
         if api.status_code in (401, 403):
-            raise ServiceDown(f"MLflow tracking server at {base} refused our request ({api.status_code}): set "
-                              "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or ask for access.")
+            login = mlflow_login()
+            who = f"the login of account {login[0]!r}" if login else "a request without a login"
+            raise ServiceDown(f"MLflow tracking server at {base} refused {who} ({api.status_code}): set "
+                              "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (team mode: source the team's "
+                              "client.env) or ask an admin for access.")
     try:
         return T.connect(uri)
     except ConnectionError as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from frugalflow.redact import redact
 from tasks.gpu_slot import api_url
 
 LOCK_TIMEOUT_S = 300
@@ -88,7 +89,7 @@ def promotion_lock(tracking_uri: str, model_name: str):
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"frugalflow-promote-{digest}-{model_name}.lock"
     if not db:
-        log.warning("no Prefect API set: promotions to %s are kept apart on this host only (%s)", tracking_uri, path)
+        log.warning("no Prefect API set: promotions to %s are kept apart on this host only (%s)", redact(tracking_uri), path)
     lock = FileLock(str(path), timeout=LOCK_TIMEOUT_S)
     with lock:
         yield "file"

@@ -1,18 +1,24 @@
 """Failures of the services a run talks to (MLflow store or server, S3, Prefect API, the disk),
 told apart from bugs: `exit_code_for(exc)` gives the CLI's exit code and a one-line message.
 
-4: the service cannot be reached or refuses (MLflow errors other than "no such thing", a locked
+4: the service cannot be reached or refuses (MLflow errors other than "no such thing", among them a
+login refused or a permission missing, named with the account; a locked
 or unreachable database, S3 errors, Prefect API errors, a full disk or a file-size limit);
 2: the request named something the store does not have (unknown run, version, model).
 """
 from __future__ import annotations
 
 import errno
+import os
 
 from frugalflow.errors import exit_code_of
 
 _DISK = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _BAD_REQUEST = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS")
+_REFUSED = {"PERMISSION_DENIED": "{who} lacks the permission this needs (promoting, registering or deleting "
+                                 "needs EDIT or MANAGE on the model; docs/security.md)",
+            "UNAUTHENTICATED": "{who} did not log in (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+                               "e.g. from the team's client.env)"}
 
 
 def _chain(exc: BaseException):
@@ -43,6 +49,10 @@ def exit_code_for(exc: BaseException) -> tuple[int, str] | None:
         error_code = getattr(exc, "error_code", "")
         if error_code in _BAD_REQUEST:
             return 2, str(exc)
+        if error_code in _REFUSED:
+            account = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"account {account!r}" if account else "no account (MLFLOW_TRACKING_USERNAME unset)"
+            return 4, f"the MLflow server refused the request: {_REFUSED[error_code].format(who=who)} ({error_code})"
         return 4, f"the MLflow tracking store refused the request ({error_code or name}): {str(exc)[:500]}"
     if module.startswith(("sqlalchemy", "sqlite3", "psycopg2")):
         return 4, f"the tracking database refused the request ({name}): {str(exc)[:500]}"

@@ -128,7 +128,9 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def team_stack(tmp_path_factory):
     """The local team stack (`frugalflow team up` on free loopback ports; tests/team_stack.py), one
-    per test session, started on first use and stopped (`team down`) at the end."""
+    per test session, started on first use and stopped (`team down`) at the end. While it is up this
+    process logs in as the team's member (the MLflow account and Prefect login of client.env), as a
+    shell that sourced client.env would; tests of refusals build their environment without them."""
     import shutil
     import tempfile
 
@@ -139,9 +141,13 @@ def team_stack(tmp_path_factory):
     try:
         stack = start_team(home)
         print(f"team stack up in {stack.up_seconds:.1f} s: {stack.mlflow_uri}, {stack.prefect_api}, {stack.s3_endpoint}")
+        saved = {k: os.environ.get(k) for k in stack.member_login}
+        os.environ.update(stack.member_login)
         try:
             yield stack
         finally:
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
             stack.stop()
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -104,6 +104,18 @@ class TeamStack:
         return {row["service"]: row for row in team_stack.status(self.home, self.project_root)}
 
     # ------------------------------------------------------------------ clients
+    @property
+    def member_login(self) -> dict[str, str]:
+        """The member's logins as client.env gives them (MLflow account, Prefect API login)."""
+        keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
+        return {k: self.client_env[k] for k in keys}
+
+    def prefect(self):
+        """A Prefect client of the team's server, logged in."""
+        from tasks.team.servers import prefect_client
+
+        return prefect_client(self.team)
+
     def env(self, **extra: str) -> dict[str, str]:
         """This process's environment without service settings, plus the team's client env."""
         base = {k: v for k, v in os.environ.items()
@@ -135,7 +147,6 @@ def nightly_runs(stack: TeamStack, tiny_model_dir: Path, timeout: float = 480) -
     them. Triggered on the first call; every later call returns the same {flow_run_id: (project,
     flow_run)} (trigger order), or fails the same way if a run did not complete."""
     import pytest
-    from prefect.client.orchestration import SyncPrefectClient
     from prefect.exceptions import PrefectHTTPStatusError
 
     if isinstance(stack._runs, str):
@@ -151,7 +162,7 @@ def nightly_runs(stack: TeamStack, tiny_model_dir: Path, timeout: float = 480) -
         (scratch / f"project-{i}").mkdir()
         projects.append(make_project(scratch / f"project-{i}", recipe))
     started = time.monotonic()
-    with SyncPrefectClient(stack.prefect_api) as client:
+    with stack.prefect() as client:
         deployment = client.read_deployment_by_name("frugalflow-nightly/nightly")
         ids = [client.create_flow_run_from_deployment(
             deployment.id, parameters={"params": str(p / "params.yaml"), "overrides": o}).id

@@ -19,9 +19,7 @@ HOLD_LOGS_S = 30
 
 
 def prefect(stack):
-    from prefect.client.orchestration import SyncPrefectClient
-
-    return SyncPrefectClient(stack.prefect_api)
+    return stack.prefect()
 
 
 @pytest.fixture

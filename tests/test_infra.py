@@ -15,8 +15,9 @@ from frugalflow.recipe_io import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker"}
-LONG_RUNNING = SERVICES - {"minio-init"}
+ONE_SHOT = {"secrets-check", "minio-init", "mlflow-accounts"}
+SERVICES = {"postgres", "minio", "mlflow", "prefect-server", "worker"} | ONE_SHOT
+LONG_RUNNING = SERVICES - ONE_SHOT
 
 
 def load(path: Path):
@@ -75,7 +76,7 @@ def test_compose_services_images_and_dependencies(compose):
         assert not image.endswith((":latest", ":main")), f"{name}: unpinned image {image}"
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert dep in compose, f"{name} depends on unknown service {dep}"
-            wanted = "service_completed_successfully" if dep == "minio-init" else "service_healthy"
+            wanted = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
             assert cond["condition"] == wanted, f"{name} -> {dep}"
             if wanted == "service_healthy":
                 assert "healthcheck" in compose[dep], f"{name} waits for {dep}, which has no healthcheck"
@@ -83,6 +84,7 @@ def test_compose_services_images_and_dependencies(compose):
         check = compose[name]["healthcheck"]["test"]
         assert check[0] in ("CMD", "CMD-SHELL") and len(check) > 1, name
     assert compose["mlflow"]["build"]["dockerfile"] == "infra/mlflow.Dockerfile"
+    assert compose["worker"]["build"] == compose["mlflow-accounts"]["build"]
     assert compose["worker"]["build"]["dockerfile"] == "infra/Dockerfile"
     for svc in compose.values():
         if "build" in svc:
@@ -103,7 +105,8 @@ def test_mlflow_serves_artifacts_from_s3_on_postgres(compose):
     cmd = compose["mlflow"]["command"]
     assert cmd[:2] == ["mlflow", "server"]
     store = cmd[cmd.index("--backend-store-uri") + 1]
-    assert store.startswith("postgresql://mlflow:") and store.endswith("@postgres:5432/mlflow")
+    assert store == "postgresql://mlflow@postgres:5432/mlflow"  # the password from PGPASSWORD, not the command line
+    assert compose["mlflow"]["environment"]["PGPASSWORD"].startswith("${MLFLOW_DB_PASSWORD:?")
     assert "--serve-artifacts" in cmd
     assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://frugalflow-mlflow/"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
@@ -266,9 +269,11 @@ def test_compose_takes_databases_and_variables_from_team_yaml(team, compose):
     store = mlflow_cmd[mlflow_cmd.index("--backend-store-uri") + 1]
     prefect_url = compose["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     init_sql = (INFRA / "postgres" / "init-databases.sh").read_text()
+    mlflow_password = compose["mlflow"]["environment"]["PGPASSWORD"]
     for db, url in (("mlflow", store), ("prefect", prefect_url)):
         var = pg["databases"][db]["password_var"]
-        assert url.endswith(f"{host}{db}") and f"//{db}:${{{var}:?" in url, url
+        assert url.endswith(f"{host}{db}"), url
+        assert f"//{db}:${{{var}:?" in url or (url.startswith(f"postgresql://{db}@") and var in mlflow_password), url
         assert f"CREATE ROLE {db} LOGIN" in init_sql and f"CREATE DATABASE {db} OWNER {db};" in init_sql
         assert var in json.dumps(compose["postgres"]["environment"])
     assert compose["postgres"]["environment"]["POSTGRES_USER"] == pg["admin_user"]
@@ -303,17 +308,25 @@ def test_worker_pool_limit_and_client_variables_agree_everywhere(team, compose):
     # (its keys come from a Secret); the ports in both are team.yaml's
     ports = {"mlflow_port": team["mlflow"]["port"], "prefect_port": team["prefect"]["port"],
              "s3_port": team["s3"]["port"]}
+    from tasks.team.config import secret_vars
+
+    secret = set(secret_vars(team))
     for var, template in team["client_env"].items():
         assert var in worker_env, var
-        if "{host}" in template:
+        named = set(re.findall(r"\{(\w+)\}", template))
+        if named & secret:  # a login or key: compose reads it from infra/.env, k8s from a Secret
+            assert all("${" + v in worker_env[var] for v in named & secret), (var, worker_env[var])
+            assert var not in configmap, var
+        elif "{host}" in template:
             for where in (worker_env[var], configmap[var]):
                 assert where.endswith(template.split("{host}")[1].format(**ports)), (var, where)
         elif "{FRUGALFLOW_S3" not in template:  # fixed values (the GPU limit, the DVC remote, the models
             # bucket) are the same for the local worker, the compose worker and the k8s worker
-            fixed = template.format(gpu_limit=gpu["name"],
+            fixed = template.format(gpu_limit=gpu["name"], member_user=team["mlflow"]["auth"]["accounts"]["member"]["user"],
                                     **{f"{b}_bucket": n for b, n in team["s3"]["buckets"].items()})
             assert worker_env[var] == fixed, (var, worker_env[var], fixed)
-            assert configmap[var] == fixed, (var, configmap[var], fixed)
+            if var != "MLFLOW_TRACKING_USERNAME":  # k8s: the login's name comes with its password (Secret)
+                assert configmap[var] == fixed, (var, configmap[var], fixed)
     assert "MLFLOW_S3" not in json.dumps(team["client_env"])  # people never get the server's bucket key
     # the worker's runs push DVC data to the DVC bucket and publish models to the models bucket
     client = team["client_env"]
@@ -323,3 +336,59 @@ def test_worker_pool_limit_and_client_variables_agree_everywhere(team, compose):
 
     remote = Config(str(ROOT / ".dvc"))["remote"]["team"]  # this repository's own name for it
     assert remote["url"] == f's3://{team["s3"]["buckets"]["dvc"]}'
+
+
+def test_team_services_ask_for_logins_and_refuse_placeholder_secrets(team, compose):
+    """Compose and k8s start the services with authentication on and refuse change-me secrets."""
+    auth = team["mlflow"]["auth"]
+    mlflow = compose["mlflow"]
+    assert mlflow["command"][2:4] == ["--app-name", "basic-auth"]
+    assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${" + auth["admin"]["password_var"] + ":?")
+    assert mlflow["environment"]["MLFLOW_FLASK_SERVER_SECRET_KEY"].startswith("${" + auth["flask_secret_var"] + ":?")
+    ini = (INFRA / "mlflow-auth.ini").read_text()
+    mount = [v for v in mlflow["volumes"] if v.startswith("./mlflow-auth.ini:")][0]
+    assert mount.split(":")[1] == mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    assert f"default_permission = {auth['default_permission']}" in ini and f"admin_username = {auth['admin']['user']}" in ini
+    assert "password" not in ini.split("[mlflow]")[1].lower()  # no secret in the file
+    prefect_login = compose["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert prefect_login == f"{team['prefect']['auth']['user']}:${{{team['prefect']['auth']['password_var']}:?set " \
+        f"{team['prefect']['auth']['password_var']} in infra/.env}}"
+    worker = compose["worker"]["environment"]
+    assert worker["PREFECT_API_AUTH_STRING"] == prefect_login
+    assert worker["MLFLOW_TRACKING_USERNAME"] == auth["accounts"]["member"]["user"]
+    server_only = [auth["admin"]["password_var"], auth["flask_secret_var"], "MLFLOW_DB_PASSWORD"]
+    assert not any(v in json.dumps(worker) for v in server_only)
+    accounts = compose["mlflow-accounts"]
+    assert accounts["entrypoint"] == ["python", "-m", "tasks.team.accounts"]
+    assert {a["password_var"] for a in auth["accounts"].values()} <= set(accounts["environment"])
+
+    # every service waits for the secrets check, directly or through what it depends on
+    def waits_for_check(name: str) -> bool:
+        deps = compose[name].get("depends_on") or {}
+        return "secrets-check" in deps or any(waits_for_check(d) for d in deps)
+
+    assert all(waits_for_check(name) for name in SERVICES - {"secrets-check"})
+    checked = set(compose["secrets-check"]["environment"])
+    from tasks.team.config import secret_vars
+
+    assert {v for v in secret_vars(team) if v.endswith(("PASSWORD", "SECRET_KEY"))} <= checked
+    script = INFRA / "check-secrets.sh"
+    example = env_example()
+    done = subprocess.run(["sh", str(script)], env={**example, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert done.returncode == 1 and all(f"{v}(placeholder)" in done.stderr for v in checked), done.stderr
+    assert not any(example[v] in done.stderr for v in checked)  # names, never values
+    fresh = {v: "x" * 24 for v in checked}
+    done = subprocess.run(["sh", str(script)], env={**fresh, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    short = {**fresh, "PREFECT_AUTH_PASSWORD": "short"}
+    done = subprocess.run(["sh", str(script)], env={**short, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert done.returncode == 1 and "PREFECT_AUTH_PASSWORD(shorter than 16)" in done.stderr
+    # the k8s worker: the logins from a required Secret, checked by an init container before it starts
+    pod = load(INFRA / "k8s" / "gpu-worker-job.yaml")["spec"]["template"]["spec"]
+    (check,) = pod["initContainers"]
+    assert check["command"][:2] == ["sh", "/opt/frugalflow/infra/check-secrets.sh"]
+    assert set(check["command"][2:]) == {"MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"}
+    refs = {r["secretRef"]["name"]: r["secretRef"].get("optional", False) for r in pod["containers"][0]["envFrom"]
+            if "secretRef" in r}
+    assert refs["frugalflow-logins"] is False
+

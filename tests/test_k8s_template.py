@@ -59,7 +59,10 @@ def test_template_validates_and_renders_the_gpu_job(template):
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert container["resources"]["limits"]["memory"] == worker["resources"]["limits"]["memory"]
     assert container["image"] == worker["image"]
-    assert container["envFrom"] == worker["envFrom"]
+    assert container["envFrom"] == worker["envFrom"]  # endpoints, S3 key, the logins (required Secret)
+    pod = manifest["spec"]["template"]["spec"]
+    assert [c["command"] for c in pod["initContainers"]] == \
+        [c["command"] for c in job["spec"]["template"]["spec"]["initContainers"]]  # placeholder secrets refused
     configmap = yaml.safe_load((ROOT / "infra" / "k8s" / "configmap.yaml").read_text())
     assert container["envFrom"][0]["configMapRef"]["name"] == configmap["metadata"]["name"]
     assert manifest["spec"]["template"]["spec"]["tolerations"] == job["spec"]["template"]["spec"]["tolerations"]

@@ -5,12 +5,12 @@ process); runs, params and metrics land in PostgreSQL through the MLflow server 
 model, report and plots in the MLflow S3 bucket (read back with boto3); the registry holds
 `challenger`/`champion`; `team down` leaves no process and `team up` again loses nothing;
 `mlflow models serve -m models:/NAME@champion` against the server answers a prompt; `frugalflow runs,
-compare, promote, rollback --tracking-uri` work from another folder."""
+compare, promote, rollback --tracking-uri` work from another folder; in a browser both UIs ask for a
+login (MLflow's HTTP login answered with the reader account, Prefect's login form filled in)."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from browser import CHROMIUM, Browser
 from helpers import ROOT, free_port, post, tail, wait_for
 from team_stack import NIGHTLY_MODEL, nightly_runs
 
@@ -28,9 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def prefect(stack):
-    from prefect.client.orchestration import SyncPrefectClient
-
-    return SyncPrefectClient(stack.prefect_api)
+    return stack.prefect()
 
 
 def mlflow_client(stack):
@@ -229,6 +228,8 @@ def test_cli_against_the_server_from_another_folder(team_stack, runs, tmp_path, 
     monkeypatch.chdir(tmp_path)
     for key in [k for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))]:
         monkeypatch.delenv(key)
+    for key, value in team_stack.member_login.items():  # what client.env gives a member's shell
+        monkeypatch.setenv(key, value)
     uri = ["--tracking-uri", team_stack.mlflow_uri]
     client = mlflow_client(team_stack)
     experiment = client.get_experiment_by_name(NAME).experiment_id
@@ -250,46 +251,55 @@ def test_cli_against_the_server_from_another_folder(team_stack, runs, tmp_path, 
 
 
 # --------------------------------------------------------------------------- seen in a browser
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 UI_ARTIFACTS = ROOT / "test-artifacts" / "team-ui"
 
 
-def browse(url: str, name: str, profile: Path, virtual_ms: int = 20000) -> str:
-    """Headless Chromium on `url`: screenshot and DOM kept in test-artifacts/team-ui/; the visible text."""
-    import html
-    import re
+def prefect_login(browser: Browser, prefect_ui: str, auth_string: str) -> str:
+    """Log in through the Prefect UI's own login form (where its dashboard sends a browser without a
+    login); the text of the page it lands on."""
+    import json
 
-    UI_ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    png = UI_ARTIFACTS / f"{name}.png"
-    png.unlink(missing_ok=True)
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1600,1000",
-           f"--virtual-time-budget={virtual_ms}", f"--screenshot={png}", "--dump-dom", url]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, f"chromium exited with {done.returncode}:\n{done.stderr[-3000:]}"
-    (UI_ARTIFACTS / f"{name}.html").write_text(done.stdout)
-    assert png.stat().st_size > 10_000, f"no screenshot of {url}"
-    text = re.sub(r"<(script|style)\b.*?</\1>", " ", done.stdout, flags=re.S | re.I)
-    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)).replace("\xa0", " "))
+    page = browser.open(f"{prefect_ui}/dashboard", until=lambda t: "Login" in t, timeout=60)
+    assert "/login" in browser.evaluate("location.href"), page[:2000]  # asked to log in first
+    browser.evaluate("(() => { const i = document.querySelector('form input'); i.value = %s; "
+                     "i.dispatchEvent(new Event('input', {bubbles: true})); "
+                     "i.closest('form').requestSubmit(); })()" % json.dumps(auth_string))
+    page = browser.wait(lambda t: "Login" not in t[:200] and "Dashboard" in t, 60)
+    assert "/login" not in browser.evaluate("location.href") and "Authentication failed" not in page, page[:2000]
+    return page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: `make browser` installs Debian's chromium "
                     "(apt-get, as root); `make test` does so first when it can")
-def test_team_uis_show_the_runs_and_the_scheduled_deployment(team_stack, runs, tmp_path):
+def test_team_uis_ask_for_a_login_and_show_the_runs_and_the_deployment(team_stack, runs, tmp_path):
+    UI_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     client = mlflow_client(team_stack)
     experiment = client.get_experiment_by_name(NAME)
     names = [r.info.run_name for r in client.search_runs([experiment.experiment_id], "tags.`prefect.flow_run_id` != ''")]
-    page = browse(f"{team_stack.mlflow_uri}/#/experiments/{experiment.experiment_id}/runs", "mlflow-team-runs",
-                  tmp_path / "p1")
-    assert "Run Name" in page and all(n in page for n in names), page[:2000]
+    runs_url = f"{team_stack.mlflow_uri}/#/experiments/{experiment.experiment_id}/runs"
+    host = team_stack.mlflow_uri.split("/")[2]
+    with Browser(tmp_path / "anonymous") as browser:  # nobody logged in: refused, nothing shown
+        page = browser.open(runs_url, until=lambda t: "not authenticated" in t, timeout=60)
+        assert browser.auth_asked and "not authenticated" in page and not any(n in page for n in names), page[:2000]
+    with Browser(tmp_path / "reader") as browser:  # the read-only account browses
+        user, password = team_stack.team.mlflow_accounts["reader"]
+        browser.basic_auth(host, user, password)
+        page = browser.open(runs_url, until=lambda t: all(n in t for n in names), timeout=90)
+        browser.screenshot(UI_ARTIFACTS / "mlflow-team-runs.png")
+        assert "Run Name" in page and all(n in page for n in names), page[:2000]
 
     flow_run_id, (_, run) = next(iter(runs.items()))
     with prefect(team_stack) as prefect_client:
         deployment = prefect_client.read_deployment_by_name("frugalflow-nightly/nightly")
     prefect_ui = team_stack.prefect_api.removesuffix("/api")
-    page = browse(f"{prefect_ui}/runs/flow-run/{flow_run_id}", "prefect-flow-run", tmp_path / "p2")
-    assert run.name in page and "Completed" in page and "nightly" in page, page[:2000]
-    page = browse(f"{prefect_ui}/deployments/deployment/{deployment.id}", "prefect-deployment", tmp_path / "p3")
-    assert "nightly" in page and "gpu" in page, page[:2000]
-    assert "At 02:00 AM" in page or "0 2 * * *" in page, page[:3000]  # the cron of infra/prefect.yaml
+    with Browser(tmp_path / "prefect") as browser:
+        prefect_login(browser, prefect_ui, team_stack.team.prefect_auth)
+        page = browser.open(f"{prefect_ui}/runs/flow-run/{flow_run_id}",
+                            until=lambda t: run.name in t and "Completed" in t, timeout=60)
+        browser.screenshot(UI_ARTIFACTS / "prefect-flow-run.png")
+        assert run.name in page and "Completed" in page and "nightly" in page, page[:2000]
+        page = browser.open(f"{prefect_ui}/deployments/deployment/{deployment.id}",
+                            until=lambda t: "gpu" in t and ("At 02:00 AM" in t or "0 2 * * *" in t), timeout=60)
+        browser.screenshot(UI_ARTIFACTS / "prefect-deployment.png")
+        assert "nightly" in page and "gpu" in page, page[:2000]
+        assert "At 02:00 AM" in page or "0 2 * * *" in page, page[:3000]  # the cron of infra/prefect.yaml

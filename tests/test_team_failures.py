@@ -1,18 +1,16 @@
 """Team services failing, for real, before any heavy work (tasks/preflight.py): `frugalflow run`
 exits 4 naming the service, its address and what to do, and records nothing, when the MLflow
-server is down, when its database refuses its password, when S3 refuses our key (a moto server with
-authentication on), or when the DVC bucket is missing; a work pool without a live worker is named
+server is down, when its database refuses its password, when S3 refuses our key (the team's S3,
+which checks keys), or when the DVC bucket is missing; a work pool without a live worker is named
 as such. The team stack (tests/team_stack.py) provides PostgreSQL, S3, MLflow and Prefect."""
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port, make_project, stop, tiny_recipe, wait_healthy
+from helpers import free_port, make_project, tiny_recipe
 
 from tasks.lineage import REMOTE_ENV
 
@@ -60,30 +58,10 @@ def test_dvc_bucket_missing(team_stack, project):
 
 
 @pytest.fixture(scope="module")
-def s3_with_auth(tmp_path_factory):
-    """moto's S3 with authentication on: an IAM user with an S3 policy and its key; the bucket."""
-    import boto3
-
-    port, log = free_port(), tmp_path_factory.mktemp("moto-auth") / "moto.log"
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("AWS_", "MOTO_"))}
-    env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # the three IAM calls below; every later request is checked
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, f"{url}/moto-api/", log, "moto server", 60)
-        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup",
-                           aws_secret_access_key="setup")
-        iam.create_user(UserName="worker")
-        key = iam.create_access_key(UserName="worker")["AccessKey"]
-        iam.put_user_policy(UserName="worker", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
-                     aws_secret_access_key=key["SecretAccessKey"]).create_bucket(Bucket="frugalflow-dvc")
-        yield {"url": url, "access": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
-    finally:
-        stop(proc, signal.SIGTERM)
+def s3_with_auth(team_stack):
+    """The team's S3 API, which checks keys: its endpoint and the worker's access key."""
+    access, secret = team_stack.team.s3_key("worker")
+    return {"url": team_stack.s3_endpoint, "access": access, "secret": secret}
 
 
 def test_s3_wrong_secret_key(team_stack, project, s3_with_auth):
@@ -132,14 +110,13 @@ def test_mlflow_database_refuses_password(team_stack, project):
 
 
 def test_work_pool_without_worker(team_stack):
-    from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.actions import WorkPoolCreate
 
     from frugalflow.errors import exit_code_of
     from tasks.preflight import ServiceDown, check_work_pool
 
     assert check_work_pool(team_stack.prefect_api, team_stack.work_pool)["workers"]  # the team's worker
-    with SyncPrefectClient(team_stack.prefect_api) as client:
+    with team_stack.prefect() as client:
         client.create_work_pool(WorkPoolCreate(name="nobody-polls", type="process"))
     with pytest.raises(ServiceDown) as info:
         check_work_pool(team_stack.prefect_api, "nobody-polls")

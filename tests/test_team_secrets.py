@@ -3,13 +3,18 @@ run: not in anything MLflow recorded (every row of its database: params, tags, m
 nor in any object of the S3 buckets (run and model artifacts, the report, DVC data, published
 models), nor in anything Prefect recorded (every row of its database: flow-run parameters, logs,
 artifacts, deployments), nor in any file git tracks. The scan runs after the session's deployment runs
-of the nightly flow on the team stack (tests/team_stack.py `nightly_runs`)."""
+of the nightly flow on the team stack (tests/team_stack.py `nightly_runs`) and one `frugalflow run` whose
+recipe names the tracking server with the member's password in the URL (`http://frugalflow:<password>@...`)
+and whose environment holds a canary secret: neither appears in what was recorded nor in the command's
+output (URL passwords are redacted: frugalflow/redact.py)."""
 from __future__ import annotations
 
+import secrets as pysecrets
 import subprocess
+import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, make_project, tiny_recipe
 from team_stack import nightly_runs
 
 pytestmark = pytest.mark.slow
@@ -33,7 +38,6 @@ def database_rows(conn) -> dict[str, str]:
 
 
 def completed_deployment_runs(stack) -> list:
-    from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterDeploymentId,
@@ -42,14 +46,36 @@ def completed_deployment_runs(stack) -> list:
     )
     from prefect.client.schemas.objects import StateType
 
-    with SyncPrefectClient(stack.prefect_api) as client:
+    with stack.prefect() as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(
             deployment_id=FlowRunFilterDeploymentId(is_null_=False),
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))))
 
 
 @pytest.fixture(scope="module")
-def team_run(team_stack, tiny_model_dir):
+def canary_run(team_stack, tiny_model_dir, tmp_path_factory):
+    """`frugalflow run` with the member's password inside the recipe's tracking URI and a canary secret
+    in the environment; its (canary, stdout + stderr)."""
+    user, password = team_stack.team.mlflow_accounts["member"]
+    uri = team_stack.mlflow_uri.replace("http://", f"http://{user}:{password}@")
+    recipe = tiny_recipe(tiny_model_dir, "tiny-canary", data={"calib_windows": 4, "train_windows": 8, "eval_windows": 4},
+                         evaluation={"decode_tokens": 4, "decode_race_rounds": 0}, gates={"min_size_reduction": 1.0},
+                         tracking={"uri": uri})
+    project = make_project(tmp_path_factory.mktemp("canary"), recipe)
+    canary = "canary-" + pysecrets.token_hex(16)
+    env = team_stack.env(FRUGALFLOW_CANARY_SECRET=canary)
+    env.pop("MLFLOW_TRACKING_URI")  # the recipe's URL, password included, is the one used
+    env.pop("MLFLOW_TRACKING_USERNAME")
+    env.pop("MLFLOW_TRACKING_PASSWORD")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", str(project / "params.yaml")], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "frugalflow:***@" in done.stdout + done.stderr  # the URL was shown, redacted
+    return canary, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def team_run(team_stack, tiny_model_dir, canary_run):
     """The completed deployment runs of the nightly flow on the team stack (the session's two,
     tests/team_stack.py `nightly_runs`, triggered here if no test did yet)."""
     nightly_runs(team_stack, tiny_model_dir)
@@ -58,16 +84,21 @@ def team_run(team_stack, tiny_model_dir):
     return runs
 
 
-def test_no_secret_in_mlflow_prefect_s3_or_git(team_stack, team_run):
-    secrets = team_stack.secrets
-    assert {"MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "FRUGALFLOW_S3_SECRET_KEY", "MLFLOW_S3_SECRET_KEY"} <= set(secrets)
+def test_no_secret_in_mlflow_prefect_s3_or_git(team_stack, team_run, canary_run):
+    canary, output = canary_run
+    secrets = {**team_stack.secrets, "FRUGALFLOW_CANARY_SECRET": canary}
+    assert {"MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "FRUGALFLOW_S3_SECRET_KEY", "MLFLOW_S3_SECRET_KEY",
+            "MLFLOW_MEMBER_PASSWORD", "PREFECT_AUTH_PASSWORD", "MLFLOW_ADMIN_PASSWORD"} <= set(secrets)
     assert all(len(v) >= 16 for v in secrets.values())  # generated, not guessable placeholders
     found = {}
+    if hit := leaks(output, secrets):
+        found["the canary run's output"] = hit
 
     # MLflow: every row of its database, and it holds the team run's params, tags and metrics
     with team_stack.sql("mlflow") as conn:
         mlflow_rows = database_rows(conn)
     assert str(team_run[0].id) in mlflow_rows["tags"]  # the flow run's MLflow run is there (prefect.flow_run_id)
+    assert "frugalflow:***@" in mlflow_rows["params"]  # the canary run's tracking.uri param, redacted
     assert mlflow_rows["params"] and mlflow_rows["metrics"]
     for table, text in mlflow_rows.items():
         if hit := leaks(text, secrets):

@@ -40,14 +40,23 @@ def test_env_file_secrets_are_private_reused_and_kept_from_clients(home):
     assert again.env == team.env  # reused, ports included
     secrets = team.secrets
     assert set(secrets) == {"POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "MINIO_ROOT_PASSWORD",
-                            "MLFLOW_S3_SECRET_KEY", "FRUGALFLOW_S3_SECRET_KEY"}
+                            "MLFLOW_S3_SECRET_KEY", "FRUGALFLOW_S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD",
+                            "MLFLOW_FLASK_SECRET_KEY", "MLFLOW_MEMBER_PASSWORD", "MLFLOW_READER_PASSWORD",
+                            "PREFECT_AUTH_PASSWORD"}
     assert len(set(secrets.values())) == len(secrets) and all(len(v) >= 24 for v in secrets.values())
     client = team.client_env()
     assert client["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{team.port('mlflow')}"
     assert client["PREFECT_API_URL"] == f"http://127.0.0.1:{team.port('prefect')}/api"
     assert client["AWS_SECRET_ACCESS_KEY"] == secrets["FRUGALFLOW_S3_SECRET_KEY"]
-    leaked = [k for k, v in secrets.items() if k != "FRUGALFLOW_S3_SECRET_KEY" and v in str(client)]
-    assert leaked == []
+    assert (client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]) == team.mlflow_accounts["member"]
+    assert client["PREFECT_API_AUTH_STRING"] == f"frugalflow:{secrets['PREFECT_AUTH_PASSWORD']}"
+    member = {"FRUGALFLOW_S3_SECRET_KEY", "MLFLOW_MEMBER_PASSWORD", "PREFECT_AUTH_PASSWORD"}
+    assert [k for k, v in secrets.items() if k not in member and v in str(client)] == []
+    # a read-only member gets the MLflow reader login and nothing else secret
+    reader = team.reader_env()
+    assert set(reader) == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    assert (reader["MLFLOW_TRACKING_USERNAME"], reader["MLFLOW_TRACKING_PASSWORD"]) == team.mlflow_accounts["reader"]
+    assert [k for k, v in secrets.items() if k != "MLFLOW_READER_PASSWORD" and v in str(reader)] == []
     # a later --port is stored; an unknown service is refused
     moved = open_team(home, ROOT, {"mlflow": 5999})
     assert read_env(team.env_file)["TEAM_MLFLOW_PORT"] == "5999" and moved.secrets == secrets
@@ -108,8 +117,11 @@ def test_status_names_every_service_and_servers_hold_only_their_secrets(team_sta
         assert no_process_mentions(secret)
     mlflow_key = team_stack.team.s3_key("mlflow")[1]
     assert psutil.Process(rows["mlflow"]["pid"]).environ()["AWS_SECRET_ACCESS_KEY"] == mlflow_key
+    admin_password = team_stack.team.mlflow_accounts["admin"][1]
+    assert psutil.Process(rows["mlflow"]["pid"]).environ()["MLFLOW_AUTH_ADMIN_PASSWORD"] == admin_password
     worker_env = psutil.Process(rows["worker"]["pid"]).environ()
-    assert mlflow_key not in worker_env.values() and team_stack.pg["mlflow"]["password"] not in worker_env.values()
+    for server_only in (mlflow_key, team_stack.pg["mlflow"]["password"], admin_password):
+        assert server_only not in worker_env.values()
     assert worker_env["AWS_SECRET_ACCESS_KEY"] == team_stack.client_env["AWS_SECRET_ACCESS_KEY"]
     # every bucket exists; the service roles log in to their own databases
     names = {b["Name"] for b in team_stack.s3("worker").list_buckets()["Buckets"]}
@@ -120,4 +132,6 @@ def test_status_names_every_service_and_servers_hold_only_their_secrets(team_sta
             assert cur.fetchone() == (db, db)
     client_env = read_env(team_stack.team.client_env_file)
     assert client_env == team_stack.client_env
-    assert stat.S_IMODE(team_stack.team.client_env_file.stat().st_mode) == 0o600
+    assert read_env(team_stack.team.reader_env_file) == team_stack.team.reader_env()
+    for path in (team_stack.team.client_env_file, team_stack.team.reader_env_file):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -3,7 +3,8 @@
 The env file (`<folder>/team.env`, mode 0600) is written on the first `team up` with fresh
 secrets and the ports chosen, and read back by every later command: secrets are reused, never
 regenerated, never printed. `client.env` beside it holds what a team member's shell needs
-(addresses and the worker's S3 key), never the MLflow server's bucket key or a database password.
+(addresses, the member logins to MLflow and Prefect, the worker's S3 key), never the MLflow server's
+bucket key, its admin password or a database password; `reader.env` only the MLflow reader login.
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def secret_vars(spec: dict) -> list[str]:
              s3["root_user_var"], s3["root_password_var"]]
     for key in s3["keys"].values():
         names += [key["access_key_var"], key["secret_key_var"]]
+    auth = spec["mlflow"]["auth"]
+    names += [auth["admin"]["password_var"], auth["flask_secret_var"],
+              *(a["password_var"] for a in auth["accounts"].values()), spec["prefect"]["auth"]["password_var"]]
     return names
 
 
@@ -137,11 +141,33 @@ class Team:
     def gpu_limit(self) -> str:
         return self.spec["prefect"]["gpu_limit"]["name"]
 
-    def client_env(self) -> dict[str, str]:
-        fill = {"host": self.host, "gpu_limit": self.gpu_limit,
+    @property
+    def mlflow_accounts(self) -> dict[str, tuple[str, str]]:
+        """(user, password) by role: `admin` (servers only), `member`, `reader`."""
+        auth = self.spec["mlflow"]["auth"]
+        roles = {"admin": auth["admin"], **auth["accounts"]}
+        return {role: (a["user"], self.env[a["password_var"]]) for role, a in roles.items()}
+
+    @property
+    def prefect_auth(self) -> str:
+        """The Prefect server's API login, `user:password` (PREFECT_SERVER_API_AUTH_STRING)."""
+        auth = self.spec["prefect"]["auth"]
+        return f"{auth['user']}:{self.env[auth['password_var']]}"
+
+    def _filled(self, section: str) -> dict[str, str]:
+        fill = {"host": self.host, "gpu_limit": self.gpu_limit, "prefect_user": self.spec["prefect"]["auth"]["user"],
+                **{f"{role}_user": user for role, (user, _) in self.mlflow_accounts.items()},
                 **{f"{b}_bucket": name for b, name in self.spec["s3"]["buckets"].items()},
                 **{f"{s}_port": self.port(s) for s in SERVICES}, **self.env}
-        return {k: v.format(**fill) for k, v in self.spec["client_env"].items()}
+        return {k: v.format(**fill) for k, v in self.spec[section].items()}
+
+    def client_env(self) -> dict[str, str]:
+        """A team member's (and the worker's) variables: addresses, member logins, the worker's S3 key."""
+        return self._filled("client_env")
+
+    def reader_env(self) -> dict[str, str]:
+        """A read-only member's variables: the MLflow address and the reader login."""
+        return self._filled("reader_env")
 
     @property
     def env_file(self) -> Path:
@@ -150,6 +176,10 @@ class Team:
     @property
     def client_env_file(self) -> Path:
         return self.home / self.spec["client_env_file"]
+
+    @property
+    def reader_env_file(self) -> Path:
+        return self.home / self.spec["reader_env_file"]
 
     def logs(self) -> Path:
         path = self.home / "logs"

@@ -1,15 +1,16 @@
-"""The S3 API of local team mode: moto's server on loopback, the buckets of infra/team.yaml, and a
-snapshot of every object under `<team folder>/s3/` so that `team down` and `up` lose nothing
-(moto keeps objects in memory only). MinIO takes this role in docker-compose."""
+"""The S3 API of local team mode: moto's S3 behind tasks/team/s3_server.py, which checks every
+request's key against infra/team.yaml (each key reaches its own buckets only; unsigned requests are
+refused) and writes every object to `<team folder>/s3/` before acknowledging it, so neither a SIGKILL
+nor `team down` loses anything. MinIO takes this role in docker-compose."""
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from tasks.team import procs
-from tasks.team.config import Team, TeamError
+from tasks.team.config import Team
 
 
 def client(team: Team, key: tuple[str, str] | None = None):
@@ -22,12 +23,24 @@ def client(team: Team, key: tuple[str, str] | None = None):
                         config=Config(connect_timeout=3, read_timeout=30, retries={"max_attempts": 2}))
 
 
+def keys_spec(team: Team) -> dict[str, list]:
+    """{name: [access key, secret key, buckets]} for the server: the root key reaches every bucket."""
+    spec = team.spec["s3"]
+    keys = {"root": [*team.s3_root, "*"]}
+    for name, key in spec["keys"].items():
+        keys[name] = [*team.s3_key(name), [spec["buckets"][b] for b in key["buckets"]]]
+    return keys
+
+
 def start(team: Team, timeout: float = 60) -> int:
     log = team.logs() / "s3.log"
+    migrate_snapshot(team)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
-    pid = procs.start([sys.executable, "-m", "moto.server", "-H", team.host, "-p", str(team.port("s3"))],
-                      env=env, log=log, cwd=team.home)
-    procs.wait_until(lambda: healthy(team), pid, "S3 server (moto)", team.s3_endpoint, log, timeout)
+    env["FRUGALFLOW_S3_KEYS"] = json.dumps(keys_spec(team))  # secrets through the environment only
+    pid = procs.start([sys.executable, "-m", "tasks.team.s3_server", "--host", team.host, "--port",
+                       str(team.port("s3")), "--data", str(data_dir(team)), "--spec", "FRUGALFLOW_S3_KEYS"],
+                      env=env, log=log, cwd=team.project_dir)
+    procs.wait_until(lambda: healthy(team), pid, "S3 server", team.s3_endpoint, log, timeout)
     return pid
 
 
@@ -39,8 +52,24 @@ def healthy(team: Team) -> bool:
         return False
 
 
-def snapshot_dir(team: Team) -> Path:
+def data_dir(team: Team) -> Path:
     return team.home / "s3"
+
+
+def migrate_snapshot(team: Team) -> None:
+    """Installations from before the write-through store kept a snapshot as `s3/<bucket>/...`: move
+    it to `s3/objects/<bucket>/...`, where the server loads objects from."""
+    root = data_dir(team)
+    for bucket in team.buckets.values():
+        old, new = root / bucket, root / "objects" / bucket
+        if old.is_dir() and not new.exists():
+            new.parent.mkdir(parents=True, exist_ok=True)
+            old.rename(new)
+
+
+def count_objects(team: Team) -> int:
+    objects = data_dir(team) / "objects"
+    return sum(1 for p in objects.rglob("*") if p.is_file() and ".tmp" not in p.name) if objects.is_dir() else 0
 
 
 def ensure_buckets(team: Team) -> None:
@@ -49,47 +78,3 @@ def ensure_buckets(team: Team) -> None:
     for bucket in team.buckets.values():
         if bucket not in have:
             s3.create_bucket(Bucket=bucket)
-
-
-def restore(team: Team) -> int:
-    """Upload the snapshot's objects into the (fresh) server; the number of objects."""
-    s3, count = client(team), 0
-    root = snapshot_dir(team)
-    for bucket in team.buckets.values():
-        folder = root / bucket
-        if not folder.is_dir():
-            continue
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            s3.upload_file(str(path), bucket, path.relative_to(folder).as_posix())
-            count += 1
-    return count
-
-
-def snapshot(team: Team) -> int:
-    """Download every object of every bucket into `s3/` (written beside it, then swapped in, so a
-    failure leaves the previous snapshot whole); the number of objects."""
-    s3, count = client(team), 0
-    root = snapshot_dir(team)
-    fresh = root.with_name("s3.new")
-    shutil.rmtree(fresh, ignore_errors=True)
-    for bucket in team.buckets.values():
-        paginator = s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket):
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                if key.endswith("/"):
-                    continue  # a folder marker, no content
-                if key.startswith("/") or ".." in Path(key).parts:
-                    raise TeamError(f"S3 bucket {bucket}: object key {key!r} cannot be saved as a file")
-                target = fresh / bucket / key
-                target.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, key, str(target))
-                count += 1
-    fresh.mkdir(parents=True, exist_ok=True)
-    old = root.with_name("s3.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if root.exists():
-        root.rename(old)
-    fresh.rename(root)
-    shutil.rmtree(old, ignore_errors=True)
-    return count

@@ -2,8 +2,11 @@
 artifacts proxied to S3), the Prefect server (PostgreSQL), its `gpu` work pool and GPU concurrency
 limit, the nightly deployment from infra/prefect.yaml, and a worker polling the pool.
 
-Secrets reach the servers through their environment (PGPASSWORD, the connection URL variable),
-never their command line, so `ps` shows none. Only the MLflow server gets the MLflow bucket key.
+Both servers ask for credentials: MLflow runs its basic-auth app (accounts in its PostgreSQL
+database; `ensure_mlflow_accounts` creates the member and reader logins as the admin), Prefect its
+API login (PREFECT_SERVER_API_AUTH_STRING). Secrets reach the servers through their environment
+(PGPASSWORD, the connection URL variable, the admin password), never their command line, so `ps`
+shows none. Only the MLflow server gets the MLflow bucket key and the admin password.
 """
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from tasks.team import procs
+from tasks.team.accounts import ensure_accounts
 from tasks.team.config import Team, TeamError
 
 CLEAN_PREFIXES = ("AWS_", "MLFLOW_", "PREFECT_", "PG", "FRUGALFLOW_S3", "FRUGALFLOW_GPU")
@@ -24,17 +29,38 @@ def base_env() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- MLflow
+def write_mlflow_auth_config(team: Team, store: str) -> Path:
+    """The basic-auth app's settings (MLFLOW_AUTH_CONFIG_PATH): its accounts in the tracking database
+    (the password comes from PGPASSWORD), the admin's name; the admin password stays in the environment."""
+    auth = team.spec["mlflow"]["auth"]
+    path = team.home / auth["config"]
+    path.write_text(f"[mlflow]\ndefault_permission = {auth['default_permission']}\ndatabase_uri = {store}\n"
+                    f"admin_username = {auth['admin']['user']}\n"
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return path
+
+
 def start_mlflow(team: Team) -> int:
     pg, (access, secret) = team.pg, team.s3_key("mlflow")
+    auth = team.spec["mlflow"]["auth"]
+    store = f"postgresql://{pg['mlflow']['user']}@{pg['host']}:{pg['port']}/{pg['mlflow']['dbname']}"
     env = {**base_env(), "PGPASSWORD": pg["mlflow"]["password"], "MLFLOW_S3_ENDPOINT_URL": team.s3_endpoint,
            "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            # the GenAI job runner (seven huey consumer processes) serves nothing frugalflow uses
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    store = f"postgresql://{pg['mlflow']['user']}@{pg['host']}:{pg['port']}/{pg['mlflow']['dbname']}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--serve-artifacts",
-           "--artifacts-destination", f"s3://{team.buckets['mlflow']}/", "--host", team.host,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_AUTH_CONFIG_PATH": str(write_mlflow_auth_config(team, store)),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": team.mlflow_accounts["admin"][1],  # used once, on an empty user store
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": team.env[auth["flask_secret_var"]]}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", store,
+           "--serve-artifacts", "--artifacts-destination", f"s3://{team.buckets['mlflow']}/", "--host", team.host,
            "--port", str(team.port("mlflow")), "--workers", "1"]
     return procs.start(cmd, env=env, log=team.logs() / "mlflow.log", cwd=team.home)
+
+
+def ensure_mlflow_accounts(team: Team) -> None:
+    """As the admin: the member and reader accounts exist with the env file's passwords."""
+    accounts = dict(team.mlflow_accounts)
+    ensure_accounts(team.mlflow_uri, accounts.pop("admin"), accounts)
 
 
 def mlflow_healthy(team: Team) -> bool:
@@ -50,7 +76,8 @@ def start_prefect(team: Team) -> int:
            f"/{pg['prefect']['dbname']}")
     env = {**base_env(), "PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": url,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true",
-           "PREFECT_SERVER_UI_API_URL": team.prefect_api, "PREFECT_LOGGING_SERVER_LEVEL": "WARNING"}
+           "PREFECT_SERVER_UI_API_URL": team.prefect_api, "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
+           "PREFECT_SERVER_API_AUTH_STRING": team.prefect_auth}
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", team.host, "--port", str(team.port("prefect"))]
     return procs.start(cmd, env=env, log=team.logs() / "prefect-server.log", cwd=home)
 
@@ -62,7 +89,7 @@ def prefect_healthy(team: Team) -> bool:
 def prefect_client(team: Team):
     from prefect.client.orchestration import SyncPrefectClient
 
-    return SyncPrefectClient(team.prefect_api)
+    return SyncPrefectClient(team.prefect_api, auth_string=team.prefect_auth)
 
 
 def ensure_pool_and_limit(team: Team) -> None:

@@ -2,8 +2,8 @@
 
 `up` is idempotent (running healthy services are kept), checks what it can before starting anything
 (PostgreSQL binaries: exit 2; a port taken by something else: exit 4) and, when a step fails, stops
-what it started. `down` saves the S3 objects first, stops every process tree and checks with psutil
-that none is left. Pids and addresses are kept in `<team folder>/state.json` (no secrets).
+what it started. `down` stops every process tree and checks with psutil that none is left (the S3
+server has written every object to disk as it came). Pids and addresses are kept in `<team folder>/state.json` (no secrets).
 """
 from __future__ import annotations
 
@@ -105,13 +105,9 @@ def up(home: Path | None = None, project_dir: Path | None = None, ports: dict[st
         if "s3" not in running:
             _record(team, state, "s3", s3.start(team, START_S["s3"]))
             started.append("s3")
-            s3.ensure_buckets(team)
-            restored = s3.restore(team)
-        else:
-            s3.ensure_buckets(team)
-            restored = 0
-        log(f"  s3         {team.s3_endpoint}  buckets {', '.join(team.buckets.values())}"
-            f"{f'; {restored} objects restored' if restored else ''}  ({time.monotonic() - t0:.1f} s)")
+        s3.ensure_buckets(team)
+        log(f"  s3         {team.s3_endpoint}  buckets {', '.join(team.buckets.values())}; "
+            f"{s3.count_objects(team)} objects kept in {s3.data_dir(team)}  ({time.monotonic() - t0:.1f} s)")
         for service, starter in (("mlflow", servers.start_mlflow), ("prefect", servers.start_prefect)):
             if service not in running:
                 _record(team, state, service, starter(team))
@@ -139,6 +135,7 @@ def up(home: Path | None = None, project_dir: Path | None = None, ports: dict[st
         log(f"  deployment {team.spec['prefect']['deployment']['flow']}/{team.spec['prefect']['deployment']['name']} "
             f"from {team.spec['prefect']['deployment']['file']}  ({time.monotonic() - t0:.1f} s)")
         wait("mlflow")
+        servers.ensure_mlflow_accounts(team)
         procs.wait_until(lambda: healthy(team, "worker", since if "worker" in started else 0.0), worker_pid,
                          NAMES["worker"], address(team, "worker"), team.logs() / "worker.log", START_S["worker"])
         log(f"  worker     {address(team, 'worker')}  ({time.monotonic() - t0:.1f} s)")
@@ -149,6 +146,8 @@ def up(home: Path | None = None, project_dir: Path | None = None, ports: dict[st
 
     write_env(team.client_env_file, team.client_env(),
               f"# frugalflow team mode: `set -a; . {team.client_env_file}; set +a` points a shell at the team\n")
+    write_env(team.reader_env_file, team.reader_env(),
+              f"# frugalflow team mode, read-only: `set -a; . {team.reader_env_file}; set +a` browses MLflow\n")
     return status(team.home, project)
 
 
@@ -181,16 +180,9 @@ def _stop(team: Team, state: dict, bindir: Path | None, services: list[str]) -> 
 
 
 def down(home: Path | None = None, project_dir: Path | None = None, log=print) -> list[dict]:
-    """Save S3's objects, stop every service, check that no process is left; the status rows."""
+    """Stop every service (S3's objects are on disk already), check that no process is left; the status rows."""
     team = open_team(home, Path(project_dir or Path.cwd()), create=False)
     state = read_state(team)
-    if procs.alive(service_pid(team, state, "s3")):
-        try:
-            count = s3.snapshot(team)
-        except Exception as exc:
-            raise TeamError(f"S3 server at {team.s3_endpoint}: saving its objects to {s3.snapshot_dir(team)} failed "
-                            f"({type(exc).__name__}: {exc}); nothing stopped, so nothing is lost") from None
-        log(f"  s3         {count} objects saved to {s3.snapshot_dir(team)}")
     try:
         bindir = postgres.find_bindir()
     except TeamInputError:
