@@ -4,9 +4,13 @@ The nightly flow runs one candidate; the sweep flow runs many (stages in paralle
 the task runner, evaluations one at a time so that speed figures are not measured while
 another candidate computes). Both record a candidate the same way: metrics `ppl`,
 `size_mb`, `decode_tps`, ... (also as `candidate.*`) and the tag `frugalflow.candidate` on
-its MLflow run, the gate verdict on the same run, the model directory as `model/`.
+its MLflow run, the gate verdict on the same run, the model directory as `model/`, and a registered
+version's inputs key (tasks/unchanged.py). The nightly flow first looks for a version with its
+candidate's inputs key (`unchanged_version`): found, the night records that and does nothing else.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import task
 
@@ -14,13 +18,15 @@ from flows.project import Project
 from flows.workspace import on_worker
 from frugalflow.config import Recipe
 from frugalflow.report import build_report
+from tasks import registry as R
 from tasks import tracking as T
-from tasks.compress import compress_stage
+from tasks.compress import compress_stage, final_stage_name
 from tasks.evaluate import decode_race, evaluate
 from tasks.gate import gate
 from tasks.promote import register_and_promote
 from tasks.pyfunc import log_pyfunc
 from tasks.report import publish_report
+from tasks.unchanged import inputs_key, record_unchanged
 
 HEADLINE = ("ppl", "size_mb", "decode_tps", "decode_speedup", "sparsity", "bits_per_weight")
 
@@ -48,6 +54,27 @@ def candidate_stages(project: Project, recipe: Recipe, tracking: T.Tracking,
     if inputs:
         project = on_worker(project, inputs)
     return run_stages(project, recipe, tracking)
+
+
+def candidate_inputs_key(project: Project, recipe: Recipe, final_stage: str) -> str:
+    """The inputs key (tasks/unchanged.py) of the candidate whose last stage writes `final_stage`."""
+    return inputs_key(final_stage, project.data_key, project.data_dir, recipe, project.root)
+
+
+def unchanged_version(project: Project, recipe: Recipe, tracking: T.Tracking, force: bool = False) -> dict | None:
+    """Before any stage or evaluation: the run gets its candidate's inputs key as a tag; when a
+    registered version has the same key (and not `force`), the run is recorded as unchanged, naming
+    that version, and {"version", "run_id", "inputs_key", "final_stage"} returned; else None."""
+    final = final_stage_name(project.base_key, project.data_key, recipe.stages)
+    key = candidate_inputs_key(project, recipe, final)
+    client = T.connect(tracking.uri)
+    T.set_tags(client, tracking.parent_run_id, {R.INPUTS_KEY: key, **({"frugalflow.forced": True} if force else {})})
+    version = None if force else R.version_with_inputs(client, recipe.registry.model_name, key)
+    if version is None:
+        return None
+    record_unchanged(tracking, recipe.registry.model_name, version, key, final)
+    return {"version": str(version.version), "run_id": R.candidate_run_id(version), "inputs_key": key,
+            "final_stage": final}
 
 
 def evaluate_baseline(project: Project) -> dict:
@@ -88,4 +115,5 @@ def publish(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracki
     pyfunc = log_pyfunc(client, run, model_dir) if verdict["passed"] else None
     publish_report(build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage), tracking)
     return register_and_promote(verdict, recipe.registry.model_name, project.lineage_tags, tracking,
-                                model_uri=pyfunc["model_uri"] if pyfunc else None, model_dir=model_dir)
+                                model_uri=pyfunc["model_uri"] if pyfunc else None, model_dir=model_dir,
+                                inputs_key=candidate_inputs_key(project, recipe, Path(model_dir).name))

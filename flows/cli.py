@@ -1,7 +1,7 @@
 """`frugalflow`: the command line (a typer app; `cmd_*` hold what each command does).
 
     frugalflow validate [FILE | -p FILE] [-s K=V]   check a recipe, print a summary
-    frugalflow run [-p FILE] [-s KEY=VALUE ...]      run the nightly flow once
+    frugalflow run [-p FILE] [-s KEY=VALUE ...]      run the nightly flow once (--force: register even if unchanged)
     frugalflow sweep [-p FILE] -g KEY=V1,V2 ...      candidates over a grid; the Pareto-best passing one promoted
     frugalflow schedule [-p FILE] [--check]          serve the nightly deployment (needs PREFECT_API_URL)
     frugalflow runs [-n N]                           recent runs: recipe, verdict, ppl, size, speed
@@ -85,17 +85,26 @@ def cmd_run(args) -> int:
     _before_flow()
     from flows.nightly import compression_flow
 
-    result = compression_flow(params=args.params, overrides=args.set)
-    promo = result["promotion"]
-    print(f"\nrun {result['run_id']}: verdict {'PASS' if result['verdict']['passed'] else 'FAIL'}")
-    for reason in result["verdict"]["reasons"]:
-        print(f"  - {reason}")
-    c, b = result["candidate"], result["baseline"]
-    print(f"  ppl {b['ppl']:.3f} -> {c['ppl']:.3f}; size {b['size_mb']:.1f} -> {c['size_mb']:.1f} MB; "
-          f"decode {b['decode_tps']:.1f} -> {c['decode_tps']:.1f} tok/s")
-    if promo["registered"]:
-        print(f"  registered version {promo['version']}" + (" and promoted to champion" if promo["champion"] else ""))
+    result = compression_flow(params=args.params, overrides=args.set, force=args.force)
+    print(run_summary(result))
     return 0
+
+
+def run_summary(result: dict) -> str:
+    """What `frugalflow run` prints about the flow's result."""
+    same = result.get("unchanged")
+    if same:
+        return (f"\nrun {result['run_id']}: unchanged: same inputs as version {same['version']}; nothing registered\n"
+                f"  (final stage {same['final_stage']}, evaluation and gates as then; `frugalflow run --force` "
+                "registers anyway)")
+    promo, c, b = result["promotion"], result["candidate"], result["baseline"]
+    lines = [f"\nrun {result['run_id']}: verdict {'PASS' if result['verdict']['passed'] else 'FAIL'}",
+             *(f"  - {reason}" for reason in result["verdict"]["reasons"]),
+             f"  ppl {b['ppl']:.3f} -> {c['ppl']:.3f}; size {b['size_mb']:.1f} -> {c['size_mb']:.1f} MB; "
+             f"decode {b['decode_tps']:.1f} -> {c['decode_tps']:.1f} tok/s"]
+    if promo["registered"]:
+        lines.append(f"  registered version {promo['version']}" + (" and promoted to champion" if promo["champion"] else ""))
+    return "\n".join(lines)
 
 
 def cmd_sweep(args) -> int:
@@ -371,8 +380,11 @@ def validate_command(file: Annotated[str, typer.Argument(metavar="FILE")] = "par
 
 
 @app.command("run", help="run the compression flow once")
-def run_command(params: Params = "params.yaml", set_: Sets = None) -> int:
-    return cmd_run(Namespace(params=params, set=list(set_ or [])))
+def run_command(params: Params = "params.yaml", set_: Sets = None,
+                force: Annotated[bool, typer.Option(
+                    "--force", help="register the candidate even when a version has the same inputs "
+                    "(final stage, evaluation, gates)")] = False) -> int:
+    return cmd_run(Namespace(params=params, set=list(set_ or []), force=force))
 
 
 @app.command("sweep", help="run a grid of candidates; promote the Pareto-best passing one")

@@ -1,7 +1,12 @@
 """The nightly compression flow: data -> baseline -> stages -> evaluation -> gates -> registry.
 
     frugalflow run                 # the CLI wraps this
+    frugalflow run --force         # register even when a version has this night's inputs
     python -m flows.nightly        # the same, without the CLI
+
+A night whose candidate has the inputs key of a registered version (same final stage, evaluation
+inputs and gates; tasks/unchanged.py) stops after the data step: its run is tagged
+`frugalflow.verdict=unchanged` naming that version, and nothing is evaluated, logged or registered.
 
 The recipe is validated once, here at the entry, before any heavy work; tasks get
 paths, keys and frozen config models.
@@ -15,7 +20,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.candidate import evaluate_baseline, evaluate_candidate, judge, publish, run_stages
+from flows.candidate import evaluate_baseline, evaluate_candidate, judge, publish, run_stages, unchanged_version
 from flows.project import Project, load_flow_recipe, open_project, project_root  # noqa: F401 (re-exported)
 from frugalflow.recipe_io import flatten
 from tasks import tracking as T
@@ -38,8 +43,11 @@ def start_parent_run(project: Project, name: str, tags: dict | None = None) -> T
     return T.Tracking(uri=project.uri, experiment_id=project.experiment_id, parent_run_id=run)
 
 
+NOT_REGISTERED = {"registered": False, "version": None, "champion": False}
+
+
 @flow(name="frugalflow-nightly", log_prints=True)
-def compression_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def compression_flow(params: str = "params.yaml", overrides: list[str] | None = None, force: bool = False) -> dict:
     logger = get_run_logger()
     project = open_project(params, list(overrides or []))
     recipe = project.recipe
@@ -49,6 +57,11 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
     client = T.connect(project.uri)
     parent = tracking.parent_run_id
     try:
+        same = unchanged_version(project, recipe, tracking, force)
+        if same is not None:
+            T.end_run(client, parent, "FINISHED")
+            logger.info("run %s: unchanged: same inputs as version %s; nothing registered", parent, same["version"])
+            return {"run_id": parent, "unchanged": same, "promotion": dict(NOT_REGISTERED), "lineage": project.lineage}
         baseline = evaluate_baseline(project)
         T.log_metrics(client, parent, {f"baseline.{k}": v for k, v in baseline.items()})
         stages = run_stages(project, recipe, tracking)
@@ -64,7 +77,7 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
     logger.info("run %s: verdict %s; %s", parent, "PASS" if verdict["passed"] else "FAIL",
                 f"version {promotion['version']}{' (champion)' if promotion['champion'] else ''}"
                 if promotion["registered"] else "not registered")
-    return {"run_id": parent, "verdict": verdict, "promotion": promotion, "baseline": baseline,
+    return {"run_id": parent, "unchanged": None, "verdict": verdict, "promotion": promotion, "baseline": baseline,
             "candidate": candidate, "stages": stages, "lineage": project.lineage}
 
 

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from frugalflow.errors import BadInput
 from tasks.registry import version_by_alias
+from tasks.run_table import version_cell
 
 RUN_TAG = "frugalflow.recipe"  # set on every parent (flow) run, not on stage runs
 FIELDS = (  # (row label, key in a compare row)
@@ -92,9 +93,6 @@ def compare_runs(client: MlflowClient, refs: list[str], model_name: str | None =
         b_mb, c_mb = m.get("baseline.size_mb"), m.get("candidate.size_mb")
         b_tps, c_tps = m.get("baseline.decode_tps"), m.get("candidate.decode_tps")
         increase = _ratio(c_ppl, b_ppl)
-        version = tags.get("frugalflow.registered_version", "")
-        if champion and version == str(champion.version):
-            version += " (champion)"
         rows.append({
             "run": run.info.run_id[:8],
             "recipe": tags.get(RUN_TAG, "?"),
@@ -106,7 +104,7 @@ def compare_runs(client: MlflowClient, refs: list[str], model_name: str | None =
             "ppl_increase_pct": None if increase is None else (increase - 1.0) * 100.0,
             "baseline_size_mb": b_mb, "candidate_size_mb": c_mb, "size_reduction": _ratio(b_mb, c_mb),
             "baseline_tps": b_tps, "candidate_tps": c_tps, "speedup": _ratio(c_tps, b_tps),
-            "version": version or "-",
+            "version": version_cell(tags, champion),
             "params": dict(run.data.params),
         })
     return rows

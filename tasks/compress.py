@@ -58,13 +58,27 @@ def stage_key(input_key: str, stage, data_key: str) -> str:
     return fingerprint(input_key, stage, data_key, library_hash())
 
 
+def stage_dir_name(index: int, stage, key: str) -> str:
+    """The folder a stage's output lives in under `<artifacts>/stages/`: `<index>-<method>-<key>`."""
+    return f"{index}-{stage.method}-{key}"
+
+
+def final_stage_name(base_key: str, data_key: str, stages) -> str:
+    """The folder name (with its content key) the last of `stages` will write, from the base model's
+    and the data's keys alone: known before any stage runs."""
+    key = base_key
+    for stage in stages:
+        key = stage_key(key, stage, data_key)
+    return stage_dir_name(len(stages) - 1, stages[-1], key)
+
+
 @task(name="compress-stage")
 def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_dir: str, data_key: str,
                    teacher_dir: str, artifacts_dir: str, device: str, seed: int, pruned: bool,
                    tracking: T.Tracking, store: str | None = None) -> dict:
     logger = get_run_logger()
     key = stage_key(input_key, stage, data_key)
-    out_dir = Path(artifacts_dir) / "stages" / f"{index}-{stage.method}-{key}"
+    out_dir = Path(artifacts_dir) / "stages" / stage_dir_name(index, stage, key)
     client = T.connect(tracking.uri)
     run_id = T.start_run(client, tracking.experiment_id, f"{index}-{stage.kind}-{stage.method}",
                          parent_run_id=tracking.parent_run_id,

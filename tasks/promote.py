@@ -43,7 +43,8 @@ def _logger():
 
 @task(name="register-and-promote")
 def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tracking: T.Tracking,
-                         model_uri: str | None = None, model_dir: str | None = None) -> dict:
+                         model_uri: str | None = None, model_dir: str | None = None,
+                         inputs_key: str | None = None) -> dict:
     logger = _logger()
     client = T.connect(tracking.uri)
     run_id = tracking.parent_run_id
@@ -54,6 +55,8 @@ def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tra
     tags = {"verdict": "pass", "objective": verdict["objective"], **lineage_tags}
     if model_dir:  # the final stage output's content key: a killed run's version of it is adopted
         tags[R.MODEL_KEY] = Path(model_dir).name
+    if inputs_key:  # model key + evaluation inputs + gates: a later night with the same key registers nothing
+        tags[R.INPUTS_KEY] = inputs_key
     version = R.register_candidate(client, model_name, run_id, source, tags)
     logger.info("registered %s version %s as challenger", model_name, version)
     T.set_tags(client, run_id, {"frugalflow.registered_version": version})

@@ -12,6 +12,9 @@ A run killed between creating its version and finishing (tasks/runstate.py tags 
 (same final stage output, tag `frugalflow.model_key`) adopts that version instead of creating a
 second one: the version gets the rerun's tags and `frugalflow.adopted_by_run`, and its metrics are
 read from the adopting run from then on.
+
+Every version also carries its candidate's inputs key (`frugalflow.inputs_key`, tasks/unchanged.py):
+a nightly run whose key a version already has registers nothing (`version_with_inputs`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ HISTORY_TAG = "champion_history"
 HISTORY_LEN = 25
 METRIC_KEYS = ("ppl", "size_mb", "decode_tps")
 MODEL_KEY = "frugalflow.model_key"  # the final stage output's content key: same key, same model
+INPUTS_KEY = "frugalflow.inputs_key"  # model key + evaluation inputs + gates (tasks/unchanged.py)
 RUN_FAILED = "frugalflow.run_failed"  # set by tasks/runstate.py on versions of killed runs
 ADOPTED_BY = "frugalflow.adopted_by_run"
 KILLED_REGISTRATION = "frugalflow.registered_by_killed_run"
@@ -73,6 +77,14 @@ def killed_registration(client: MlflowClient, name: str, model_key: str | None):
             if not full.aliases:
                 return full
     return None
+
+
+def version_with_inputs(client: MlflowClient, name: str, inputs_key: str):
+    """The newest version of `name` registered for the inputs `inputs_key`, or None. A version a killed
+    run left (`frugalflow.run_failed`) does not count: the rerun adopts it (`register_candidate`)."""
+    query = f"name = '{name}' and tags.`{INPUTS_KEY}` = '{inputs_key}'"
+    found = [v for v in client.search_model_versions(query) if RUN_FAILED not in v.tags]
+    return max(found, key=lambda v: int(v.version), default=None)
 
 
 def _adopt(client: MlflowClient, version, run_id: str, tags: dict) -> None:

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from mlflow import MlflowClient
 
 from tasks.registry import version_by_alias
+from tasks.unchanged import UNCHANGED_VERSION
 
 COLUMNS = ("run", "started", "recipe", "status", "verdict", "ppl", "size MB", "tok/s", "version")
 SET_PREFIX = "candidate.ppl."
@@ -35,6 +36,18 @@ def set_changes(metrics: dict) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: kv[0] != "eval %"))
 
 
+def version_cell(tags: dict, champion) -> str:
+    """The version a flow run registered (`3`), or the one it found with the same inputs (`same as 3`),
+    marked `(champion)` when it is; `-` for neither."""
+    same = tags.get(UNCHANGED_VERSION, "")
+    version = tags.get("frugalflow.registered_version", "") or same
+    if not version:
+        return "-"
+    if champion is not None and version == str(champion.version):
+        version += " (champion)"
+    return f"same as {version}" if same else version
+
+
 def recent_runs(client: MlflowClient, model_name: str, limit: int = 10) -> list[dict]:
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string="tags.`frugalflow.recipe` != ''",
@@ -43,9 +56,6 @@ def recent_runs(client: MlflowClient, model_name: str, limit: int = 10) -> list[
     rows = []
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
-        version = tags.get("frugalflow.registered_version", "")
-        if champion and version == str(champion.version):
-            version += " (champion)"
         rows.append({
             "run": run.info.run_id[:8],
             "started": datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -55,7 +65,7 @@ def recent_runs(client: MlflowClient, model_name: str, limit: int = 10) -> list[
             "ppl": metrics.get("candidate.ppl"),
             "size MB": metrics.get("candidate.size_mb"),
             "tok/s": metrics.get("candidate.decode_tps"),
-            "version": version or "-",
+            "version": version_cell(tags, champion),
             **set_changes(metrics),
         })
     return rows

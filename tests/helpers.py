@@ -74,11 +74,12 @@ def make_project(proj: Path, recipe: dict) -> Path:
     return proj
 
 
-def run_flow(project: Path, overrides: list[str] | None = None) -> dict:
-    """The real compression_flow on the project (needs a Prefect API: the `prefect_harness` fixture)."""
+def run_flow(project: Path, overrides: list[str] | None = None, force: bool = False) -> dict:
+    """The real compression_flow on the project (needs a Prefect API: the `prefect_harness` fixture);
+    `force`: register even when a version has the same inputs (`frugalflow run --force`)."""
     from flows.nightly import compression_flow
 
-    return compression_flow(params=str(project / "params.yaml"), overrides=overrides or [])
+    return compression_flow(params=str(project / "params.yaml"), overrides=overrides or [], force=force)
 
 
 def store_uri(project: Path) -> str:

@@ -22,7 +22,7 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def two_runs(prefect_harness, project):
     first = run_flow(project)
-    second = run_flow(project)
+    second = run_flow(project, force=True)  # same inputs: without --force it would register nothing (test_unchanged_night)
     return first, second
 
 
