@@ -511,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         if known is None:
             raise  # a bug: Python prints the traceback and exits 1
         code, message = known
-        print(f"frugalflow {command}: {message}", file=sys.stderr)
+        from frugalflow.redact import redact
+
+        print(f"frugalflow {command}: {redact(message)}", file=sys.stderr)
         return code
     except KeyboardInterrupt:  # Ctrl-C: what the flow recorded is closed as for SIGTERM; no traceback
         print(f"frugalflow {command}: interrupted (SIGINT)", file=sys.stderr)

@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from flows.candidate import evaluate_baseline, evaluate_candidate, judge, publish, run_stages, unchanged_version
 from flows.project import Project, load_flow_recipe, open_project, project_root  # noqa: F401 (re-exported)
 from frugalflow.recipe_io import flatten
+from frugalflow.redact import redact
 from tasks import tracking as T
 from tasks.runstate import close_failed, process_tags
 
@@ -39,7 +40,7 @@ def start_parent_run(project: Project, name: str, tags: dict | None = None) -> T
                             **process_tags(), **(tags or {})})
     T.log_params(client, run, flatten(recipe))
     T.log_datasets(client, run, project.data_dir, project.data_key, recipe.stages)
-    T.log_text(client, run, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "recipe.yaml")
+    T.log_text(client, run, redact(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)), "recipe.yaml")
     return T.Tracking(uri=project.uri, experiment_id=project.experiment_id, parent_run_id=run)
 
 
@@ -52,7 +53,7 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
     project = open_project(params, list(overrides or []))
     recipe = project.recipe
     logger.info("recipe %s: %d stages (%s) on %s; tracking %s", recipe.name, len(recipe.stages),
-                " -> ".join(s.method for s in recipe.stages), project.device, project.uri)
+                " -> ".join(s.method for s in recipe.stages), project.device, redact(project.uri))
     tracking = start_parent_run(project, recipe.name)
     client = T.connect(project.uri)
     parent = tracking.parent_run_id

@@ -148,7 +148,7 @@ def compress_stage(stage, index: int, input_dir: str, input_key: str, *, data_di
         T.set_tags(client, run_id, {"frugalflow.cached": cached, "frugalflow.output_dir": out_dir,
                                     **({"frugalflow.stage_store": shared} if shared else {}),
                                     "frugalflow.worker": f"{socket.gethostname()}:{os.getpid()}"})
-        client.set_terminated(run_id, "FINISHED")
+        T.end_run(client, run_id)
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

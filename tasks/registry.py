@@ -1,8 +1,12 @@
 """MLflow Model Registry: register passing candidates, move `champion`, keep its history.
 
 A passing candidate becomes a new version with alias `challenger`; `promote` moves
-`champion` and records when and why in the version's tags and in the registered model's
-`champion_history` tag (newest last), which `rollback` walks back. Every move of `champion`
+`champion` and records when and why in the version's tags and in the registered model's history,
+one tag per move (`champion_history.000001`, ...: no length limit; older releases kept one
+`champion_history` tag, read first), which `rollback` walks back. Under the lock, before any
+move, `reconcile` records a champion the history does not name (a promotion killed between moving
+the alias and recording it, or a move made outside frugalflow), so the history always ends at the
+alias. Every move of `champion`
 happens under the model's promotion lock (tasks/promotion_lock.py), and `promote_if_better`
 decides "beats the champion" under it, from the metrics recorded on both versions' runs, so
 racing promotions leave the best candidate champion and every move in the history.
@@ -29,8 +33,8 @@ from frugalflow.gates import beats, objective_value
 from tasks.promotion_lock import promotion_lock
 from tasks.pyfunc import create_version
 
-HISTORY_TAG = "champion_history"
-HISTORY_LEN = 25
+HISTORY_TAG = "champion_history"  # older releases: one JSON list of the last 25 moves
+HISTORY_PREFIX = "champion_history."  # one tag per move, numbered from 1 after the legacy list
 METRIC_KEYS = ("ppl", "size_mb", "decode_tps")
 MODEL_KEY = "frugalflow.model_key"  # the final stage output's content key: same key, same model
 INPUTS_KEY = "frugalflow.inputs_key"  # model key + evaluation inputs + gates (tasks/unchanged.py)
@@ -116,8 +120,30 @@ def register_candidate(client: MlflowClient, name: str, run_id: str, source: str
 
 
 def history(client: MlflowClient, name: str) -> list[dict]:
+    """Every recorded move of `champion`, oldest first."""
     tags = client.get_registered_model(name).tags
-    return json.loads(tags.get(HISTORY_TAG, "[]"))
+    moves = [(k, v) for k, v in tags.items() if k.startswith(HISTORY_PREFIX)]
+    return json.loads(tags.get(HISTORY_TAG, "[]")) + [json.loads(v) for _, v in sorted(moves)]
+
+
+def _record(client: MlflowClient, name: str, entry: dict) -> None:
+    entry = {**entry, "reason": entry["reason"][:2000]}  # a tag value holds 5000 characters
+    client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{len(history(client, name)) + 1:06d}", json.dumps(entry))
+
+
+def reconcile(client: MlflowClient, name: str) -> dict | None:
+    """(Under the promotion lock.) When `champion` points at a version the last recorded move does not
+    name, record that move now; the entry, or None when the history already agrees."""
+    current = version_by_alias(client, name, "champion")
+    moves = history(client, name)
+    last = moves[-1]["version"] if moves else None
+    if current is None or str(current.version) == last:
+        return None
+    entry = {"version": str(current.version), "previous": last, "at": _now(), "by": "reconcile",
+             "reason": f"champion found at version {current.version} with no recorded move onto it (a promotion "
+                       "interrupted between moving the alias and recording it, or a move outside frugalflow)"}
+    _record(client, name, entry)
+    return entry
 
 
 def _version_list(client: MlflowClient, name: str) -> str:
@@ -141,14 +167,14 @@ def _move(client: MlflowClient, name: str, version: str, reason: str, by: str) -
             raise
         raise BadInput(f"registered model {name!r} has no version {version!r}; "
                        f"its versions: {_version_list(client, name)}") from exc
+    reconcile(client, name)
     previous = version_by_alias(client, name, "champion")
     entry = {"version": str(target.version), "previous": str(previous.version) if previous else None,
              "at": _now(), "reason": reason, "by": by}
     client.set_registered_model_alias(name, "champion", str(target.version))
     client.set_model_version_tag(name, str(target.version), "champion_since", entry["at"])
     client.set_model_version_tag(name, str(target.version), "champion_reason", reason[:5000])
-    moves = (history(client, name) + [entry])[-HISTORY_LEN:]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(moves))
+    _record(client, name, entry)
     return entry
 
 

@@ -72,6 +72,10 @@ def start_run(client: MlflowClient, experiment: str, name: str, parent_run_id: s
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+    if all_tags.get("frugalflow.owner"):  # opened with runstate.process_tags: beat while it is open
+        from tasks.runstate import HEARTBEAT
+
+        HEARTBEAT.add(client.tracking_uri, run.info.run_id)
     return run.info.run_id
 
 
@@ -109,6 +113,9 @@ def log_dir(client: MlflowClient, run_id: str, local_dir: str | Path, artifact_p
 
 
 def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    from tasks.runstate import HEARTBEAT
+
+    HEARTBEAT.remove(run_id)
     client.set_terminated(run_id, status)
 
 

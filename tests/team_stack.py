@@ -140,7 +140,7 @@ NIGHTLY_MODEL = "tiny-team"  # the registered model (and MLflow experiment) of t
 NIGHTLY_OVERRIDES = [[], ["stages.0.sparsity=0.3"]]
 
 
-def nightly_runs(stack: TeamStack, tiny_model_dir: Path, timeout: float = 480) -> dict:
+def nightly_runs(stack: TeamStack, tiny_model_dir: Path, timeout: float = 900) -> dict:
     """The session's two deployment runs of the nightly flow (tiny_recipe: magnitude 0.5 resp. 0.3,
     rtn, kl; registered as NIGHTLY_MODEL), one tiny project each under the team folder, triggered at
     once through the Prefect API and run by the team's worker, with the one-slot GPU limit between

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, client_for, make_project, run_flow, tiny_recipe
 
+from tasks import registry as R
+
 MODEL = "tiny-frugal"
 
 
@@ -112,7 +114,7 @@ def test_cli_promote_rollback_and_runs(two_runs, project):
     assert out.returncode == 0, out.stderr
     client = client_for(project)
     assert client.get_model_version_by_alias(MODEL, "champion").version == 2
-    history = json.loads(client.get_registered_model(MODEL).tags["champion_history"])
+    history = R.history(client, MODEL)
     assert history[-1]["version"] == "2" and history[-1]["reason"] == "manual check" and history[-1]["at"]
     out = cli("rollback", "--reason", "regression")
     assert out.returncode == 0, out.stderr

@@ -1,7 +1,7 @@
 """Racing promotions: N processes register a candidate each and promote it at the same moment,
 against a real MLflow tracking server (lock: a Prefect global concurrency limit on a real Prefect
 server) and against a SQLite store (lock: a file lock). Afterwards `champion` is the best
-candidate, `champion_history` holds every move in order, and every candidate has exactly one
+candidate, the champion history (`tasks/registry.py` `history`) holds every move in order, and every candidate has exactly one
 version. The racer processes run this file as a script."""
 from __future__ import annotations
 

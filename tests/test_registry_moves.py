@@ -39,12 +39,33 @@ def test_promoting_the_champion_records_nothing_and_rollback_skips_self_moves(st
     again = R.promote(client, MODEL, "2", "again")
     assert again["previous"] == again["version"] == "2" and again["at"] is None
     assert [(e["previous"], e["version"]) for e in R.history(client, MODEL)] == [(None, "1"), ("1", "2")]
-    # a history an older release wrote, with a 2 -> 2 move last
+    # a history an older release wrote (one tag holding the list), with a 2 -> 2 move last
     moves = R.history(client, MODEL) + [{"version": "2", "previous": "2", "at": "x", "reason": "r", "by": "flow"}]
+    for key in [k for k in client.get_registered_model(MODEL).tags if k.startswith(R.HISTORY_PREFIX)]:
+        client.delete_registered_model_tag(MODEL, key)
     client.set_registered_model_tag(MODEL, R.HISTORY_TAG, json.dumps(moves))
+    assert R.history(client, MODEL) == moves
     entry = R.rollback(client, MODEL, "regression")
     assert (entry["previous"], entry["version"]) == ("2", "1")
     assert client.get_model_version_by_alias(MODEL, "champion").version == 1
+
+
+def test_history_keeps_every_move_and_ends_at_the_alias(store):
+    """No length limit (60 moves with long reasons: far past the 25 moves and 5000 characters one tag
+    held), and a champion moved without its record (a promotion killed between the alias and the
+    history, or a move outside frugalflow) is recorded before the next move, so rollback reaches it."""
+    _, client = store
+    for i in range(60):
+        R.promote(client, MODEL, str(1 + i % 2), f"move {i}: " + "x" * 300)
+    moves = R.history(client, MODEL)
+    assert len(moves) == 60 and [m["reason"][:8] for m in moves[:2]] == ["move 0: ", "move 1: "]
+    assert moves[-1]["version"] == client.get_model_version_by_alias(MODEL, "champion").version.__str__() == "2"
+    client.set_registered_model_alias(MODEL, "champion", "1")  # behind frugalflow's back
+    R.promote(client, MODEL, "2", "after the stray move")
+    moves = R.history(client, MODEL)
+    assert [(m["previous"], m["version"], m["by"]) for m in moves[-2:]] == [("2", "1", "reconcile"), ("1", "2", "flow")]
+    assert R.rollback(client, MODEL, "back")["version"] == "1"
+    assert R.history(client, MODEL)[-1]["version"] == "1"
 
 
 def test_commands_from_any_folder_with_the_store_and_model(store, tmp_path):

@@ -135,3 +135,27 @@ def test_status_names_every_service_and_servers_hold_only_their_secrets(team_sta
     assert read_env(team_stack.team.reader_env_file) == team_stack.team.reader_env()
     for path in (team_stack.team.client_env_file, team_stack.team.reader_env_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_down_signals_only_the_processes_it_started(home):
+    """state.json names each service's pid and its start time: a pid now held by another process (reused
+    after a reboot) is left alone, while the recorded process itself is stopped."""
+    import json
+    import subprocess
+
+    from tasks.team import stack
+
+    open_team(home, ROOT, {s: free_port() for s in SERVICES})
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        started = psutil.Process(other.pid).create_time()
+        state = home / "state.json"
+        state.write_text(json.dumps({"services": {"worker": {"pid": other.pid, "created": started - 3600}}}))
+        rows = {r["service"]: r for r in stack.down(home, ROOT, log=lambda line: None)}
+        assert other.poll() is None and rows["worker"]["health"] == "down"  # not ours: untouched
+        state.write_text(json.dumps({"services": {"worker": {"pid": other.pid, "created": started}}}))
+        stack.down(home, ROOT, log=lambda line: None)
+        assert other.wait(timeout=30) is not None  # ours: stopped
+    finally:
+        other.kill()
+        other.wait()

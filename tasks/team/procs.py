@@ -42,6 +42,25 @@ def alive(pid: int | None) -> bool:
         return False
 
 
+def created(pid: int) -> float | None:
+    """When the process started (psutil's create_time): with the pid, who it is."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def same_process(pid: int | None, started: float | None) -> bool:
+    """`pid` runs and is the process that started at `started` (not a later one given the same pid,
+    e.g. after a reboot); True for a record without a start time (written before they were kept)."""
+    if not alive(pid):
+        return False
+    if started is None:
+        return True
+    now = created(pid)
+    return now is not None and abs(now - started) < 0.05
+
+
 def tail(log: Path, n: int = 2500) -> str:
     return log.read_text(errors="replace")[-n:] if log.is_file() else "(no log)"
 

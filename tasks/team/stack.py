@@ -3,7 +3,9 @@
 `up` is idempotent (running healthy services are kept), checks what it can before starting anything
 (PostgreSQL binaries: exit 2; a port taken by something else: exit 4) and, when a step fails, stops
 what it started. `down` stops every process tree and checks with psutil that none is left (the S3
-server has written every object to disk as it came). Pids and addresses are kept in `<team folder>/state.json` (no secrets).
+server has written every object to disk as it came). Pids, their start times and addresses are kept in
+`<team folder>/state.json` (no secrets); a recorded pid whose process started at another time (the pid
+reused after a reboot) is never signalled.
 """
 from __future__ import annotations
 
@@ -56,9 +58,12 @@ def address(team: Team, service: str) -> str:
 
 
 def service_pid(team: Team, state: dict, service: str) -> int | None:
+    """The service's pid, or None when the recorded one is gone or now belongs to another process."""
     if service == "postgres":
-        return postgres.pid(team)
-    return state["services"].get(service, {}).get("pid")
+        return postgres.pid(team)  # postmaster.pid: PostgreSQL checks it itself
+    entry = state["services"].get(service, {})
+    pid = entry.get("pid")
+    return pid if pid and procs.same_process(pid, entry.get("created")) else None
 
 
 def healthy(team: Team, service: str, since: float = 0.0) -> bool:
@@ -77,7 +82,8 @@ def healthy(team: Team, service: str, since: float = 0.0) -> bool:
 
 
 def _record(team: Team, state: dict, service: str, pid: int) -> None:
-    state["services"][service] = {"pid": pid, "address": address(team, service), "started": time.time()}
+    state["services"][service] = {"pid": pid, "created": procs.created(pid), "address": address(team, service),
+                                  "started": time.time()}
     write_state(team, state)
 
 
