@@ -4,7 +4,9 @@
 
 - Keys: every request must be signed with one of the access keys of infra/team.yaml (`s3.keys`,
   plus the root key), each allowed `s3:*` on its own buckets only (moto's IAM policy checks, on from
-  the first request). Unsigned requests are refused before moto sees them.
+  the first request). Unsigned requests are refused before moto sees them. Presigned URLs (query
+  signatures, which MLflow's server hands its clients for downloads; moto's own check reads only
+  the Authorization header) are verified here: signature, expiry and the key's buckets.
 - Durability: every bucket created and every object a successful PUT / POST / DELETE wrote or removed is written to (or
   removed from) `<data>/objects/<bucket>/<key>` with its metadata beside it in `<data>/meta/...`
   (written to a temporary file, then renamed) before the client gets its answer; on start every
@@ -16,12 +18,16 @@ The keys come from the environment variable named by --spec (JSON: {name: [acces
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import os
 import sys
 import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 ACCOUNT = "123456789012"  # moto's default account
 MUTATING = ("PUT", "POST", "DELETE")
@@ -35,11 +41,24 @@ def policy(buckets: list[str] | str) -> dict:
     return {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": resources}]}
 
 
+_presigned = threading.local()  # set while moto serves a presigned request verified here
+
+
 def install_keys(keys: dict[str, list]) -> None:
     """One IAM user per key, with exactly that access key and a policy reaching its buckets; then
-    moto checks signatures and policies from the first request on."""
+    moto checks signatures and policies from the first request on (except for a presigned request
+    this server verified itself)."""
     from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
     from moto.iam.models import iam_backends
+
+    check = ActionAuthenticatorMixin._authenticate_and_authorize_action
+
+    def unless_presigned(self, *args, **kwargs):
+        if not getattr(_presigned, "verified", False):
+            return check(self, *args, **kwargs)
+
+    ActionAuthenticatorMixin._authenticate_and_authorize_action = unless_presigned
 
     iam = iam_backends[ACCOUNT]["aws"]
     for name, (access, secret, buckets) in keys.items():
@@ -117,6 +136,41 @@ class Store:
         return count
 
 
+def presigned_refusal(environ: dict, keys: dict[str, list]) -> str | None:
+    """Why a query-signed (presigned, SigV4) request is refused; None when its signature, expiry and
+    bucket check out."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+    path, _, query = raw.partition("?")
+    params = [tuple(part.split("=", 1)) if "=" in part else (part, "") for part in query.split("&") if part]
+    given = {unquote(k): unquote(v) for k, v in params}
+    try:
+        access, day, region, service, _ = given["X-Amz-Credential"].split("/")
+        stamp, expires, signed = given["X-Amz-Date"], int(given["X-Amz-Expires"]), given["X-Amz-SignedHeaders"]
+    except (KeyError, ValueError):
+        return "incomplete query signature"
+    key = next((k for k in keys.values() if k[0] == access), None)
+    if key is None:
+        return "unknown access key"
+    at = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).timestamp()
+    if not at - 900 <= time.time() <= at + expires:
+        return "expired"
+    bucket = unquote(path).lstrip("/").partition("/")[0]
+    if key[2] != "*" and bucket not in key[2]:
+        return "access denied"
+    encode = lambda text: quote(text, safe="-_.~")  # noqa: E731 - AWS's URI encoding
+    canonical_query = "&".join(f"{encode(k)}={encode(v)}" for k, v in sorted(given.items()) if k != "X-Amz-Signature")
+    headers = {name: (environ.get("HTTP_" + name.upper().replace("-", "_")) or "").strip() for name in signed.split(";")}
+    canonical = "\n".join([environ["REQUEST_METHOD"], path, canonical_query,
+                           "".join(f"{n}:{v}\n" for n, v in headers.items()), signed, "UNSIGNED-PAYLOAD"])
+    scope = f"{day}/{region}/{service}/aws4_request"
+    to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    secret = ("AWS4" + key[1]).encode()
+    for part in (day, region, service, "aws4_request"):
+        secret = hmac.new(secret, part.encode(), hashlib.sha256).digest()
+    wanted = hmac.new(secret, to_sign.encode(), hashlib.sha256).hexdigest()
+    return None if hmac.compare_digest(wanted, given.get("X-Amz-Signature", "")) else "signature does not match"
+
+
 def bucket_and_key(environ: dict) -> tuple[str, str]:
     path = unquote(environ.get("PATH_INFO", "")).lstrip("/")
     bucket, _, key = path.partition("/")
@@ -131,15 +185,28 @@ def refuse(start_response, status: str, code: str, message: str) -> list[bytes]:
 
 
 class Guarded:
-    """WSGI around moto: unsigned requests refused; writes mirrored to disk before the answer."""
+    """WSGI around moto: unsigned requests refused, presigned ones verified; writes mirrored to disk
+    before the answer."""
 
-    def __init__(self, app, store: Store):
-        self.app, self.store = app, store
+    def __init__(self, app, store: Store, keys: dict[str, list]):
+        self.app, self.store, self.keys = app, store, keys
 
     def __call__(self, environ, start_response):
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        if not environ.get("HTTP_AUTHORIZATION") and "X-Amz-Signature" not in query:
+        presigned = not environ.get("HTTP_AUTHORIZATION") and "X-Amz-Signature" in query
+        if not environ.get("HTTP_AUTHORIZATION") and not presigned:
             return refuse(start_response, "403 Forbidden", "AccessDenied", "Anonymous requests are refused")
+        if presigned:
+            why = presigned_refusal(environ, self.keys)
+            if why is not None:
+                return refuse(start_response, "403 Forbidden", "AccessDenied", f"Presigned request refused: {why}")
+            _presigned.verified = True
+        try:
+            return self.serve(environ, start_response, query)
+        finally:
+            _presigned.verified = False
+
+    def serve(self, environ, start_response, query):
         if environ["REQUEST_METHOD"] not in MUTATING:
             return self.app(environ, start_response)
         answer: dict = {}
@@ -183,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"s3 server: {store.load()} objects loaded from {store.root}", flush=True)
     os.environ.setdefault("MOTO_PORT", str(args.port))
     app = DomainDispatcherApplication(create_backend_app)
-    run_simple(args.host, args.port, Guarded(app, store), threaded=True, request_handler=MotoRequestHandler)
+    run_simple(args.host, args.port, Guarded(app, store, keys), threaded=True, request_handler=MotoRequestHandler)
     return 0
 
 
