@@ -8,6 +8,9 @@ A night whose candidate has the inputs key of a registered version (same final s
 inputs and gates; tasks/unchanged.py) stops after the data step: its run is tagged
 `frugalflow.verdict=unchanged` naming that version, and nothing is evaluated, logged or registered.
 
+A failed night and a candidate that failed its gates send a message to the recipe's `notify`
+destinations (flows/notifications.py: the flow's state hooks; tasks/notify.py: Prefect notification blocks).
+
 The recipe is validated once, here at the entry, before any heavy work; tasks get
 paths, keys and frozen config models.
 """
@@ -21,6 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.candidate import evaluate_baseline, evaluate_candidate, judge, publish, run_stages, unchanged_version
+from flows.notifications import night_completed, night_failed
 from flows.project import Project, load_flow_recipe, open_project, project_root  # noqa: F401 (re-exported)
 from frugalflow.recipe_io import flatten
 from frugalflow.redact import redact
@@ -47,7 +51,7 @@ def start_parent_run(project: Project, name: str, tags: dict | None = None) -> T
 NOT_REGISTERED = {"registered": False, "version": None, "champion": False}
 
 
-@flow(name="frugalflow-nightly", log_prints=True)
+@flow(name="frugalflow-nightly", log_prints=True, on_failure=[night_failed], on_completion=[night_completed])
 def compression_flow(params: str = "params.yaml", overrides: list[str] | None = None, force: bool = False) -> dict:
     logger = get_run_logger()
     project = open_project(params, list(overrides or []))

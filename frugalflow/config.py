@@ -12,9 +12,10 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from frugalflow.errors import BadInput
+from frugalflow.redact import redact
 
 # names that become parts of paths and object keys (the recipe, the registered model): a letter or
 # digit first, so never '.', '..' or a hidden name; no separator
@@ -457,6 +458,35 @@ class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="default: the recipe name")
 
 
+NOTIFY_EVENTS = ("failed", "gates_failed")
+
+
+class NotifyConfig(Strict):
+    """Where the nightly flow sends a message when a night needs a look (tasks/notify.py): the night failed,
+    or its candidate failed its gates. Every destination set gets every message; null turns one off."""
+
+    file: str | None = Field("artifacts/notifications.jsonl",
+                             description="a JSON line per message, appended; relative to the project folder")
+    webhook_url: SecretStr | None = Field(None, description="http(s) URL; JSON {text, subject, body, event} is "
+                                                        "POSTed. Secret (its path may be a token): recorded as ****")
+    events: list[Literal["failed", "gates_failed"]] = Field(default_factory=lambda: list(NOTIFY_EVENTS),
+                                                            description="which events send a message")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v.get_secret_value()):
+            raise ValueError(f"expected an http:// or https:// URL, got {redact(v.get_secret_value())!r}")
+        return v
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("expected a file path or null, got an empty string")
+        return v
+
+
 class SweepConfig(Strict):
     """A grid over recipe keys for `frugalflow sweep`: every combination is one candidate."""
 
@@ -498,6 +528,7 @@ class Recipe(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     @model_validator(mode="after")
     def _one_of_each_kind(self):

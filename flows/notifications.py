@@ -1,0 +1,140 @@
+"""The nightly flow's state hooks that send messages (tasks/notify.py) when a night needs a look.
+
+    @flow(on_failure=[night_failed], on_completion=[night_completed])
+
+- `night_failed`: the flow run failed (any exception): the MLflow run (found by its tag
+  `prefect.flow_run_id`; none when the night failed before starting it) and the error's first line.
+- `night_completed`: the candidate failed its gates: the verdict's reasons. A passing or unchanged
+  night sends nothing.
+
+Prefect runs the hooks after the flow run's final state is set and logs, never raises, what they
+raise; they re-read the recipe from the flow run's parameters. A night that failed because its recipe
+does not load still notifies when the recipe's `notify` section (with `notify.*` overrides) is valid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_logger, get_run_logger
+
+from frugalflow.config import NotifyConfig
+from frugalflow.preflight import find_project_root, load_run_recipe
+from frugalflow.recipe_io import apply_override, parse_override, read_yaml
+from frugalflow.redact import redact
+from tasks import notify as N
+from tasks import tracking as T
+
+
+def _logger():
+    """The flow run's logger (the hooks run in its context: their lines are in the run's log), else ours."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("frugalflow.notify")
+
+
+@dataclass(frozen=True)
+class Night:
+    config: NotifyConfig
+    root: Path
+    model: str
+    recipe: str
+    uri: str | None
+    experiment: str | None
+
+
+def _night(flow_run) -> Night | None:
+    """What a hook needs from the flow run's recipe; None (with a warning) when not even its `notify`
+    section can be read."""
+    params = Path(flow_run.parameters.get("params") or "params.yaml").resolve()
+    overrides = list(flow_run.parameters.get("overrides") or [])
+    try:
+        recipe, root = load_run_recipe(params, overrides)
+        return Night(recipe.notify, root, recipe.registry.model_name, recipe.name,
+                     T.resolve_uri(recipe.tracking.uri, root), recipe.experiment_name)
+    except Exception:  # noqa: BLE001 - the night may have failed on this very recipe: its notify section alone
+        pass
+    try:
+        data = read_yaml(params)
+        section = {"notify": data.get("notify") or {}}
+        for text in overrides:
+            if text.split("=", 1)[0].strip().startswith("notify."):
+                apply_override(section, *parse_override(text))
+        config = NotifyConfig.model_validate(section["notify"])
+        registry = data.get("registry") if isinstance(data.get("registry"), dict) else {}
+        return Night(config, find_project_root(params) or params.parent, str(registry.get("model_name", "?")),
+                     str(data.get("name", "?")), None, None)
+    except Exception as exc:  # noqa: BLE001
+        _logger().warning("no notification sent: the notify section of %s cannot be read: %s", params,
+                       redact(str(exc)).splitlines()[0][:300])
+        return None
+
+
+def _mlflow_run(night: Night, flow_run) -> tuple[str | None, str | None]:
+    """(run id, experiment id) of the MLflow run this flow run started, or Nones."""
+    if night.uri is None or night.experiment is None:
+        return None, None
+    try:
+        client = T.connect(night.uri)
+        experiment = client.get_experiment_by_name(night.experiment)
+        if experiment is None:
+            return None, None
+        runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'",
+                                  max_results=1)
+        return (runs[0].info.run_id if runs else None), experiment.experiment_id
+    except Exception as exc:  # noqa: BLE001 - the store may be what failed the night
+        _logger().warning("notification without the MLflow run: %s", redact(str(exc)).splitlines()[0][:300])
+        return None, None
+
+
+def _send(night: Night, event: str, flow_run, run_id: str | None, experiment: str | None, lines: list[str]):
+    link = N.run_link(night.uri or "", experiment, run_id)
+    subject, body = N.message(event, night.model, night.recipe, run_id, link, f"{flow_run.name} ({flow_run.id})",
+                              lines)
+    return N.send(night.config, night.root, event, subject, body, _logger())
+
+
+def _exception(state) -> BaseException | None:
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - the result may not be retrievable; the state's message says it too
+        return None
+    return exc if isinstance(exc, BaseException) else None
+
+
+def _error_line(state, exc: BaseException | None) -> str:
+    if isinstance(exc, BaseException) and getattr(exc, "problems", None):  # RecipeError: its problems, not the count
+        text = f"{type(exc).__name__}: {getattr(exc, 'source', '')}: {'; '.join(exc.problems)}"
+    elif isinstance(exc, BaseException):
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        text = (state.message or "unknown error").removeprefix("Flow run encountered an exception: ")
+    return text.strip().splitlines()[0][:500] if text.strip() else "unknown error"
+
+
+def night_failed(flow, flow_run, state) -> None:
+    night = _night(flow_run)
+    if night is None or "failed" not in night.config.events:
+        return
+    exc = _exception(state)
+    # a service that did not answer (MLflow among them) is not asked again for the run: no second wait
+    run_id, experiment = (None, None) if isinstance(exc, ConnectionError) else _mlflow_run(night, flow_run)
+    _send(night, "failed", flow_run, run_id, experiment, [f"error: {_error_line(state, exc)}"])
+
+
+def night_completed(flow, flow_run, state) -> None:
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001
+        _logger().warning("no notification: the flow run's result cannot be read: %s", exc)
+        return
+    verdict = result.get("verdict") if isinstance(result, dict) else None
+    if not verdict or verdict.get("passed") or result.get("unchanged"):
+        return  # passed, or unchanged (no verdict): nothing to say
+    night = _night(flow_run)
+    if night is None or "gates_failed" not in night.config.events:
+        return
+    _, experiment = _mlflow_run(night, flow_run)
+    _send(night, "gates_failed", flow_run, result.get("run_id"), experiment, verdict.get("reasons") or [])
