@@ -13,6 +13,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
+from frugalflow.redact import redact
+
 MAX_PARAM = 6000
 
 
@@ -42,12 +44,14 @@ def connect(uri: str) -> MlflowClient:
     if uri.startswith("http"):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if redact(uri) != uri:  # a password in the URL: MLflow would print it in its "View run" links
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         client.search_experiments(max_results=1)
     except Exception as exc:  # the store's own exception types vary by backend
-        raise ConnectionError(f"cannot reach the MLflow tracking store at tracking.uri={uri!r}: "
-                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        raise ConnectionError(redact(f"cannot reach the MLflow tracking store at tracking.uri={uri!r}: "
+                                     f"{type(exc).__name__}: {str(exc)[:300]}")) from None
     return client
 
 

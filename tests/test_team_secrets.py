@@ -63,7 +63,7 @@ def canary_run(team_stack, tiny_model_dir, tmp_path_factory):
                          tracking={"uri": uri})
     project = make_project(tmp_path_factory.mktemp("canary"), recipe)
     canary = "canary-" + pysecrets.token_hex(16)
-    env = team_stack.env(FRUGALFLOW_CANARY_SECRET=canary)
+    env = team_stack.env(FRUGALFLOW_CANARY_SECRET=canary, PYTHONPATH=str(ROOT))
     env.pop("MLFLOW_TRACKING_URI")  # the recipe's URL, password included, is the one used
     env.pop("MLFLOW_TRACKING_USERNAME")
     env.pop("MLFLOW_TRACKING_PASSWORD")
