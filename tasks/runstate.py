@@ -90,13 +90,15 @@ class Heartbeat:
     def _beat(self) -> None:
         from mlflow import MlflowClient
 
+        clients: dict[str, MlflowClient] = {}
         while True:
             time.sleep(HEARTBEAT_S)
             with self.lock:
                 runs = dict(self.runs)
             for run_id, uri in runs.items():
                 try:
-                    MlflowClient(uri).set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+                    client = clients.setdefault(uri, MlflowClient(uri))
+                    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
                 except Exception as exc:  # noqa: BLE001 - a missed beat is retried; the lease allows several
                     log.warning("heartbeat of run %s not recorded: %s", run_id, exc)
 
