@@ -39,6 +39,21 @@ def resolve_uri(uri: str, root: Path) -> str:
     return uri
 
 
+def _creating(uri: str):
+    """For a SQLite store: a file lock (in the temporary folder, named after the database) while a client
+    opens it, so that two runs starting together in one checkout do not both create (migrate) a new
+    database at once."""
+    import contextlib
+
+    from filelock import FileLock
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    name = hashlib.sha256(str(db).encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"frugalflow-open-{name}.lock"), timeout=600)
+
+
 def connect(uri: str) -> MlflowClient:
     """A client whose store answers; a clear error naming the URI otherwise."""
     if uri.startswith("http"):
@@ -46,9 +61,10 @@ def connect(uri: str) -> MlflowClient:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if redact(uri) != uri:  # a password in the URL: MLflow would print it in its "View run" links
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
-        client.search_experiments(max_results=1)
+        with _creating(uri):
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)
     except Exception as exc:  # the store's own exception types vary by backend
         raise ConnectionError(redact(f"cannot reach the MLflow tracking store at tracking.uri={uri!r}: "
                                      f"{type(exc).__name__}: {str(exc)[:300]}")) from None

@@ -67,12 +67,13 @@ class Browser:
     # ------------------------------------------------------------------ protocol
     def call(self, method: str, params: dict, session: str | None = None, timeout: float = 60) -> dict:
         self.next_id += 1
-        message = {"id": self.next_id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        mine = self.next_id  # answering events below sends messages of their own
+        message = {"id": mine, "method": method, "params": params, **({"sessionId": session} if session else {})}
         self.ws.send(json.dumps(message))
         deadline = time.monotonic() + timeout
         while True:
             reply = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            if reply.get("id") == self.next_id:
+            if reply.get("id") == mine:
                 if "error" in reply:
                     raise RuntimeError(f"DevTools {method}: {reply['error']}")
                 return reply.get("result", {})
