@@ -295,7 +295,7 @@ def test_team_uis_ask_for_a_login_and_show_the_runs_and_the_deployment(team_stac
     with Browser(tmp_path / "prefect") as browser:
         prefect_login(browser, prefect_ui, team_stack.team.prefect_auth)
         page = browser.open(f"{prefect_ui}/runs/flow-run/{flow_run_id}",
-                            until=lambda t: run.name in t and "Completed" in t, timeout=60)
+                            until=lambda t: run.name in t and "Completed" in t and "nightly" in t, timeout=60)
         browser.screenshot(UI_ARTIFACTS / "prefect-flow-run.png")
         assert run.name in page and "Completed" in page and "nightly" in page, page[:2000]
         page = browser.open(f"{prefect_ui}/deployments/deployment/{deployment.id}",
