@@ -15,12 +15,13 @@ import pytest
 from helpers import ROOT
 
 pytestmark = pytest.mark.slow
-CLEAN = ("AWS_", "MLFLOW_", "PREFECT_", "FRUGALFLOW_S3", "FRUGALFLOW_GPU")
 
 
 def shell_env(login: dict[str, str]) -> dict[str, str]:
     """A shell that sourced only `login` (e.g. reader.env)."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith(CLEAN)}, "PYTHONPATH": str(ROOT), **login}
+    from tasks.team.servers import base_env
+
+    return {**base_env(), "PYTHONPATH": str(ROOT), **login}
 
 
 def frugalflow(args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedProcess:
