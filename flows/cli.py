@@ -38,19 +38,25 @@ import typer
 from typer.exceptions import TyperException
 
 from frugalflow.config import RecipeError
-from frugalflow.preflight import load_run_recipe
-from frugalflow.recipe_io import load_recipe
+from frugalflow.recipe_io import RecipeSource, load_recipe
 
 
-def _recipe_or_exit(path: str, overrides: list[str], *, checks: str = "run"):
-    """The recipe or exit 2. checks: "run" (everything a run refuses before heavy work: the project,
-    DVC-owned sections, chaining, local inputs; frugalflow/preflight.py), "file" (the same where the
-    file has no project around it: `validate`), "store" (the file alone: commands that only read
-    the tracking store)."""
+def _recipe_or_exit(path: str | RecipeSource, overrides: list[str], *, checks: str = "run"):
+    """The recipe (recipe_io.load_recipe, the one loader) or exit 2. checks: "run" (everything a run
+    refuses before heavy work: the project, DVC-owned sections, chaining, local inputs, the schedule),
+    "file" (the same where the file has no project around it: `validate`), "schema" (the file alone:
+    commands that only read the tracking store). `path`: a file, or one already read."""
     try:
-        if checks == "store":
-            return load_recipe(path, overrides)
-        return load_run_recipe(path, overrides, require_project=checks == "run")[0]
+        return load_recipe(path, overrides, checks=checks)
+    except RecipeError as exc:
+        print(f"invalid recipe {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _read_or_exit(path: str) -> RecipeSource:
+    """The recipe file read once, for commands that validate it more than once (`sweep`), or exit 2."""
+    try:
+        return RecipeSource.read(path)
     except RecipeError as exc:
         print(f"invalid recipe {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -72,16 +78,17 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _services_or_exit(params: str, overrides: list[str]) -> None:
+def _services_or_exit(recipe, source: RecipeSource) -> None:
     """MLflow, the S3 buckets and the Prefect API the run will use answer; else ServiceDown (exit 4)."""
     from tasks.preflight import preflight_recipe
 
-    preflight_recipe(params, overrides)
+    preflight_recipe(recipe, source.root)
 
 
 def cmd_run(args) -> int:
-    _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
-    _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
+    source = _read_or_exit(args.params)
+    recipe = _recipe_or_exit(source, args.set)  # exit 2 before Prefect or any heavy work starts
+    _services_or_exit(recipe, source)  # exit 4 before Prefect starts (tasks/preflight.py)
     _before_flow()
     from flows.nightly import compression_flow
 
@@ -108,23 +115,24 @@ def run_summary(result: dict) -> str:
 
 
 def cmd_sweep(args) -> int:
-    recipe = _recipe_or_exit(args.params, args.set)  # exit 2 before Prefect or any heavy work starts
+    source = _read_or_exit(args.params)  # the one parse of the recipe: the candidates and the flow reuse it
+    recipe = _recipe_or_exit(source, args.set)  # exit 2 before Prefect or any heavy work starts
     from flows.sweep import candidate_recipes, runner_for, sweep_flow
     from flows.tables import render_sweep
 
     try:
-        candidates = candidate_recipes(args.params, args.grid, args.set)  # every grid point, before any work
+        candidates = candidate_recipes(source, args.grid, args.set)  # every grid point, before any work
     except RecipeError as exc:
         print(f"invalid sweep {exc}", file=sys.stderr)
         return 2
     print(f"sweep: {len(candidates)} candidates: {', '.join(c.label for c in candidates)}")
-    _services_or_exit(args.params, args.set)  # exit 4 before Prefect starts (tasks/preflight.py)
+    _services_or_exit(recipe, source)  # exit 4 before Prefect starts (tasks/preflight.py)
     _before_flow()
     workers = args.parallel or recipe.sweep.max_parallel
     cluster = getattr(args, "cluster", None) or recipe.sweep.cluster
     runner = runner_for(workers, cluster)  # exit 2/4 on a bad or silent cluster address
     result = sweep_flow.with_options(task_runner=runner)(
-        params=args.params, grid=args.grid, overrides=args.set)
+        params=args.params, grid=args.grid, overrides=args.set, source=source)
     print(f"\nsweep {result['run_id']}: {len(result['candidates'])} candidates, selected: {result['selected'] or 'none'}")
     print(render_sweep(result["candidates"]))
     print("(* selected, P on the Pareto front)")
@@ -159,7 +167,7 @@ def _client(args):
         print(f"invalid recipe {args.params}: file not found; outside a project give the store and the model: "
               "--tracking-uri URI (or MLFLOW_TRACKING_URI) and --model NAME", file=sys.stderr)
         raise SystemExit(2)
-    recipe = _recipe_or_exit(args.params, [], checks="store")
+    recipe = _recipe_or_exit(args.params, [], checks="schema")
     uri = uri or T.resolve_uri(recipe.tracking.uri, Path(args.params).resolve().parent)
     return T.connect(uri), model or recipe.registry.model_name, uri
 

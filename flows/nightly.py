@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 
 from flows.candidate import evaluate_baseline, evaluate_candidate, judge, publish, run_stages, unchanged_version
 from flows.notifications import night_completed, night_failed
-from flows.project import Project, load_flow_recipe, open_project, project_root  # noqa: F401 (re-exported)
+from flows.project import Project, open_project, project_root  # noqa: F401 (re-exported)
 from frugalflow.recipe_io import flatten
 from frugalflow.redact import redact
 from tasks import tracking as T

@@ -20,8 +20,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
 
 from frugalflow.config import NotifyConfig
-from frugalflow.preflight import find_project_root, load_run_recipe
-from frugalflow.recipe_io import apply_override, parse_override, read_yaml
+from frugalflow.recipe_io import RecipeSource, apply_override, find_project_root, load_recipe, parse_override, read_yaml
 from frugalflow.redact import redact
 from tasks import notify as N
 from tasks import tracking as T
@@ -51,7 +50,8 @@ def _night(flow_run) -> Night | None:
     params = Path(flow_run.parameters.get("params") or "params.yaml").resolve()
     overrides = list(flow_run.parameters.get("overrides") or [])
     try:
-        recipe, root = load_run_recipe(params, overrides)
+        source = RecipeSource.read(params)
+        recipe, root = load_recipe(source, overrides, checks="run"), source.root
         return Night(recipe.notify, root, recipe.registry.model_name, recipe.name,
                      T.resolve_uri(recipe.tracking.uri, root), recipe.experiment_name)
     except Exception:  # noqa: BLE001 - the night may have failed on this very recipe: its notify section alone

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from frugalflow.config import Recipe, RecipeError
-from frugalflow.preflight import DVC_OWNED, find_project_root, load_run_recipe  # noqa: F401 (re-exported)
+from frugalflow.recipe_io import RecipeSource, find_project_root, load_recipe
 from frugalflow.stages import resolve_device
 from tasks import tracking as T
 from tasks.lineage import update_data
@@ -26,11 +26,6 @@ def project_root(params_path: Path) -> Path:
         raise RecipeError(str(params_path), [f"no dvc.yaml at or above {params_path.parent}: run from a "
                                              "frugalflow project"])
     return root
-
-
-def load_flow_recipe(params_path: Path, root: Path, overrides: list[str]) -> Recipe:
-    """The recipe as a run sees it (frugalflow/preflight.py: the same loader `validate` uses)."""
-    return load_run_recipe(params_path, overrides)[0]
 
 
 @dataclass(frozen=True)
@@ -62,9 +57,11 @@ class Project:
         return {**self.lineage_tags, **T.source_tags(self.lineage, f"frugalflow {self.recipe.name}")}
 
 
-def open_project(params: str, overrides: list[str]) -> Project:
-    params_path = Path(params).resolve()
-    recipe, root = load_run_recipe(params_path, overrides)
+def open_project(params: str, overrides: list[str], source: RecipeSource | None = None) -> Project:
+    """`source`: the recipe file as the caller already read it (a sweep reads it once), else `params` is read."""
+    source = source or RecipeSource.read(params)
+    recipe = load_recipe(source, overrides, checks="run")  # the same checks as `validate`
+    params_path, root = source.path, source.root
     uri = T.resolve_uri(recipe.tracking.uri, root)
     client = preflight(root, uri)  # MLflow, S3 buckets, Prefect API: exit 4 before any work or record
     experiment = T.experiment_id(client, recipe.experiment_name, root / "mlartifacts")

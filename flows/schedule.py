@@ -17,18 +17,18 @@ Two ways to run the flow every night; pick one per Prefect server (both are name
    (`prefect deploy --prefect-file infra/prefect.yaml --name nightly`, see infra/README.md);
    its cron must match `params.yaml` (tests/test_infra.py checks it).
 
-The schedule is checked before anything reaches Prefect: `schedule.cron` must be a
-five-field cron that Prefect accepts and that fires at all, `schedule.timezone` an IANA name
-(zoneinfo); failures are `RecipeError`s naming the key, like every other recipe problem.
+The schedule is checked with the rest of the recipe (frugalflow/cron.py, so `validate` and `run`
+refuse what this module would): `schedule.cron` must be a five-field cron that Prefect accepts
+and that fires at all, `schedule.timezone` an IANA name (zoneinfo); failures are `RecipeError`s
+naming the key, like every other recipe problem. `check_schedule` asks Prefect itself once more.
 """
 from __future__ import annotations
 
-import difflib
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
-from zoneinfo import ZoneInfo, available_timezones
+from zoneinfo import ZoneInfo
 
 from frugalflow.config import RecipeError, ScheduleConfig
 
@@ -41,25 +41,18 @@ FULL_NAME = f"{FLOW_NAME}/{DEPLOYMENT}"
 
 
 def check_schedule(schedule: ScheduleConfig, source: str = "params.yaml") -> None:
-    """Raise RecipeError (one line per problem) unless the cron and time zone are usable."""
-    problems = []
-    zone_ok = schedule.timezone in available_timezones()
-    if not zone_ok:
-        close = difflib.get_close_matches(schedule.timezone, sorted(available_timezones()), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        problems.append(f"schedule.timezone: unknown time zone, use an IANA name such as UTC or "
-                        f"Europe/Paris{hint} (given: {schedule.timezone!r})")
-    try:
-        from prefect.schedules import Cron
+    """Prefect's own check of a schedule the recipe accepted (ScheduleConfig checks the cron and time
+    zone as Prefect reads them; tests/test_schedule.py keeps the two in step): RecipeError if it refuses."""
+    from prefect.schedules import Cron
 
-        Cron(schedule.cron, timezone=schedule.timezone if zone_ok else None)  # Prefect's own cron check
-        next_runs(schedule.cron, schedule.timezone if zone_ok else "UTC", 1)
+    try:
+        Cron(schedule.cron, timezone=schedule.timezone)
+        next_runs(schedule.cron, schedule.timezone, 1)
     except (ValueError, StopIteration) as exc:
         reason = str(exc) if not isinstance(exc, StopIteration) else "it never fires"
-        problems.append(f"schedule.cron: not a usable cron expression ({reason}); five fields: minute "
-                        f"hour day-of-month month day-of-week, e.g. '0 2 * * *' (given: {schedule.cron!r})")
-    if problems:
-        raise RecipeError(source, problems)
+        raise RecipeError(source, [f"schedule.cron: Prefect refuses {schedule.cron!r} in {schedule.timezone!r} "
+                                   f"({reason}); five fields: minute hour day-of-month month day-of-week, "
+                                   "e.g. '0 2 * * *'"]) from None
 
 
 def next_runs(cron: str, tz: str, n: int = 3, after: datetime | None = None) -> list[datetime]:
@@ -85,11 +78,11 @@ def nightly_deployment(params_path: str | Path = "params.yaml", overrides: Itera
     from prefect.types.entrypoint import EntrypointType
 
     from flows.nightly import compression_flow
-    from flows.project import load_flow_recipe, project_root
+    from frugalflow.recipe_io import load_recipe
 
     path = Path(params_path).resolve()
     overrides = list(overrides)
-    recipe = load_flow_recipe(path, project_root(path), overrides)
+    recipe = load_recipe(path, overrides, checks="run")
     check_schedule(recipe.schedule, str(path))
     deployment = compression_flow.to_deployment(
         name=DEPLOYMENT,

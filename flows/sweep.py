@@ -20,7 +20,6 @@ recipe's MLflow server; without one they must see the project folder at the same
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -28,20 +27,19 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.candidate import candidate_stages, evaluate_baseline, evaluate_candidate, judge, publish
 from flows.nightly import start_parent_run
-from flows.project import load_flow_recipe, open_project, project_root
+from flows.project import open_project
 from flows.workspace import bring_back, publish_inputs
 from frugalflow.config import RecipeError
+from frugalflow.recipe_io import RecipeSource, load_recipe
 from frugalflow.sweep import Candidate, as_overrides, expand_grid, label, parse_grid_option, select
 from tasks.sweep_runs import SweepRuns
 
 
-def candidate_recipes(params: str, grid_options: list[str], overrides: list[str]) -> list[Candidate]:
+def candidate_recipes(source: RecipeSource, grid_options: list[str], overrides: list[str]) -> list[Candidate]:
     """A Candidate (label, assignment, validated recipe) for every grid point of the recipe's `sweep.grid`
-    plus `grid_options` (KEY=V1,V2); all are validated before any heavy work, and an invalid
-    one names its grid point."""
-    params_path = Path(params).resolve()
-    root = project_root(params_path)
-    grid = dict(load_flow_recipe(params_path, root, overrides).sweep.grid)
+    plus `grid_options` (KEY=V1,V2); all are validated before any heavy work, from the file as read once
+    (`source`), and an invalid one names its grid point."""
+    grid = dict(load_recipe(source, overrides, checks="run").sweep.grid)
     given = set()
     for text in grid_options:
         key, values = parse_grid_option(text)
@@ -56,7 +54,7 @@ def candidate_recipes(params: str, grid_options: list[str], overrides: list[str]
     for assignment in expand_grid(grid):
         name = label(assignment)
         try:
-            recipe = load_flow_recipe(params_path, root, overrides + as_overrides(assignment))
+            recipe = load_recipe(source, overrides + as_overrides(assignment), checks="run")
         except RecipeError as exc:
             raise RecipeError(f"candidate {name}", exc.problems) from None
         out.append(Candidate(name, assignment, recipe))
@@ -118,11 +116,14 @@ def runner_for(workers: int, cluster: str | None = None):
 
 @flow(name="frugalflow-sweep", log_prints=True, task_runner=sweep_runner(2))
 def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
-               overrides: list[str] | None = None) -> dict:
+               overrides: list[str] | None = None, source: RecipeSource | None = None) -> dict:
+    """`source`: the recipe file `params` as `frugalflow sweep` read it (stored as its path in the flow
+    run's parameters); without it the flow reads `params`. Either way the file is read once."""
     logger = get_run_logger()
     overrides = list(overrides or [])
-    candidates = candidate_recipes(params, list(grid or []), overrides)
-    project = open_project(params, overrides)
+    source = source or RecipeSource.read(params)
+    candidates = candidate_recipes(source, list(grid or []), overrides)
+    project = open_project(params, overrides, source)
     objective = project.recipe.registry.objective
     logger.info("sweep of %d candidates: %s", len(candidates), "; ".join(c.label for c in candidates))
     runs = SweepRuns(start_parent_run(project, f"{project.recipe.name}-sweep", tags={"frugalflow.sweep": "true"}))

@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from frugalflow.cron import cron_problem, timezone_problem
 from frugalflow.errors import BadInput
 from frugalflow.redact import redact
 
@@ -442,14 +443,26 @@ class RegistryConfig(Strict):
 
 
 class ScheduleConfig(Strict):
+    """When the nightly deployment runs; checked here as Prefect's scheduler reads it (frugalflow/cron.py),
+    so `validate`, `run` and `schedule` refuse the same cron and time zone."""
+
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
 
     @field_validator("cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        if len(v.split()) != 5:
-            raise ValueError(f"cron must have 5 fields (minute hour day month weekday), got {v!r}")
+        problem = cron_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        problem = timezone_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 

@@ -146,11 +146,9 @@ def preflight(root: Path, tracking_uri: str):
     return client
 
 
-def preflight_recipe(params: str, overrides: list[str]):
-    """`preflight` for a recipe file, from the CLI before Prefect starts: a service that is down
-    ends the command with one line and exit 4, and no flow run is created."""
-    from frugalflow.preflight import load_run_recipe
+def preflight_recipe(recipe, root: Path):
+    """`preflight` for a recipe the CLI validated (recipe_io.load_recipe), before Prefect starts: a
+    service that is down ends the command with one line and exit 4, and no flow run is created."""
     from tasks import tracking as T
 
-    recipe, root = load_run_recipe(Path(params).resolve(), overrides)
     return preflight(root, T.resolve_uri(recipe.tracking.uri, root))

@@ -166,6 +166,19 @@ CASES = [
      2, ["schedule.timezone", "Mars/Olympus"]),
     ("schedule-bad-cron", lambda w: ["schedule", "-p", P, "--check", "-s", "schedule.cron=61 * * * *"],
      2, ["schedule.cron", "61 * * * *"]),
+    # ---- the schedule (as `schedule` refuses it above) and duplicate keys: validate refuses what run and sweep do
+    *[(f"{cmd}-{what}", (lambda argv: lambda w: argv)(argv), 2, needles)
+      for cmd, opts in (("validate", ["-p", P]), ("run", ["-p", P]), ("sweep", ["-p", P, "-g", "stages.0.sparsity=0.1,0.2"]))
+      for what, setting, needles in (
+          ("cron-minute-61", "schedule.cron=61 2 * * *", ["schedule.cron", "61 2 * * *", "minute 0-59"]),
+          ("unknown-timezone", "schedule.timezone=Europe/Pariss", ["schedule.timezone", "Europe/Pariss", "IANA",
+                                                                   "did you mean Europe/Paris"]))
+      for argv in [[cmd, *opts, "-s", setting]]],
+    ("validate-duplicate-key", lambda w: ["validate", write(w["lone"], "dup.yaml", yaml.safe_dump(
+        lone_recipe(w), sort_keys=False) + "schedule:\n  cron: '0 2 * * *'\n  cron: '0 3 * * *'\n")],
+     2, ["dup.yaml", "schedule.cron: key given twice", "remove one"]),
+    ("run-duplicate-key", lambda w: ["run", "-p", write(w["proj"], "dup.yaml", "name: first\n" + yaml.safe_dump(
+        tiny_recipe(w["tiny"], MODEL), sort_keys=False))], 2, ["dup.yaml", "name: key given twice (lines 1 and 2)"]),
     # ---- runs / compare / promote / rollback: the store
     ("runs-missing-params", lambda w: ["runs", "-p", str(w["proj"] / "gone.yaml")], 2, ["gone.yaml"]),
     ("runs-n-zero", lambda w: ["runs", "-p", P, "-n", "0"], 2, ["-n", "0 is out of range (allowed: 1 or more)"]),

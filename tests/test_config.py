@@ -38,6 +38,9 @@ def test_default_params_is_valid_and_frozen():
     ("stages: []\n", ["stages", "at least 1"]),
     ("stages:\n  - method: rtn\ngates:\n  max_ppl_increase_pct: -1\n", ["gates.max_ppl_increase_pct", "-1"]),
     ("stages:\n  - method: rtn\nschedule:\n  cron: '* *'\n", ["schedule.cron", "5 fields"]),
+    ("stages:\n  - method: rtn\nschedule:\n  cron: '61 2 * * *'\n", ["schedule.cron", "61 2 * * *", "minute 0-59"]),
+    ("stages:\n  - method: rtn\nschedule:\n  cron: '0 2 30 2 *'\n", ["schedule.cron", "a day the month has"]),
+    ("stages:\n  - method: rtn\nschedule:\n  timezone: Mars/Olympus\n", ["schedule.timezone", "Mars/Olympus", "IANA"]),
     ("stages:\n  - method: rtn\n  - method: rtn\n", ["at most one quantize stage"]),
     ("stages:\n  - {method: rtn}\ndevice: tpu\n", ["device", "'auto'", "tpu"]),
 ])
@@ -102,3 +105,28 @@ def test_names_used_as_paths_cannot_leave_their_folder(key, value):
     with pytest.raises(RecipeError, match=key.split(".")[-1]):
         load_recipe(ROOT / "params.yaml", [f"{key}={value}"])
     assert load_recipe(ROOT / "params.yaml", [f"{key}=team.model-2"])
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("name: a\nstages:\n  - method: rtn\nname: b\n", "name", (1, 4)),
+    ("stages:\n  - method: rtn\nschedule:\n  cron: '0 2 * * *'\n  timezone: UTC\n  cron: '0 3 * * *'\n",
+     "schedule.cron", (4, 6)),
+    ("stages:\n  - method: magnitude\n    sparsity: 0.5\n    sparsity: 0.6\n", "stages.0.sparsity", (3, 4)),
+    ("stages:\n  - {method: rtn, bits: 4, bits: 8}\n", "stages.0.bits", (2, 2)),
+])
+def test_a_key_given_twice_is_refused_with_its_path_and_lines(tmp_path, text, key, lines):
+    """PyYAML keeps the later of two equal keys silently; the recipe reader refuses, naming both lines."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text))
+    assert info.value.problems == [f"{key}: key given twice (lines {lines[0]} and {lines[1]}); YAML would keep "
+                                   "only the later one silently: remove one"]
+
+
+def test_merge_keys_and_aliases_are_not_duplicates(tmp_path):
+    text = ("stages:\n  - &prune {method: magnitude, sparsity: 0.5}\n  - method: rtn\n"
+            "sweep:\n  grid:\n    stages.0.sparsity: [0.1, 0.2]\n"
+            "gates: &g {max_ppl_increase_pct: 10.0}\nregistry:\n  <<: {model_name: x}\n  model_name: y\n")
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.registry.model_name == "y" and recipe.stages[0].sparsity == 0.5  # an explicit key overrides a merge
+    with pytest.raises(RecipeError, match="stages.0.k: key given twice"):  # in an override value too
+        load_recipe(write(tmp_path, "stages:\n  - method: rtn\n"), ["stages.0={method: rtn, k: 1, k: 2}"])

@@ -143,19 +143,20 @@ def test_unreachable_tracking_server_fails_fast(prefect_harness, project):
 
 
 def test_recipe_files_take_dvc_owned_sections_from_params(project):
-    from flows.nightly import load_flow_recipe, project_root
+    from flows.nightly import project_root
     from frugalflow.config import RecipeError
+    from frugalflow.recipe_io import load_recipe
 
     sub = project / "recipes"
     sub.mkdir(exist_ok=True)
     recipe_file = sub / "other.yaml"
     recipe_file.write_text("name: other\nstages:\n  - method: rtn\n")
     assert project_root(recipe_file) == project
-    recipe = load_flow_recipe(recipe_file, project, [])
+    recipe = load_recipe(recipe_file, [], checks="run")
     assert recipe.base_model.source == "local" and recipe.data.window == 64  # from params.yaml
     recipe_file.write_text("name: other\ndata: {window: 128}\nstages:\n  - method: rtn\n")
     with pytest.raises(RecipeError, match="data: differs"):
-        load_flow_recipe(recipe_file, project, [])
+        load_recipe(recipe_file, [], checks="run")
 
 
 def test_export_from_the_registry(two_runs, project, tmp_path, monkeypatch, capsys):

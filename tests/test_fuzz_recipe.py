@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from flows.cli import main
 from frugalflow.config import Recipe, RecipeError
-from frugalflow.preflight import load_run_recipe
 from frugalflow.recipe_io import flatten, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +56,13 @@ def write(text: str | bytes) -> Path:
 @FAST
 @given(st.one_of(st.text(max_size=200), st.binary(max_size=200)))
 def test_any_file_content_is_a_recipe_or_a_recipe_error(content):
-    clean(lambda: load_run_recipe(write(content), require_project=False))
+    clean(lambda: load_recipe(write(content), checks="file"))
 
 
 @FAST
 @given(values)
 def test_any_yaml_structure_is_a_recipe_or_a_recipe_error(data):
-    clean(lambda: load_run_recipe(write(yaml.safe_dump(data)), require_project=False))
+    clean(lambda: load_recipe(write(yaml.safe_dump(data)), checks="file"))
 
 
 @FAST
@@ -74,7 +73,7 @@ def test_any_value_at_any_key_of_the_real_recipe(key, value):
     for part in parts[:-1]:
         node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
     node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
-    clean(lambda: load_run_recipe(write(yaml.safe_dump(data)), require_project=False))
+    clean(lambda: load_recipe(write(yaml.safe_dump(data)), checks="file"))
 
 
 @FAST

@@ -23,7 +23,7 @@ from helpers import ROOT, client_for, free_port, make_project, stop, tail, tiny_
 from packaging.version import Version
 
 from frugalflow.config import RecipeError, ScheduleConfig
-from frugalflow.recipe_io import load_recipe
+from frugalflow.recipe_io import load_recipe, recipe_from_dict
 
 SERVER_START_S, RUN_S = 90, 240
 TINY_SCHEDULE = {"cron": "30 3 * * *", "timezone": "Asia/Kolkata"}  # UTC+05:30 all year: no DST edge
@@ -109,17 +109,47 @@ def auto_scheduled_starts(deployment_id) -> list:
 
 # --------------------------------------------------------------------------- no server needed
 def test_schedule_errors_name_the_key():
+    """The recipe itself refuses a bad cron and time zone (so validate, run and schedule all do)."""
     from flows.schedule import check_schedule
 
     check_schedule(ScheduleConfig(cron="*/15 1-3 * * mon-fri", timezone="America/New_York"))
     with pytest.raises(RecipeError) as err:
-        check_schedule(ScheduleConfig(cron="61 2 * * *", timezone="Europe/Pariss"), "p.yaml")
+        recipe_from_dict({"stages": [{"method": "rtn"}], "schedule": {"cron": "61 2 * * *", "timezone": "Europe/Pariss"}},
+                         "p.yaml")
     assert len(err.value.problems) == 2
-    tz_line, cron_line = err.value.problems
-    assert tz_line.startswith("schedule.timezone:") and "Europe/Paris" in tz_line and "'Europe/Pariss'" in tz_line
-    assert cron_line.startswith("schedule.cron:") and "'61 2 * * *'" in cron_line
+    cron_line, tz_line = sorted(err.value.problems)
+    assert tz_line.startswith("schedule.timezone:") and "Europe/Paris" in tz_line and '"Europe/Pariss"' in tz_line
+    assert cron_line.startswith("schedule.cron:") and '"61 2 * * *"' in cron_line and "minute 0-59" in cron_line
     with pytest.raises(RecipeError, match="schedule.cron"):  # valid syntax, but February 30 never comes
-        check_schedule(ScheduleConfig(cron="0 2 30 2 *", timezone="UTC"))
+        recipe_from_dict({"stages": [{"method": "rtn"}], "schedule": {"cron": "0 2 30 2 *"}})
+
+
+CRONS = ["0 2 * * *", "*/15 1-3 * * mon-fri", "0 2 * * 7", "0 2 L * *", "0 2 * * 1#2", "0 0 29 2 *", "0 2 * JAN *",
+         "0-59/15 * * * *", "0 2 * * 0-7", "61 2 * * *", "0 24 * * *", "0 2 30 2 *", "0 2 * * 8", "0 2 * * 5L",
+         "0 2 LW * *", "0 2 15W * *", "*/0 * * * *", "H 2 * * *", "0 2 0 * *", "0 2 * 13 *", "0 2 * * 1#6", "* *",
+         "0 2 * * * *", "@daily", "1,,2 * * * *"]
+
+
+@pytest.mark.parametrize("cron", CRONS)
+def test_the_recipe_accepts_a_cron_only_where_prefect_serves_it(cron):
+    """ScheduleConfig (no Prefect import) and Prefect's own Cron agree: what `validate` accepts,
+    `schedule` can serve (the recipe may be stricter, never looser)."""
+    from prefect.schedules import Cron
+    from pydantic import ValidationError
+
+    try:
+        ScheduleConfig(cron=cron, timezone="Europe/Paris")
+        ours = True
+    except ValidationError:
+        ours = False
+    try:
+        Cron(cron, timezone="Europe/Paris")
+        prefects = len(cron.split()) == 5  # Prefect takes 6 fields (seconds) and @daily; the recipe wants 5
+    except ValueError:
+        prefects = False
+    assert not ours or prefects, f"{cron!r}: the recipe accepts it, Prefect refuses it"
+    if cron in CRONS[:9]:
+        assert ours, f"{cron!r}: a usable cron refused"
 
 
 def test_next_runs_follow_the_time_zone():
