@@ -10,6 +10,7 @@ candidate's inputs key (`unchanged_version`): found, the night records that and 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import task
@@ -20,12 +21,13 @@ from frugalflow.config import Recipe
 from frugalflow.report import build_report
 from tasks import registry as R
 from tasks import tracking as T
-from tasks.compress import compress_stage, final_stage_name
+from tasks.compress import compress_stage, stage_dir_names
 from tasks.evaluate import decode_race, evaluate
 from tasks.gate import gate
 from tasks.promote import register_and_promote
 from tasks.pyfunc import log_pyfunc
 from tasks.report import publish_report
+from tasks.retention import STAGE_DIRS
 from tasks.unchanged import inputs_key, record_unchanged
 
 HEADLINE = ("ppl", "size_mb", "decode_tps", "decode_speedup", "sparsity", "bits_per_weight")
@@ -62,13 +64,16 @@ def candidate_inputs_key(project: Project, recipe: Recipe, final_stage: str) -> 
 
 
 def unchanged_version(project: Project, recipe: Recipe, tracking: T.Tracking, force: bool = False) -> dict | None:
-    """Before any stage or evaluation: the run gets its candidate's inputs key as a tag; when a
+    """Before any stage or evaluation: the run gets its candidate's inputs key as a tag, and the stage
+    outputs it will use (`frugalflow.stage_dirs`: gc keeps them while it runs); when a
     registered version has the same key (and not `force`), the run is recorded as unchanged, naming
     that version, and {"version", "run_id", "inputs_key", "final_stage"} returned; else None."""
-    final = final_stage_name(project.base_key, project.data_key, recipe.stages)
+    names = stage_dir_names(project.base_key, project.data_key, recipe.stages)
+    final = names[-1]
     key = candidate_inputs_key(project, recipe, final)
     client = T.connect(tracking.uri)
-    T.set_tags(client, tracking.parent_run_id, {R.INPUTS_KEY: key, **({"frugalflow.forced": True} if force else {})})
+    T.set_tags(client, tracking.parent_run_id, {R.INPUTS_KEY: key, STAGE_DIRS: json.dumps(names),  # kept from gc
+                                                **({"frugalflow.forced": True} if force else {})})
     version = None if force else R.version_with_inputs(client, recipe.registry.model_name, key)
     if version is None:
         return None

@@ -9,6 +9,7 @@
     frugalflow promote VERSION --reason TEXT         move `champion` by hand
     frugalflow rollback --reason TEXT                move `champion` back to the previous one
     frugalflow ui [--port 5000]                      the MLflow UI on the local store
+    frugalflow gc [--dry-run]                        delete what `retention` allows (old versions, stage outputs, model files)
     frugalflow export DIR|models:/NAME@ALIAS --format F --out PATH
                                                      a model as GGUF (llama.cpp) or compressed-tensors (vLLM)
     frugalflow team up|status|down [--home DIR]      team mode on this machine: PostgreSQL, S3, MLflow, Prefect, worker
@@ -484,6 +485,14 @@ def ui_command(params: Params = "params.yaml", tracking_uri: TrackingUri = None,
                host: Annotated[str, typer.Option(metavar="HOST")] = "127.0.0.1",
                port: Annotated[int, typer.Option(parser=_integer(1, 65535), metavar="PORT")] = 5000) -> int:
     return cmd_ui(Namespace(params=params, tracking_uri=tracking_uri, host=host, port=port))
+
+
+@app.command("gc", help="delete what the recipe's retention allows: old versions, stage outputs, runs' model files")
+def gc_command(params: Params = "params.yaml", set_: Sets = None, tracking_uri: TrackingUri = None,
+               dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, delete nothing")] = False) -> int:
+    from flows.retention import cmd_gc
+
+    return cmd_gc(params, list(set_ or []), tracking_uri, dry_run)
 
 
 def _parse_and_run(argv: list[str]) -> int:

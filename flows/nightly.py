@@ -11,6 +11,8 @@ inputs and gates; tasks/unchanged.py) stops after the data step: its run is tagg
 A failed night and a candidate that failed its gates send a message to the recipe's `notify`
 destinations (flows/notifications.py: the flow's state hooks; tasks/notify.py: Prefect notification blocks).
 
+Every night that ends, its run closed, applies the recipe's `retention` when enabled (flows/retention.py).
+
 The recipe is validated once, here at the entry, before any heavy work; tasks get
 paths, keys and frozen config models.
 """
@@ -26,6 +28,7 @@ from prefect.runtime import flow_run
 from flows.candidate import evaluate_baseline, evaluate_candidate, judge, publish, run_stages, unchanged_version
 from flows.notifications import night_completed, night_failed
 from flows.project import Project, open_project, project_root  # noqa: F401 (re-exported)
+from flows.retention import night_retention
 from frugalflow.recipe_io import flatten
 from frugalflow.redact import redact
 from tasks import tracking as T
@@ -66,7 +69,8 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
         if same is not None:
             T.end_run(client, parent, "FINISHED")
             logger.info("run %s: unchanged: same inputs as version %s; nothing registered", parent, same["version"])
-            return {"run_id": parent, "unchanged": same, "promotion": dict(NOT_REGISTERED), "lineage": project.lineage}
+            return {"run_id": parent, "unchanged": same, "promotion": dict(NOT_REGISTERED), "lineage": project.lineage,
+                    "retention": night_retention(recipe, project.uri, project.artifacts, parent)}
         baseline = evaluate_baseline(project)
         T.log_metrics(client, parent, {f"baseline.{k}": v for k, v in baseline.items()})
         stages = run_stages(project, recipe, tracking)
@@ -83,7 +87,8 @@ def compression_flow(params: str = "params.yaml", overrides: list[str] | None = 
                 f"version {promotion['version']}{' (champion)' if promotion['champion'] else ''}"
                 if promotion["registered"] else "not registered")
     return {"run_id": parent, "unchanged": None, "verdict": verdict, "promotion": promotion, "baseline": baseline,
-            "candidate": candidate, "stages": stages, "lineage": project.lineage}
+            "candidate": candidate, "stages": stages, "lineage": project.lineage,
+            "retention": night_retention(recipe, project.uri, project.artifacts, parent)}
 
 
 if __name__ == "__main__":

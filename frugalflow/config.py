@@ -500,6 +500,19 @@ class NotifyConfig(Strict):
         return v
 
 
+class RetentionConfig(Strict):
+    """What `frugalflow gc` deletes, and the end of each night when `enabled` (tasks/retention.py). Never
+    deleted: the champion, any version with an alias, every version the champion history names, a version
+    whose run is running, and what those versions and running runs use (stage outputs, run files)."""
+
+    enabled: bool = Field(False, description="apply at the end of each night (`frugalflow gc` applies it anyway)")
+    keep_challengers: int = Field(5, ge=0, description="the newest N registered versions are kept")
+    stage_days: float = Field(14.0, ge=0.0, description="stage outputs under artifacts/stages/ that no kept "
+                                                        "version or running run uses, last used more than D days ago")
+    run_days: float = Field(14.0, ge=0.0, description="model files (model/, serving/, logged models) of runs that "
+                                                      "registered no kept version, ended more than D days ago")
+
+
 class SweepConfig(Strict):
     """A grid over recipe keys for `frugalflow sweep`: every combination is one candidate."""
 
@@ -542,6 +555,7 @@ class Recipe(Strict):
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
     notify: NotifyConfig = NotifyConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
     def _one_of_each_kind(self):

@@ -63,13 +63,19 @@ def stage_dir_name(index: int, stage, key: str) -> str:
     return f"{index}-{stage.method}-{key}"
 
 
-def final_stage_name(base_key: str, data_key: str, stages) -> str:
-    """The folder name (with its content key) the last of `stages` will write, from the base model's
+def stage_dir_names(base_key: str, data_key: str, stages) -> list[str]:
+    """The folder names (with their content keys) `stages` will write, in order, from the base model's
     and the data's keys alone: known before any stage runs."""
-    key = base_key
-    for stage in stages:
+    key, names = base_key, []
+    for index, stage in enumerate(stages):
         key = stage_key(key, stage, data_key)
-    return stage_dir_name(len(stages) - 1, stages[-1], key)
+        names.append(stage_dir_name(index, stage, key))
+    return names
+
+
+def final_stage_name(base_key: str, data_key: str, stages) -> str:
+    """The folder name the last of `stages` will write (`stage_dir_names`)."""
+    return stage_dir_names(base_key, data_key, stages)[-1]
 
 
 @task(name="compress-stage")
