@@ -24,9 +24,19 @@ def project(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def sweep(prefect_harness, project):
-    from flows.sweep import sweep_flow
+    from unittest import mock
 
-    return sweep_flow(params=str(project / "params.yaml"), grid=GRID)
+    from flows.sweep import sweep_flow
+    from frugalflow import recipe_io
+
+    with mock.patch.object(recipe_io, "read_yaml", wraps=recipe_io.read_yaml) as reads:  # this process's parses
+        result = sweep_flow(params=str(project / "params.yaml"), grid=GRID)
+    return {**result, "recipe_reads": reads.call_count}
+
+
+def test_the_flow_reads_its_recipe_once(sweep):
+    """Four candidates, the grid and the project all come from one parse of params.yaml (it was 2N+5)."""
+    assert sweep["recipe_reads"] == 1
 
 
 def test_every_grid_point_is_a_child_run_with_metrics(sweep, project):

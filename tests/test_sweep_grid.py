@@ -2,11 +2,15 @@
 the choice among evaluated candidates (Pareto front, then the best passing one)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from frugalflow.config import RecipeError
 from frugalflow.recipe_io import load_recipe
 from frugalflow.sweep import Candidate, as_overrides, expand_grid, label, parse_grid_option, select, summary_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parse_grid_option_reads_yaml_scalars():
@@ -97,3 +101,34 @@ def test_cli_sweep_table_marks_selected_and_front_and_shows_errors():
     assert lines[3].split() == ["c", "11.000", "55.0", "19.0", "pass"]
     assert lines[4].split() == ["P", "d", "12.000", "30.0", "25.0", "fail"]
     assert lines[5].split() == ["e", "-", "-", "-", "RuntimeError:", "boom"]
+
+
+def test_a_sweep_reads_its_recipe_once(monkeypatch):
+    """`frugalflow sweep` of a 2 x 2 grid parses params.yaml once: the validation, every candidate, the
+    service check and the flow use the source read then (the flow itself: tests/test_sweep_flow.py)."""
+    import flows.cli
+    import flows.sweep
+    from frugalflow import recipe_io
+
+    reads, handed = [], {}
+    real_read = recipe_io.read_yaml
+    monkeypatch.setattr(recipe_io, "read_yaml", lambda path: reads.append(str(path)) or real_read(path))
+    monkeypatch.setattr(flows.cli, "_services_or_exit", lambda recipe, source: handed.update(services=source))
+    monkeypatch.setattr(flows.cli, "_before_flow", lambda: None)
+    monkeypatch.setattr(flows.sweep, "runner_for", lambda workers, cluster=None: None)
+
+    class Flow:  # stands in for sweep_flow: what the CLI hands it
+        def with_options(self, **_):
+            return self
+
+        def __call__(self, **kwargs):
+            handed.update(kwargs)
+            return {"run_id": "r", "candidates": [], "selected": None, "promotion": {"registered": False}}
+
+    monkeypatch.setattr(flows.sweep, "sweep_flow", Flow())
+    params = ROOT / "params.yaml"
+    code = flows.cli.main(["sweep", "-p", str(params), "-g", "stages.0.sparsity=0.1,0.3", "-g", "name=a,b"])
+    assert code == 0
+    assert reads == [str(params.resolve())]
+    assert handed["services"] is handed["source"] and handed["source"].path == params.resolve()
+    assert handed["source"].model_dump() == {"path": str(params.resolve())}  # a flow-run parameter: the path only
