@@ -21,6 +21,7 @@ from frugalflow.config import Recipe
 from frugalflow.report import build_report
 from tasks import registry as R
 from tasks import tracking as T
+from tasks.champion_check import compare_with_previous
 from tasks.compress import compress_stage, stage_dir_names
 from tasks.evaluate import decode_race, evaluate
 from tasks.gate import gate
@@ -111,14 +112,20 @@ def judge(project: Project, recipe: Recipe, candidate: dict, baseline: dict, tra
 
 def publish(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracking, *, baseline: dict,
             candidate: dict, stages: list[dict], verdict: dict) -> dict:
-    """Log the model (and, when it passed, the servable pyfunc) and the report with its plots
-    (also a Prefect artifact on the flow run), then register and
-    promote a passing candidate. Returns the promotion record."""
+    """Log the model (and, when it passed, the servable pyfunc), register and promote a passing
+    candidate, compare a new champion with the one it replaced (`promotion["replaced"]`,
+    tasks/champion_check.py), then log the report with its plots (also a Prefect artifact on the flow
+    run). Returns the promotion record."""
     client = T.connect(tracking.uri)
     run = tracking.parent_run_id
     T.log_dir(client, run, model_dir, "model")
     pyfunc = log_pyfunc(client, run, model_dir) if verdict["passed"] else None
+    promotion = register_and_promote(verdict, recipe.registry.model_name, project.lineage_tags, tracking,
+                                     model_uri=pyfunc["model_uri"] if pyfunc else None, model_dir=model_dir,
+                                     inputs_key=candidate_inputs_key(project, recipe, Path(model_dir).name))
+    data_tag = f"dvc.{recipe.data.path}"
+    if promotion["champion"]:
+        promotion = {**promotion, "replaced": compare_with_previous(recipe.registry.model_name, promotion["version"],
+                                                                    recipe.notify.regression_pct, tracking, data_tag)}
     publish_report(build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage), tracking)
-    return register_and_promote(verdict, recipe.registry.model_name, project.lineage_tags, tracking,
-                                model_uri=pyfunc["model_uri"] if pyfunc else None, model_dir=model_dir,
-                                inputs_key=candidate_inputs_key(project, recipe, Path(model_dir).name))
+    return promotion

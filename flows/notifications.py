@@ -4,8 +4,13 @@
 
 - `night_failed`: the flow run failed (any exception): the MLflow run (found by its tag
   `prefect.flow_run_id`; none when the night failed before starting it) and the error's first line.
-- `night_completed`: the candidate failed its gates: the verdict's reasons. A passing or unchanged
-  night sends nothing.
+- `night_completed`: the candidate failed its gates: the verdict's reasons; or it became champion and
+  is worse than the champion it replaced on a metric beyond `notify.regression_pct`
+  (tasks/champion_check.py): `champion_regressed`, naming each metric, both values and both versions.
+  Any other passing night, and an unchanged one, sends nothing.
+- `nights_crashed` (not a hook: called by flows/project.py when a night closes the runs of killed
+  ones): `crashed`, one message per killed night's run, with the reason it was closed. A killed
+  process runs no hook, so the next night is the first to know.
 
 Prefect runs the hooks after the flow run's final state is set and logs, never raises, what they
 raise; they re-read the recipe from the flow run's parameters. A night that failed because its recipe
@@ -90,9 +95,12 @@ def _mlflow_run(night: Night, flow_run) -> tuple[str | None, str | None]:
 
 
 def _send(night: Night, event: str, flow_run, run_id: str | None, experiment: str | None, lines: list[str]):
+    return _deliver(night, event, f"{flow_run.name} ({flow_run.id})", run_id, experiment, lines)
+
+
+def _deliver(night: Night, event: str, flow_run: str, run_id: str | None, experiment: str | None, lines: list[str]):
     link = N.run_link(night.uri or "", experiment, run_id)
-    subject, body = N.message(event, night.model, night.recipe, run_id, link, f"{flow_run.name} ({flow_run.id})",
-                              lines)
+    subject, body = N.message(event, night.model, night.recipe, run_id, link, flow_run, lines)
     return N.send(night.config, night.root, event, subject, body, _logger())
 
 
@@ -131,10 +139,34 @@ def night_completed(flow, flow_run, state) -> None:
         _logger().warning("no notification: the flow run's result cannot be read: %s", exc)
         return
     verdict = result.get("verdict") if isinstance(result, dict) else None
-    if not verdict or verdict.get("passed") or result.get("unchanged"):
-        return  # passed, or unchanged (no verdict): nothing to say
+    replaced = ((result.get("promotion") or {}).get("replaced") or {}) if verdict else {}
+    if not verdict or result.get("unchanged") or (verdict.get("passed") and not replaced.get("regressions")):
+        return  # passed without a regression, or unchanged (no verdict): nothing to say
+    event = "champion_regressed" if verdict.get("passed") else "gates_failed"
     night = _night(flow_run)
-    if night is None or "gates_failed" not in night.config.events:
+    if night is None or event not in night.config.events:
         return
     _, experiment = _mlflow_run(night, flow_run)
-    _send(night, "gates_failed", flow_run, result.get("run_id"), experiment, verdict.get("reasons") or [])
+    lines = N.regression_lines(replaced) if event == "champion_regressed" else verdict.get("reasons") or []
+    _send(night, event, flow_run, result.get("run_id"), experiment, lines)
+
+
+def nights_crashed(recipe, root: Path, uri: str, client, closed: list[str]) -> int:
+    """A `crashed` message for each top-level run among `closed` (the runs `close_orphans` just closed:
+    their process was killed, or their host stopped beating); how many were sent. Never raises."""
+    if "crashed" not in recipe.notify.events:
+        return 0
+    night = Night(recipe.notify, root, recipe.registry.model_name, recipe.name, uri, recipe.experiment_name)
+    sent = 0
+    for run_id in closed:
+        try:
+            run = client.get_run(run_id)
+            if "mlflow.parentRunId" in run.data.tags:
+                continue  # a stage's run: its night's run says it
+            _deliver(night, "crashed", run.data.tags.get("prefect.flow_run_id") or "unknown", run_id,
+                     run.info.experiment_id, N.crash_lines(run))
+            sent += 1
+        except Exception as exc:  # noqa: BLE001 - a message is never worth failing the night that found the crash
+            _logger().warning("no crash notification for run %s: %s: %s", run_id, type(exc).__name__,
+                              redact(str(exc)).splitlines()[0][:300] if str(exc) else "")
+    return sent

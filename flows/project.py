@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.notifications import nights_crashed
 from frugalflow.config import Recipe, RecipeError
 from frugalflow.recipe_io import RecipeSource, find_project_root, load_recipe
 from frugalflow.stages import resolve_device
@@ -65,7 +66,8 @@ def open_project(params: str, overrides: list[str], source: RecipeSource | None 
     uri = T.resolve_uri(recipe.tracking.uri, root)
     client = preflight(root, uri)  # MLflow, S3 buckets, Prefect API: exit 4 before any work or record
     experiment = T.experiment_id(client, recipe.experiment_name, root / "mlartifacts")
-    close_orphans(client, [experiment])  # runs of killed processes: FAILED, with the reason
+    closed = close_orphans(client, [experiment])  # runs of killed processes: FAILED, with the reason
+    nights_crashed(recipe, root, uri, client, closed)  # notify: a killed night ran no hook of its own
     lineage = update_data(str(root))
     return Project(root=root, params_path=params_path, recipe=recipe, device=resolve_device(recipe.device),
                    uri=uri, experiment_id=experiment, lineage=lineage, artifacts=root / recipe.artifacts_dir,

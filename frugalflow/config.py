@@ -471,19 +471,38 @@ class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="default: the recipe name")
 
 
-NOTIFY_EVENTS = ("failed", "gates_failed")
+NOTIFY_EVENTS = ("failed", "gates_failed", "champion_regressed", "crashed")
+NotifyEvent = Literal["failed", "gates_failed", "champion_regressed", "crashed"]
+REGRESSION_PCT = {"ppl": 2.0, "size_mb": 2.0, "decode_speedup": 15.0}  # "ppl": also every ppl.<set>
 
 
 class NotifyConfig(Strict):
     """Where the nightly flow sends a message when a night needs a look (tasks/notify.py): the night failed,
-    or its candidate failed its gates. Every destination set gets every message; null turns one off."""
+    its candidate failed its gates, the champion it promoted is worse than the one it replaced on a metric
+    (`regression_pct`), or an earlier night was killed (found when this one closes its runs). Every
+    destination set gets every message; null turns one off."""
 
     file: str | None = Field("artifacts/notifications.jsonl",
                              description="a JSON line per message, appended; relative to the project folder")
     webhook_url: SecretStr | None = Field(None, description="http(s) URL; JSON {text, subject, body, event} is "
                                                         "POSTed. Secret (its path may be a token): recorded as ****")
-    events: list[Literal["failed", "gates_failed"]] = Field(default_factory=lambda: list(NOTIFY_EVENTS),
-                                                            description="which events send a message")
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(NOTIFY_EVENTS), description="which events send a message")
+    regression_pct: dict[str, float] = Field(
+        default_factory=lambda: dict(REGRESSION_PCT),
+        description="metric -> how much worse than the previous champion (%) a new champion may be before "
+                    "`champion_regressed` is sent; `ppl` covers every ppl.<set> without its own entry")
+
+    @field_validator("regression_pct")
+    @classmethod
+    def _regression(cls, v: dict[str, float]) -> dict[str, float]:
+        for metric, pct in v.items():
+            if not (metric in (*OBJECTIVE_NAMES, "decode_speedup") or re.match(r"^ppl\.[A-Za-z0-9_-]+$", metric)
+                    or re.match(r"^lm_eval\.[^.\s]+\.\S+$", metric)):
+                raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(OBJECTIVE_NAMES)}, decode_speedup, "
+                                 "ppl.<set> or lm_eval.<task>.<metric>")
+            if pct < 0:
+                raise ValueError(f"{metric}: a tolerance in percent >= 0, got {pct}")
+        return v
 
     @field_validator("webhook_url")
     @classmethod

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from frugalflow.config import NotifyConfig
 from frugalflow.redact import redact
+from frugalflow.regression import describe
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,34 @@ def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str | N
 def message(event: str, model: str, recipe: str, run_id: str | None, link: str | None, flow_run: str,
             lines: list[str]) -> tuple[str, str]:
     """(subject, body) of a message: one line of subject; model, recipe, runs, then the reason's lines."""
-    what = {"failed": "night failed", "gates_failed": "candidate failed its gates"}[event]
+    what = {"failed": "night failed", "gates_failed": "candidate failed its gates",
+            "champion_regressed": "new champion regressed", "crashed": "a night was killed"}[event]
     subject = f"frugalflow {model}: {what}" + (f": {lines[0]}" if lines else "")
     run = run_id or "none (the night failed before starting one, or the store did not answer)"
     body = [f"model: {model} (recipe {recipe})", f"MLflow run: {run}",
             *([f"link: {link}"] if link else []), f"Prefect flow run: {flow_run}", *lines]
     return subject[:300], "\n".join(body)
+
+
+def regression_lines(replaced: dict) -> list[str]:
+    """The lines of a `champion_regressed` message (tasks/champion_check.py's record): the first names the
+    versions and the worst metric (it goes into the subject), then every metric, both runs, the reason for
+    the move and, when the two were measured on different data, both data versions."""
+    found = replaced["regressions"]
+    lines = [f"version {replaced['version']} replaced version {replaced['previous']}: {describe(found[0])}",
+             *(describe(r) for r in found[1:]),
+             f"new champion: version {replaced['version']} (run {replaced['run_id']})",
+             f"previous champion: version {replaced['previous']} (run {replaced.get('previous_run_id') or '-'})",
+             f"promoted for: {replaced.get('reason') or '-'}"]
+    data = replaced.get("data") or {}
+    if data.get("previous") != data.get("new"):
+        lines.append(f"measured on different data: {data.get('previous') or '-'} then {data.get('new') or '-'}")
+    return lines
+
+
+def crash_lines(run) -> list[str]:
+    """The lines of a `crashed` message for an MLflow run that `close_orphans` closed."""
+    tags = run.data.tags
+    started = datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).isoformat(timespec="seconds")
+    return [f"killed night: {run.info.run_name}, started {started} by {tags.get('frugalflow.owner', '?')}",
+            f"closed: {tags.get('frugalflow.failure', '?')}".splitlines()[0][:500]]

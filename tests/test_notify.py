@@ -5,18 +5,22 @@ destination (artifacts/notifications.jsonl).
 A night whose candidate fails its gates sends one message naming the failed gate; a night that raises
 sends one "failed" message with its MLflow run and the error's first line (also when it fails on its
 own recipe, before any MLflow run); a passing or unchanged night sends nothing; a webhook that does
-not answer leaves the night's result as it was and is a warning naming it."""
+not answer leaves the night's result as it was and is a warning naming it. A new champion larger than
+the one it replaced sends `champion_regressed` naming the metric, both values and both versions; a
+night whose process died without closing its runs is reported (`crashed`) by the next night."""
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import client_for, free_port, make_project, run_flow, tiny_recipe
+from helpers import ROOT, client_for, free_port, make_project, run_flow, store_uri, tiny_recipe
 
 MODEL = "tiny-notify"
 SECONDS: dict[str, float] = {}
@@ -157,6 +161,62 @@ def test_an_undeliverable_webhook_does_not_fail_the_night(nights, project, recei
     assert "token-in-the-path" not in recipe_yaml and "hunter2" not in recipe_yaml
 
 
+def test_a_new_champion_worse_than_the_old_one_sends_champion_regressed(nights, project, receiver):
+    """8-bit weights: a lower perplexity (the objective, so it is promoted) and a larger model than version 1."""
+    result = night(project, "regressed champion", [f"notify.webhook_url={receiver.url}", "stages.1.bits=8"])
+    promotion = result["promotion"]
+    assert result["verdict"]["passed"] and promotion["champion"] and promotion["version"] == "2"
+    client = client_for(project)
+    old_run = client.get_model_version(MODEL, "1").run_id
+    old = client.get_run(old_run).data.metrics["candidate.size_mb"]
+    new = client.get_run(result["run_id"]).data.metrics["candidate.size_mb"]
+    assert new > old * 1.02
+    [found] = promotion["replaced"]["regressions"]  # ppl improved; no race in this recipe, so no speed-up
+    assert (found["metric"], found["old"], found["new"]) == ("size_mb", old, new)
+    [got] = receiver.take()
+    message = got["json"]
+    first = f"version 2 replaced version 1: size_mb {old:.4g} -> {new:.4g} ({(new / old - 1) * 100:+.1f}% worse; tolerance 2%)"
+    assert message["event"] == "champion_regressed"
+    assert message["subject"] == f"frugalflow {MODEL}: new champion regressed: {first}"
+    assert f"previous champion: version 1 (run {old_run})" in message["body"]
+    assert f"new champion: version 2 (run {result['run_id']})" in message["body"]
+    assert "promoted for: ppl" in message["body"] and "different data" not in message["body"]
+    assert client.get_run(result["run_id"]).data.tags["frugalflow.champion_regressed"].startswith("size_mb ")
+    assert file_lines(project)[-1]["event"] == "champion_regressed"
+
+
+KILLED_NIGHT = """
+import os, sys
+from mlflow import MlflowClient
+from tasks.runstate import process_tags
+client = MlflowClient(sys.argv[1])
+experiment = client.get_experiment_by_name(sys.argv[2]).experiment_id
+run = client.create_run(experiment, run_name="killed-night", tags={**process_tags(), "frugalflow.recipe": sys.argv[2],
+                                                                 "prefect.flow_run_id": "flow-run-of-the-killed-night"})
+client.create_run(experiment, run_name="its-stage", tags={**process_tags(), "mlflow.parentRunId": run.info.run_id})
+print(run.info.run_id, flush=True)
+os._exit(9)  # dies with both runs open, as under SIGKILL: no hook, no cleanup
+"""
+
+
+def test_a_killed_night_is_reported_by_the_next_one(nights, project, receiver):
+    died = subprocess.run([sys.executable, "-c", KILLED_NIGHT, store_uri(project), MODEL], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert died.returncode == 9, died.stderr
+    killed = died.stdout.split()[-1]
+    assert client_for(project).get_run(killed).info.status == "RUNNING"
+    result = night(project, "after a killed one", [f"notify.webhook_url={receiver.url}", "stages.1.bits=8"])
+    assert result["unchanged"] is not None  # same inputs as version 2: the night itself has nothing to say
+    [got] = receiver.take()  # one message: the night's run, not its stage's
+    message = got["json"]
+    assert message["event"] == "crashed" and message["subject"].startswith(f"frugalflow {MODEL}: a night was killed")
+    assert f"MLflow run: {killed}" in message["body"] and "Prefect flow run: flow-run-of-the-killed-night" in message["body"]
+    run = client_for(project).get_run(killed)
+    assert run.info.status == "FAILED"
+    assert f"closed: {run.data.tags['frugalflow.failure']}" in message["body"] and "killed: its process" in message["body"]
+    assert "killed night: killed-night, started " in message["body"]
+
+
 def test_events_and_links(tmp_path):
     """Only the events the recipe lists are sent; a tracking server's run link has no password."""
     from frugalflow.config import NotifyConfig
@@ -171,7 +231,7 @@ def test_events_and_links(tmp_path):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("notify.events=[failed,regressed]", ["notify.events.1", "'failed' or 'gates_failed'", "regressed"]),
+    ("notify.events=[failed,regressed]", ["notify.events.1", "'champion_regressed' or 'crashed'", "regressed"]),
     ("notify.on=[failed]", ["notify.on", "unknown key"]),
     ("notify.webhook_url=ftp://example/x", ["notify.webhook_url", "http:// or https://"]),
 ])
