@@ -290,7 +290,7 @@ def _delete_versions(client, plan: Plan, outcome: Outcome) -> set[str]:
                 outcome.skipped.append(replace(d, reason="no longer exists"))
                 kept.add(d.name)
                 continue
-            live = [r for r in _version_runs(v) if _live(client.get_run(r), now)]
+            live = [r for r in _version_runs(v) if _run_is_live(client, r, now)]
             why = (f"alias {', '.join(v.aliases)} since the plan" if v.aliases else
                    "named by the champion history since the plan" if d.name in history else
                    f"its run {live[0][:8]} is running" if live else None)
@@ -301,6 +301,13 @@ def _delete_versions(client, plan: Plan, outcome: Outcome) -> set[str]:
             client.delete_model_version(plan.model_name, d.name)
             outcome.deleted.append(d)
     return kept
+
+
+def _run_is_live(client, run_id: str, now: float) -> bool:
+    try:
+        return _live(client.get_run(run_id), now)
+    except MlflowException:  # a run deleted from the store runs nothing
+        return False
 
 
 def _delete_stages(client, plan: Plan, kept_versions: set[str], outcome: Outcome) -> None:

@@ -69,11 +69,12 @@ def test_a_run_shared_with_a_kept_version_keeps_its_files():
     assert got == {"shared": (False, "run of version 1")}
 
 
-@pytest.fixture
-def client(tmp_path):
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """One sqlite store for the module (creating one takes seconds); each test uses its own names."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -86,7 +87,7 @@ def test_which_running_runs_hold_stage_outputs(client):
     from tasks.retention import STAGE_DIRS, running_stages
     from tasks.runstate import process_tags
 
-    exp = client.create_experiment("e")
+    exp = client.create_experiment("running")
     mine = process_tags()
     dead = {**mine, "frugalflow.owner": f"{mine['frugalflow.host']}:999999999:1", "frugalflow.pid": "999999999"}
 
@@ -101,7 +102,7 @@ def test_which_running_runs_hold_stage_outputs(client):
     client.set_terminated(open_run("done", {**mine, "frugalflow.recipe": "r"}), "FINISHED")
 
     def current():
-        return running_stages(client.search_runs([exp], max_results=100), time.time())
+        return running_stages(client.search_runs([exp], max_results=100), time.time())  # this experiment only
 
     running, hold = current()
     assert running == {"0-magnitude-aa": named[:8], "1-rtn-bb": named[:8], "1-rtn-cc": running["1-rtn-cc"]}
@@ -111,3 +112,42 @@ def test_which_running_runs_hold_stage_outputs(client):
     assert hold == f"run {silent[:8]} (sweep) is running and has not named the stage outputs it uses"
     client.set_terminated(silent, "FINISHED")
     assert current()[1] is None
+
+
+def test_apply_looks_again_before_deleting(client, tmp_path):
+    """A version promoted between the plan and the deletion stays; a stage output whose lock is held (a
+    stage reusing it) stays, and goes at the next gc; a stage output's checkpoint and quarantined copy go
+    with it, its lock file stays."""
+    import os
+    import time
+
+    from filelock import FileLock
+
+    from frugalflow.config import RetentionConfig
+    from tasks.registry import promote
+    from tasks.retention import apply, make_plan
+
+    client.create_registered_model("m-apply")
+    for _ in range(3):
+        client.create_model_version("m-apply", "file:///nowhere")
+    promote(client, "m-apply", "3", "first")
+    stages = tmp_path / "artifacts" / "stages"
+    name = "0-magnitude-0123456789abcdef"
+    for entry in (name, f"{name}.ckpt", f"{name}.corrupt-a1b2c3"):
+        (stages / entry).mkdir(parents=True)
+        (stages / entry / "weights").write_bytes(b"x" * 1000)
+        os.utime(stages / entry, (time.time() - 9 * 86400,) * 2)
+    cfg = RetentionConfig(keep_challengers=0, stage_days=7)
+    plan = make_plan(client, "m-apply", tmp_path / "artifacts", cfg)
+    assert {(d.kind, d.name) for d in plan.to_delete} == {("version", "1"), ("version", "2"), ("stage", name)}
+    assert plan.bytes == 3000
+    promote(client, "m-apply", "1", "by hand, after the plan")
+    with FileLock(str(stages / name) + ".lock"):
+        outcome = apply(client, plan)
+    assert [(d.name, d.reason) for d in outcome.skipped] == [("1", "alias champion since the plan"),
+                                                             (name, "in use (its lock is held)")]
+    assert [d.name for d in outcome.deleted] == ["2"]
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'm-apply'")) == [1, 3]
+    again = apply(client, make_plan(client, "m-apply", tmp_path / "artifacts", cfg))
+    assert [(d.kind, d.name) for d in again.deleted] == [("stage", name)] and again.bytes == 3000
+    assert sorted(p.name for p in stages.iterdir()) == [f"{name}.lock"]
