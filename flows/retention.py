@@ -8,6 +8,7 @@ recipe's `retention.enabled` (tasks/retention.py gathers, decides and deletes).
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def cmd_gc(params: str, overrides: list[str], tracking_uri: str | None, dry_run:
     return 0
 
 
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow run (tests, a notebook)
+        return logging.getLogger("frugalflow")
+
+
 def night_retention(recipe: Recipe, uri: str, artifacts: Path, run_id: str) -> dict | None:
     """At the end of a night (its run closed): plan and apply retention when `retention.enabled`; the result,
     also tagged on the run. A failure is a warning and the tag: the night's own result stands."""
@@ -68,7 +76,7 @@ def night_retention(recipe: Recipe, uri: str, artifacts: Path, run_id: str) -> d
     try:
         result = retention_task(uri, recipe.registry.model_name, str(artifacts), recipe.retention)
     except Exception as exc:  # noqa: BLE001 - the night's model is registered; retention tries again tomorrow
-        get_run_logger().warning("retention failed, the night's result stands: %s: %s",
+        _logger().warning("retention failed, the night's result stands: %s: %s",
                                  type(exc).__name__, exc)
         result = {"summary": f"failed: {type(exc).__name__}: {exc}"[:4000], "bytes": 0, "deleted": [], "skipped": []}
     T.set_tags(T.connect(uri), run_id, {RUN_TAG: result["summary"]})

@@ -151,3 +151,28 @@ def test_apply_looks_again_before_deleting(client, tmp_path):
     again = apply(client, make_plan(client, "m-apply", tmp_path / "artifacts", cfg))
     assert [(d.kind, d.name) for d in again.deleted] == [("stage", name)] and again.bytes == 3000
     assert sorted(p.name for p in stages.iterdir()) == [f"{name}.lock"]
+
+
+def test_a_failed_retention_leaves_the_night_as_it_was(client, tmp_path, monkeypatch, caplog):
+    """The night's retention step: off -> nothing; a failure -> a warning and the run's tag, no exception."""
+    from helpers import ROOT
+
+    import flows.retention as night
+    from frugalflow.config import Recipe, RetentionConfig
+    from frugalflow.recipe_io import load_recipe
+
+    assert load_recipe(ROOT / "params.yaml").retention.enabled  # on in the default recipe
+    off = Recipe.model_validate({"stages": [{"method": "rtn", "bits": 4}]})
+    assert not off.retention.enabled and off.retention == RetentionConfig()  # off in a recipe without the section
+    run_id = client.create_run(client.create_experiment("night")).info.run_id
+    assert night.night_retention(off, client.tracking_uri, tmp_path, run_id) is None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("artifact store refused")
+
+    monkeypatch.setattr(night, "retention_task", broken)
+    on = off.model_copy(update={"retention": RetentionConfig(enabled=True)})
+    result = night.night_retention(on, client.tracking_uri, tmp_path, run_id)
+    assert result["summary"] == "failed: RuntimeError: artifact store refused" and result["deleted"] == []
+    assert client.get_run(run_id).data.tags["frugalflow.retention"] == result["summary"]
+    assert "retention failed, the night's result stands: RuntimeError: artifact store refused" in caplog.text
