@@ -68,5 +68,6 @@ def register_and_promote(verdict: dict, model_name: str, lineage_tags: dict, tra
         logger.info("promoted %s version %s to champion (%s)", model_name, version, decision["reason"])
     else:
         logger.info("version %s not promoted: %s; champion unchanged", version, decision["reason"])
-    T.set_tags(client, run_id, {"frugalflow.champion": decision["promoted"]})
-    return {"registered": True, "version": version, "champion": decision["promoted"]}
+    champion = decision["champion"] == version  # also when a killed run of this candidate had promoted it
+    T.set_tags(client, run_id, {"frugalflow.champion": champion})
+    return {"registered": True, "version": version, "champion": champion}

@@ -11,11 +11,12 @@ happens under the model's promotion lock (tasks/promotion_lock.py), and `promote
 decides "beats the champion" under it, from the metrics recorded on both versions' runs, so
 racing promotions leave the best candidate champion and every move in the history.
 
-A run killed between creating its version and finishing (tasks/runstate.py tags that version
-`frugalflow.run_failed`) leaves a version no alias points at. The rerun of the same candidate
-(same final stage output, tag `frugalflow.model_key`) adopts that version instead of creating a
-second one: the version gets the rerun's tags and `frugalflow.adopted_by_run`, and its metrics are
-read from the adopting run from then on.
+A run killed between creating (or adopting) its version and finishing (tasks/runstate.py tags that
+version `frugalflow.run_failed`) leaves a version that may already carry `challenger` or `champion`.
+The rerun of the same candidate (same final stage output, tag `frugalflow.model_key`) adopts that
+version instead of creating a second one: the version gets the rerun's tags and
+`frugalflow.adopted_by_run`, and its metrics are read from the adopting run from then on
+(tests/test_registry_random_kills.py kills the phase at random instants until every write was hit).
 
 Every version also carries its candidate's inputs key (`frugalflow.inputs_key`, tasks/unchanged.py):
 a nightly run whose key a version already has registers nothing (`version_with_inputs`).
@@ -70,16 +71,15 @@ def champion_metrics(client: MlflowClient, name: str) -> dict | None:
 
 
 def killed_registration(client: MlflowClient, name: str, model_key: str | None):
-    """The version of `name` a killed run registered for the model `model_key` and nobody has
-    adopted or aliased since, or None."""
+    """The version of `name` registered for the model `model_key` whose run (the one that created or
+    last adopted it) was killed before finishing (`RUN_FAILED`, set by tasks/runstate.py), or None.
+    Aliases do not matter: a run killed after moving `challenger` or `champion` onto its version
+    leaves that version to its rerun, not a second one."""
     if not model_key:
         return None
     for version in client.search_model_versions(f"name = '{name}'"):
-        tags = version.tags
-        if tags.get(MODEL_KEY) == model_key and RUN_FAILED in tags and not tags.get(ADOPTED_BY):
-            full = client.get_model_version(name, str(version.version))  # search results carry no aliases
-            if not full.aliases:
-                return full
+        if version.tags.get(MODEL_KEY) == model_key and RUN_FAILED in version.tags:
+            return version
     return None
 
 
@@ -94,8 +94,8 @@ def version_with_inputs(client: MlflowClient, name: str, inputs_key: str):
 def _adopt(client: MlflowClient, version, run_id: str, tags: dict) -> None:
     """Make a killed run's version the version of `run_id`, keeping the record of who created it."""
     name, number = version.name, str(version.version)
-    client.set_model_version_tag(name, number, KILLED_REGISTRATION,
-                                 f"{version.run_id}: {version.tags[RUN_FAILED]}"[:5000])
+    killed = version.tags.get(ADOPTED_BY) or version.run_id
+    client.set_model_version_tag(name, number, KILLED_REGISTRATION, f"{killed}: {version.tags[RUN_FAILED]}"[:5000])
     for key, value in {**tags, ADOPTED_BY: run_id}.items():
         client.set_model_version_tag(name, number, key, str(value)[:5000])
     client.delete_model_version_tag(name, number, RUN_FAILED)
@@ -201,6 +201,7 @@ def promote_if_better(client: MlflowClient, name: str, version: str, objective: 
     one on `objective` (both read from their runs now, not at gate time). Returns
     {"promoted", "reason", "champion" (the version that is champion afterwards), "entry"}."""
     with promotion_lock(client.tracking_uri, name):
+        reconcile(client, name)  # a run killed between moving the alias and recording it: recorded now
         mine = run_candidate_metrics(client, candidate_run_id(client.get_model_version(name, str(version))))
         current = version_by_alias(client, name, "champion")
         theirs = run_candidate_metrics(client, candidate_run_id(current)) if current is not None else None

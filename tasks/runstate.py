@@ -148,7 +148,9 @@ def close_orphans(client, experiment_ids: list[str]) -> list[str]:
         at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         reason = f"{why}; closed by {me()} at {at}"
         close_failed(client, run.info.run_id, reason)
-        for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+        run_id = run.info.run_id  # the versions it created, and those it adopted from a killed run before it
+        for version in [*client.search_model_versions(f"run_id = '{run_id}'"),
+                        *client.search_model_versions(f"tags.`frugalflow.adopted_by_run` = '{run_id}'")]:
             client.set_model_version_tag(version.name, version.version, "frugalflow.run_failed", reason[:4000])
         closed.append(run.info.run_id)
         log.warning("closed run %s (%s) as FAILED: %s", run.info.run_id, run.info.run_name, reason)
