@@ -29,6 +29,7 @@ from tasks.promote import register_and_promote
 from tasks.pyfunc import log_pyfunc
 from tasks.report import publish_report
 from tasks.retention import STAGE_DIRS
+from tasks.trends import night_trends
 from tasks.unchanged import inputs_key, record_unchanged
 
 HEADLINE = ("ppl", "size_mb", "decode_tps", "decode_speedup", "sparsity", "bits_per_weight")
@@ -68,7 +69,8 @@ def unchanged_version(project: Project, recipe: Recipe, tracking: T.Tracking, fo
     """Before any stage or evaluation: the run gets its candidate's inputs key as a tag, and the stage
     outputs it will use (`frugalflow.stage_dirs`: gc keeps them while it runs); when a
     registered version has the same key (and not `force`), the run is recorded as unchanged, naming
-    that version, and {"version", "run_id", "inputs_key", "final_stage"} returned; else None."""
+    that version (and the registered model's description of the last nights rewritten, tasks/trends.py),
+    and {"version", "run_id", "inputs_key", "final_stage"} returned; else None."""
     names = stage_dir_names(project.base_key, project.data_key, recipe.stages)
     final = names[-1]
     key = candidate_inputs_key(project, recipe, final)
@@ -79,6 +81,7 @@ def unchanged_version(project: Project, recipe: Recipe, tracking: T.Tracking, fo
     if version is None:
         return None
     record_unchanged(tracking, recipe.registry.model_name, version, key, final)
+    night_trends(recipe.registry.model_name, tracking, f"dvc.{recipe.data.path}")  # the description lists this night
     return {"version": str(version.version), "run_id": R.candidate_run_id(version), "inputs_key": key,
             "final_stage": final}
 
@@ -114,8 +117,9 @@ def publish(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracki
             candidate: dict, stages: list[dict], verdict: dict) -> dict:
     """Log the model (and, when it passed, the servable pyfunc), register and promote a passing
     candidate, compare a new champion with the one it replaced (`promotion["replaced"]`,
-    tasks/champion_check.py), then log the report with its plots (also a Prefect artifact on the flow
-    run). Returns the promotion record."""
+    tasks/champion_check.py), then log the report with its plots and the last nights' trends (also a
+    Prefect artifact on the flow run; tasks/trends.py rewrites the registered model's description).
+    Returns the promotion record."""
     client = T.connect(tracking.uri)
     run = tracking.parent_run_id
     T.log_dir(client, run, model_dir, "model")
@@ -127,5 +131,7 @@ def publish(project: Project, recipe: Recipe, model_dir: str, tracking: T.Tracki
     if promotion["champion"]:
         promotion = {**promotion, "replaced": compare_with_previous(recipe.registry.model_name, promotion["version"],
                                                                     recipe.notify.regression_pct, tracking, data_tag)}
-    publish_report(build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage), tracking)
+    trends = night_trends(recipe.registry.model_name, tracking, data_tag)
+    publish_report(build_report(recipe.name, baseline, candidate, stages, verdict, project.lineage, trends=trends),
+                   tracking)
     return promotion

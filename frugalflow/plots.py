@@ -2,7 +2,9 @@
 global backend or figure state, safe in Prefect worker threads).
 
 Every function takes plain data, writes one PNG of a fixed pixel size (`SIZE` at `DPI`)
-and returns its path, or returns None without writing when there is nothing to plot.
+and returns its path, or returns None without writing when there is nothing to plot. The
+trend of a metric over the last nights (`plot_trend`) is an SVG instead: each point is a link to
+its run.
 
 Candidates are dicts with `ppl`, `size_mb`, `decode_tps` (any may be missing), an
 optional `label` and optional `passed` (the gate verdict); the base model is a dict of
@@ -15,6 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from frugalflow.pareto import pareto_front
@@ -189,3 +192,37 @@ def plot_training(history: Mapping[str, Sequence[tuple[int, float]]], path: str 
     ax.legend(handles, labels, fontsize=8, loc="upper right")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_trend(series: Mapping, metric: str, path: str | Path, title: str | None = None) -> Path | None:
+    """One metric over the last nights as an SVG (frugalflow/trends.py `series`): each night's candidate
+    (green: passed, red: failed its gates) and the champion after each night as a step line, every point
+    a link to its run (`url`). None when neither has a value."""
+    nights, champion = list(series.get("nights", ())), list(series.get("champion", ()))
+    if not nights and not champion:
+        return None
+    fig = Figure(figsize=(8.0, 3.2), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    if champion:
+        xs, ys = [p[0] for p in champion], [p[1] for p in champion]
+        ax.step(xs, ys, where="post", color="tab:blue", lw=1.2, alpha=0.6)
+        dots = ax.scatter(xs, ys, s=22, marker="s", color="tab:blue", zorder=3, label="champion after the night")
+        dots.set_urls([p[2] for p in champion])
+    for verdict, color, name in (("pass", "tab:green", "candidate: passed"), ("fail", "tab:red", "candidate: failed")):
+        pts = [p for p in nights if p[3] == verdict]
+        if pts:
+            dots = ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=30, color=color, zorder=4, label=name)
+            dots.set_urls([p[2] for p in pts])
+    ticks = list(series.get("ticks", ()))
+    every = max(1, len(ticks) // 12)
+    ax.set_xticks([t[0] for t in ticks[::every]], [t[1] for t in ticks[::every]], fontsize=8)
+    ax.set_xlim(-0.5, max(len(ticks), 1) - 0.5)
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": metric}):  # text as text; ids unique per metric
+        fig.savefig(path, format="svg")
+    return path

@@ -6,7 +6,9 @@ experiment's other runs are known, `candidates`: dicts with `run_id`, `label`, `
 `size_mb`, `decode_tps`, `passed` and `current` (True for this run). Perplexity sets
 (`ppl` and each `ppl.<set>`) are shown side by side, the worst set (which the gate judged)
 marked; the base model's decode speed is the one raced in the candidate's evaluation when
-there is one (`base_decode_tps`).
+there is one (`base_decode_tps`). With `trends` (tasks/trends.py: the last nights and the champion's
+moves) it adds their tables (frugalflow/trends.py) and the trend plots, SVGs inlined in the HTML so each
+point links to its run. A cell that links is a dict {"text", "href"}.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 import jinja2
 
 from frugalflow.pareto import pareto_front
+from frugalflow.trends import label as trend_label
+from frugalflow.trends import moves_section, nights_section
 
 ROWS = (("ppl", "perplexity", "{:.3f}"), ("size_mb", "size on disk (MB)", "{:.1f}"),
         ("decode_tps", "decode tokens/s", "{:.1f}"), ("prefill_ms", "prefill latency (ms)", "{:.1f}"),
@@ -25,7 +29,8 @@ ROWS = (("ppl", "perplexity", "{:.3f}"), ("size_mb", "size on disk (MB)", "{:.1f
 CAPTIONS = {"ppl_vs_size": "Perplexity vs size: the experiment's candidates, Pareto front marked",
             "ppl_vs_speed": "Perplexity vs decode speed: the experiment's candidates, Pareto front marked",
             "layer_errors": "Per-layer reconstruction error by stage",
-            "training": "Distillation training loss and learning rate per step"}
+            "training": "Distillation training loss and learning rate per step",
+            "trend": "over the last nights: each night's candidate and the champion after it (points link to runs)"}
 FRONTS = {"size": (("ppl", "size_mb"), ()), "speed": (("ppl",), ("decode_tps",))}  # (minimize, maximize)
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:980px;margin:2em auto;
 padding:0 1em;color:#222}h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -36,11 +41,13 @@ figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color
 
 
 def build_report(recipe_name: str, baseline: dict, candidate: dict, stages: list[dict], verdict: dict,
-                 lineage: dict, candidates: list[dict] | None = None) -> dict:
+                 lineage: dict, candidates: list[dict] | None = None, trends: dict | None = None) -> dict:
     report = {"recipe": recipe_name, "baseline": baseline, "candidate": candidate, "stages": stages,
               "verdict": verdict, "lineage": lineage}
     if candidates is not None:
         report["candidates"] = candidates
+    if trends:
+        report["trends"] = trends
     return report
 
 
@@ -151,7 +158,8 @@ def sections(report: dict) -> list[tuple]:
     by_set = sets_section(report)
     out = [metrics_section(report), *([by_set] if by_set else []), gates_section(report), stages_section(report)]
     cand = candidates_section(report)
-    return out + ([cand] if cand else []) + [lineage_section(report)]
+    trends = [nights_section(report["trends"]), moves_section(report["trends"])] if report.get("trends") else []
+    return out + ([cand] if cand else []) + trends + [lineage_section(report)]
 
 
 def caption(key: str) -> str:
@@ -159,6 +167,8 @@ def caption(key: str) -> str:
     if key in CAPTIONS:
         return CAPTIONS[key]
     base, _, suffix = key.partition("-")
+    if base == "trend":
+        return f"{trend_label(suffix)} {CAPTIONS['trend']}"
     return f"{CAPTIONS[base]} (stage {suffix})" if base in CAPTIONS else key.replace("_", " ")
 
 
@@ -168,8 +178,9 @@ def _verdict_line(report: dict) -> tuple[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- markdown
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def _md_cell(cell) -> str:
+    text = str(cell["text"] if isinstance(cell, dict) else cell).replace("|", "\\|").replace("\n", " ")
+    return f"[{text}]({cell['href']})" if isinstance(cell, dict) else text
 
 
 def _md_table(section) -> list[str]:
@@ -218,14 +229,24 @@ _ENV = jinja2.Environment(loader=jinja2.PackageLoader("frugalflow", "templates")
                           autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
+def _html_cell(cell) -> dict:
+    return {"text": str(cell["text"]), "href": cell["href"]} if isinstance(cell, dict) else {"text": str(cell), "href": None}
+
+
+def _figure(key: str, path: Path) -> dict:
+    """A PNG as base64 data; an SVG inlined as markup (its links stay clickable), from its <svg> element on."""
+    if path.suffix == ".svg":
+        text = path.read_text()
+        return {"key": key, "caption": caption(key), "svg": text[text.index("<svg"):], "data": ""}
+    return {"key": key, "caption": caption(key), "svg": "", "data": base64.b64encode(path.read_bytes()).decode("ascii")}
+
+
 def to_html(report: dict, images: Mapping[str, str | Path] | None = None) -> str:
     """One self-contained HTML page (templates/report.html.j2): the report's tables and the
     PNGs inlined as base64."""
     word, reasons = _verdict_line(report)
-    tables = [{"title": sec[0], "headers": sec[1], "rows": [[str(c) for c in row] for row in sec[2]],
+    tables = [{"title": sec[0], "headers": sec[1], "rows": [[_html_cell(c) for c in row] for row in sec[2]],
                "marked": set(sec[3]) if len(sec) > 3 else set()} for sec in sections(report)]
-    figures = [{"key": key, "caption": caption(key),
-                "data": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
-               for key, path in (images or {}).items()]
+    figures = [_figure(key, Path(path)) for key, path in (images or {}).items()]
     return _ENV.get_template("report.html.j2").render(recipe=report["recipe"], css=CSS,
                                                        word=word, reasons=reasons, sections=tables, figures=figures)

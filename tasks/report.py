@@ -4,9 +4,9 @@
 candidate runs tagged `frugalflow.candidate`, with a metric `ppl`), adds the current one, draws the plots
 (frugalflow/plots.py), and logs under the parent run's `report/`: `report.json`,
 `report.md` (plots linked as `plots/*.png`), `report.html` (self-contained) and
-`plots/*.png`. A Prefect markdown artifact on the flow run carries the summary and the
-Pareto table. A plot or query that fails is logged as a warning and left out; it never
-fails the flow run.
+`plots/*.png`; with the report's `trends` (tasks/trends.py), one `plots/trend-<metric>.svg`
+per metric. A Prefect markdown artifact on the flow run carries the summary and the Pareto table.
+A plot or query that fails is logged as a warning and left out; it never fails the flow run.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
 from frugalflow import plots
+from frugalflow import trends as TR
 from frugalflow.report import summary_markdown, to_html, to_markdown
 from tasks import tracking as T
 
@@ -137,6 +138,10 @@ def draw_plots(client: MlflowClient, report: dict, experiment_id: str, out: Path
                 return plots.plot_training(history, out / f"training-{index}.png",
                                            title=f"Distillation ({stage.get('method')}, stage {index})")
             attempt(f"training-{index}", draw_training)
+    trends = report.get("trends") or {}
+    for metric in TR.metrics(trends) if trends.get("nights") else []:
+        attempt(f"trend-{metric}", plots.plot_trend, TR.series(trends, metric), metric, out / f"trend-{metric}.svg",
+                title=TR.label(metric))
     return images
 
 
