@@ -38,6 +38,7 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import TyperException
 
+from flows.secret_overrides import split as split_secrets
 from frugalflow.config import RecipeError
 from frugalflow.recipe_io import RecipeSource, load_recipe
 
@@ -93,7 +94,7 @@ def cmd_run(args) -> int:
     _before_flow()
     from flows.nightly import compression_flow
 
-    result = compression_flow(params=args.params, overrides=args.set, force=args.force)
+    result = compression_flow(params=args.params, overrides=split_secrets(args.set), force=args.force)
     print(run_summary(result))
     return 0
 
@@ -133,7 +134,7 @@ def cmd_sweep(args) -> int:
     cluster = getattr(args, "cluster", None) or recipe.sweep.cluster
     runner = runner_for(workers, cluster)  # exit 2/4 on a bad or silent cluster address
     result = sweep_flow.with_options(task_runner=runner)(
-        params=args.params, grid=args.grid, overrides=args.set, source=source)
+        params=args.params, grid=args.grid, overrides=split_secrets(args.set), source=source)
     print(f"\nsweep {result['run_id']}: {len(result['candidates'])} candidates, selected: {result['selected'] or 'none'}")
     print(render_sweep(result["candidates"]))
     print("(* selected, P on the Pareto front)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
 
+from flows.secret_overrides import restore as restore_secrets
 from frugalflow.config import NotifyConfig
 from frugalflow.recipe_io import RecipeSource, apply_override, find_project_root, load_recipe, parse_override, read_yaml
 from frugalflow.redact import redact
@@ -53,7 +54,7 @@ def _night(flow_run) -> Night | None:
     """What a hook needs from the flow run's recipe; None (with a warning) when not even its `notify`
     section can be read."""
     params = Path(flow_run.parameters.get("params") or "params.yaml").resolve()
-    overrides = list(flow_run.parameters.get("overrides") or [])
+    overrides = restore_secrets(flow_run.parameters.get("overrides"))
     try:
         source = RecipeSource.read(params)
         recipe, root = load_recipe(source, overrides, checks="run"), source.root

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.notifications import nights_crashed
+from flows.secret_overrides import restore as restore_secrets
 from frugalflow.config import Recipe, RecipeError
 from frugalflow.recipe_io import RecipeSource, find_project_root, load_recipe
 from frugalflow.stages import resolve_device
@@ -61,7 +62,7 @@ class Project:
 def open_project(params: str, overrides: list[str], source: RecipeSource | None = None) -> Project:
     """`source`: the recipe file as the caller already read it (a sweep reads it once), else `params` is read."""
     source = source or RecipeSource.read(params)
-    recipe = load_recipe(source, overrides, checks="run")  # the same checks as `validate`
+    recipe = load_recipe(source, restore_secrets(overrides), checks="run")  # the same checks as `validate`
     params_path, root = source.path, source.root
     uri = T.resolve_uri(recipe.tracking.uri, root)
     client = preflight(root, uri)  # MLflow, S3 buckets, Prefect API: exit 4 before any work or record

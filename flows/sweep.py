@@ -28,6 +28,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows.candidate import candidate_stages, evaluate_baseline, evaluate_candidate, judge, publish
 from flows.nightly import start_parent_run
 from flows.project import open_project
+from flows.secret_overrides import restore as restore_secrets
 from flows.workspace import bring_back, publish_inputs
 from frugalflow.config import RecipeError
 from frugalflow.recipe_io import RecipeSource, load_recipe
@@ -120,7 +121,7 @@ def sweep_flow(params: str = "params.yaml", grid: list[str] | None = None,
     """`source`: the recipe file `params` as `frugalflow sweep` read it (stored as its path in the flow
     run's parameters); without it the flow reads `params`. Either way the file is read once."""
     logger = get_run_logger()
-    overrides = list(overrides or [])
+    overrides = restore_secrets(overrides)  # those `frugalflow sweep` kept out of the parameters
     source = source or RecipeSource.read(params)
     candidates = candidate_recipes(source, list(grid or []), overrides)
     project = open_project(params, overrides, source)

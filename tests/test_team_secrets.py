@@ -4,9 +4,11 @@ nor in any object of the S3 buckets (run and model artifacts, the report, DVC da
 models), nor in anything Prefect recorded (every row of its database: flow-run parameters, logs,
 artifacts, deployments), nor in any file git tracks. The scan runs after the session's deployment runs
 of the nightly flow on the team stack (tests/team_stack.py `nightly_runs`) and one `frugalflow run` whose
-recipe names the tracking server with the member's password in the URL (`http://frugalflow:<password>@...`)
-and whose environment holds a canary secret: neither appears in what was recorded nor in the command's
-output (URL passwords are redacted: frugalflow/redact.py)."""
+recipe names the tracking server with the member's password in the URL (`http://frugalflow:<password>@...`),
+whose environment holds a canary secret and whose overrides give a webhook endpoint with a canary token
+in its path and the password URL again: none appears in what was recorded (Prefect's flow-run
+parameters included: flows/secret_overrides.py) nor in the command's output (URL passwords are
+redacted: frugalflow/redact.py)."""
 from __future__ import annotations
 
 import secrets as pysecrets
@@ -54,24 +56,27 @@ def completed_deployment_runs(stack) -> list:
 
 @pytest.fixture(scope="module")
 def canary_run(team_stack, tiny_model_dir, tmp_path_factory):
-    """`frugalflow run` with the member's password inside the recipe's tracking URI and a canary secret
-    in the environment; its (canary, stdout + stderr)."""
+    """`frugalflow run` with the member's password inside the recipe's tracking URI, a canary secret in
+    the environment, and two more given as overrides (flow-run parameters, were they passed on as
+    such): an endpoint whose path is a token (the webhook the recipe's notifications go to) and the
+    tracking URI with the password again; its ({name: canary}, stdout + stderr)."""
     user, password = team_stack.team.mlflow_accounts["member"]
     uri = team_stack.mlflow_uri.replace("http://", f"http://{user}:{password}@")
     recipe = tiny_recipe(tiny_model_dir, "tiny-canary", data={"calib_windows": 4, "train_windows": 8, "eval_windows": 4},
                          evaluation={"decode_tokens": 4, "decode_race_rounds": 0}, gates={"min_size_reduction": 1.0},
                          tracking={"uri": uri})
     project = make_project(tmp_path_factory.mktemp("canary"), recipe)
-    canary = "canary-" + pysecrets.token_hex(16)
-    env = team_stack.env(FRUGALFLOW_CANARY_SECRET=canary, PYTHONPATH=str(ROOT))
+    canaries = {name: "canary-" + pysecrets.token_hex(16) for name in ("environment", "endpoint")}
+    env = team_stack.env(FRUGALFLOW_CANARY_SECRET=canaries["environment"], PYTHONPATH=str(ROOT))
     env.pop("MLFLOW_TRACKING_URI")  # the recipe's URL, password included, is the one used
     env.pop("MLFLOW_TRACKING_USERNAME")
     env.pop("MLFLOW_TRACKING_PASSWORD")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", str(project / "params.yaml")], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=900)
+    overrides = ["-s", f"notify.webhook_url=http://127.0.0.1:9/hooks/{canaries['endpoint']}", "-s", f"tracking.uri={uri}"]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", str(project / "params.yaml"), *overrides],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "frugalflow:***@" in done.stdout + done.stderr  # the URL was shown, redacted
-    return canary, done.stdout + done.stderr
+    return canaries, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +90,8 @@ def team_run(team_stack, tiny_model_dir, canary_run):
 
 
 def test_no_secret_in_mlflow_prefect_s3_or_git(team_stack, team_run, canary_run):
-    canary, output = canary_run
-    secrets = {**team_stack.secrets, "FRUGALFLOW_CANARY_SECRET": canary}
+    canaries, output = canary_run
+    secrets = {**team_stack.secrets, **{f"canary in the {where}": value for where, value in canaries.items()}}
     assert {"MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "FRUGALFLOW_S3_SECRET_KEY", "MLFLOW_S3_SECRET_KEY",
             "MLFLOW_MEMBER_PASSWORD", "PREFECT_AUTH_PASSWORD", "MLFLOW_ADMIN_PASSWORD"} <= set(secrets)
     assert all(len(v) >= 16 for v in secrets.values())  # generated, not guessable placeholders
