@@ -164,14 +164,14 @@ def _client(args):
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     model = getattr(args, "model", None)
     if uri and model:
-        return T.connect(uri), model, uri
+        return T.connect(uri, quick=True), model, uri
     if not Path(args.params).is_file():
         print(f"invalid recipe {args.params}: file not found; outside a project give the store and the model: "
               "--tracking-uri URI (or MLFLOW_TRACKING_URI) and --model NAME", file=sys.stderr)
         raise SystemExit(2)
     recipe = _recipe_or_exit(args.params, [], checks="schema")
     uri = uri or T.resolve_uri(recipe.tracking.uri, Path(args.params).resolve().parent)
-    return T.connect(uri), model or recipe.registry.model_name, uri
+    return T.connect(uri, quick=True), model or recipe.registry.model_name, uri
 
 
 def cmd_runs(args) -> int:
@@ -283,7 +283,7 @@ def cmd_export(args) -> int:
             from tasks.serving import fetch
 
             uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # else the recipe's store
-            client = T.connect(uri) if uri else _client(args)[0]
+            client = T.connect(uri, quick=True) if uri else _client(args)[0]
             summary = fetch(client, args.model_dir, args.format, args.out, **options)
             print(f"{args.model_dir} is {summary['name']} version {summary['version']}; "
                   + ("downloaded the file the flow attached to it" if summary["attached"] else "exported its model"))

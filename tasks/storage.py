@@ -29,7 +29,8 @@ from prefect import task
 ENDPOINT_ENV = ("FRUGALFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CONNECT_TIMEOUT_S = 3
 READ_TIMEOUT_S = 60
-MAX_ATTEMPTS = 2  # the first try and one retry
+QUICK_ATTEMPTS = 2  # checks before a run or command starts: the first try and one retry, so a dead endpoint is named at once
+MAX_ATTEMPTS = 12  # everything else: botocore's exponential back-off (up to 20 s apart), about 1-2 minutes in all
 # environment that decides which client we get: a client is reused while these stay the same
 CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
               "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
@@ -55,17 +56,19 @@ def endpoint_url() -> str | None:
     return None
 
 
-def s3_client(endpoint: str | None = None):
-    """A boto3 S3 client with a short connect timeout and one retry; path-style addressing
-    for custom endpoints (MinIO and moto serve buckets under the path, not the host name).
-    Building a client costs ~0.3 s, so one is kept per endpoint and credential environment."""
-    return _client(endpoint or endpoint_url(), tuple(os.environ.get(name) for name in CLIENT_ENV))
+def s3_client(endpoint: str | None = None, *, quick: bool = False):
+    """A boto3 S3 client with a short connect timeout that retries with back-off (an object store
+    restarted mid-run is waited for), or with `quick` only once; path-style addressing for custom
+    endpoints (MinIO and moto serve buckets under the path, not the host name). Building a client
+    costs ~0.3 s, so one is kept per endpoint, credential environment and kind."""
+    return _client(endpoint or endpoint_url(), tuple(os.environ.get(name) for name in CLIENT_ENV),
+                   QUICK_ATTEMPTS if quick else MAX_ATTEMPTS)
 
 
 @functools.lru_cache(maxsize=8)
-def _client(endpoint: str | None, env: tuple):
+def _client(endpoint: str | None, env: tuple, attempts: int):
     config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                    retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+                    retries={"total_max_attempts": attempts, "mode": "standard"},
                     s3={"addressing_style": "path" if endpoint else "auto"})
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint, region_name=session.region_name or "us-east-1",

@@ -2,6 +2,7 @@
 so Prefect tasks in worker threads log to the right run)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,8 +44,6 @@ def _creating(uri: str):
     """For a SQLite store: a file lock (in the temporary folder, named after the database) while a client
     opens it, so that two runs starting together in one checkout do not both create (migrate) a new
     database at once."""
-    import contextlib
-
     from filelock import FileLock
 
     if not uri.startswith("sqlite:///"):
@@ -54,15 +53,33 @@ def _creating(uri: str):
     return FileLock(str(Path(tempfile.gettempdir()) / f"frugalflow-open-{name}.lock"), timeout=600)
 
 
-def connect(uri: str) -> MlflowClient:
-    """A client whose store answers; a clear error naming the URI otherwise."""
-    if uri.startswith("http"):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+QUICK_CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _quick_check(uri: str, quick: bool):
+    """While `connect(quick=True)` checks a tracking server (before a run or a command does anything):
+    one retry and a 10 s timeout, so that a server that is down is named at once. Every other request
+    gets MLflow's own back-off (7 retries, about 4 minutes: a server or its database restarted mid-run
+    is waited for), unless the environment sets its own."""
+    chosen = {key: os.environ.get(key) for key in QUICK_CHECK} if quick and uri.startswith("http") else {}
+    for key, value in chosen.items():
+        if value is None:
+            os.environ[key] = QUICK_CHECK[key]
+    try:
+        yield
+    finally:
+        for key, value in chosen.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def connect(uri: str, *, quick: bool = False) -> MlflowClient:
+    """A client whose store answers; a clear error naming the URI otherwise (at once with `quick`)."""
     if redact(uri) != uri:  # a password in the URL: MLflow would print it in its "View run" links
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     try:
-        with _creating(uri):
+        with _creating(uri), _quick_check(uri, quick):
             client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # the store's own exception types vary by backend

@@ -120,7 +120,14 @@ def test_empty_prefix_and_bad_inputs_are_errors(s3_env, tmp_path):
         S.publish_model.fn(str(tmp_path), "frugalflow-empty/x")
 
 
-def test_unreachable_endpoint_fails_fast_with_clear_error(monkeypatch, tmp_path):
+def test_run_clients_back_off_and_checks_fail_at_once(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert S.s3_client().meta.config.retries["total_max_attempts"] == S.MAX_ATTEMPTS == 12
+    assert S.s3_client(quick=True).meta.config.retries["total_max_attempts"] == S.QUICK_ATTEMPTS == 2
+
+
+def test_unreachable_endpoint_ends_with_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(S, "MAX_ATTEMPTS", 2)  # the run's back-off (tests/test_team_outages.py) cut short
     port = free_port()  # nothing listens there: connection refused
     endpoint = f"http://127.0.0.1:{port}"
     for name in S.ENDPOINT_ENV:
