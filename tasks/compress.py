@@ -1,8 +1,8 @@
 """Prefect task: one compression stage as one MLflow child run.
 
-The output directory is named by a content key (input model key + stage config +
-data key + library source hash), so running again with unchanged inputs reuses the finished directory
-instead of recomputing it. A stage computes into a temporary sibling folder, writes `stats.json`
+The output directory is named by a content key (input model key + stage config + data key + the
+source of the code the stage runs, `method_code_hash`), so running again with unchanged inputs
+reuses the finished directory instead of recomputing it. A stage computes into a temporary sibling folder, writes `stats.json`
 and a `manifest.json` of every file's SHA-256 there, and renames it into place
 (frugalflow/integrity.py): the entry is complete or absent. On reuse the manifest is checked; a
 truncated or altered entry is logged, moved aside (`<name>.corrupt-<id>`) and recomputed. With a
@@ -13,7 +13,6 @@ one worker compute it while the others wait and fetch it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 from prefect import get_run_logger, task
 
+from frugalflow.code_hash import code_hash
 from frugalflow.config import fingerprint
 from frugalflow.errors import CorruptData
 from frugalflow.integrity import quarantine, remove_stale_temps, seal_dir, temp_sibling, verify_manifest
@@ -44,18 +44,15 @@ SUMMARY_KEYS = ("seconds", "sparsity", "bits_per_weight", "n_params", "final_los
                 "ppl_before", "ppl_after")
 
 
-def library_hash() -> str:
-    """Content hash of the compression library's source: new code never reuses old outputs."""
-    import frugalflow
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(frugalflow.__file__).parent.rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+def method_code_hash(stage) -> str:
+    """Content hash of the code the stage runs: its method's module (the config class's `entry`), the
+    stage driver and what they import (frugalflow/code_hash.py). An edit elsewhere in the library
+    reuses the stage's output; an edit of that code recomputes it."""
+    return code_hash(type(stage).entry.partition(":")[0], "frugalflow.stages")
 
 
 def stage_key(input_key: str, stage, data_key: str) -> str:
-    return fingerprint(input_key, stage, data_key, library_hash())
+    return fingerprint(input_key, stage, data_key, method_code_hash(stage))
 
 
 def stage_dir_name(index: int, stage, key: str) -> str:

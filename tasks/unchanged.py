@@ -3,7 +3,7 @@ record of a run that found a version with its key already registered (flows/nigh
 
 The inputs key is a hash of
   - the final stage output's folder name, whose content key covers the base model, the data, every
-    stage's config in order and the compression library's source (tasks/compress.py);
+    stage's config in order and the code each stage runs (tasks/compress.py);
   - what the evaluation reads besides the model: the data version, the evaluation settings, the
     prepared eval windows, the named sets' files and lm-eval's include folder (the parts of
     frugalflow/evaluate/suite.py `evaluation_key` that are not the model or the machine);

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from frugalflow.code_hash import code_hash
 from frugalflow.config import EvaluationConfig, fingerprint
 from frugalflow.data import load_windows
 from frugalflow.evaluate.harness import include_hash, run_lm_eval
@@ -45,7 +46,8 @@ def evaluation_key(model_dir: Path, data_dir: Path, cfg: EvaluationConfig, devic
     lm_eval_hash = include_hash(cfg.lm_eval, root) if cfg.lm_eval is not None else None
     machine = f"{platform.node()}|{platform.machine()}|{torch.get_num_threads()}|{device}"
     settings = cfg.model_dump(mode="json", exclude={"decode_race_rounds"})  # the race is never cached
-    return fingerprint(model_hash, data_hash, settings, machine, sets_hash, lm_eval_hash)
+    code = code_hash(__name__)  # this module and what it imports: an edit of the evaluation recomputes
+    return fingerprint(model_hash, data_hash, settings, machine, sets_hash, lm_eval_hash, code)
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, cfg: EvaluationConfig, device: str = "cpu",
