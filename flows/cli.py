@@ -519,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; map what went wrong to an exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
+    # Prefect's temporary API server gets 20 s to start by default, which a loaded machine misses
+    # (measured: a `run` beside a test suite on 2 cores failed "Timed out while attempting to connect to
+    # ephemeral Prefect API server"); set before Prefect is imported, which reads it then
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     restore = _sigterm_as_exit()
     try:
         return _parse_and_run(argv)
