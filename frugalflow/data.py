@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from frugalflow.config import DataConfig
-from frugalflow.recipe_io import load_recipe, matching_files
+from frugalflow.input_files import matching_files
+from frugalflow.recipe_io import load_recipe
 
 SPLITS = ("calib", "train", "eval")
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from frugalflow.config import Recipe
-from frugalflow.recipe_io import matching_files
+from frugalflow.input_files import matching_files
 
 
 def chain_problems(recipe: Recipe) -> list[str]:

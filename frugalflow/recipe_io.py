@@ -10,7 +10,6 @@ twice (PyYAML would keep the later one silently). Every problem is one line of a
 from __future__ import annotations
 
 import copy
-import glob
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from frugalflow.config import METHODS, Recipe, RecipeError
+from frugalflow.preflight import chain_problems, input_problems
 from frugalflow.redact import redact
 
 DVC_OWNED = ("base_model", "data")  # read by the DVC stages straight from params.yaml
@@ -261,8 +261,6 @@ def load_recipe(source: str | Path | RecipeSource = "params.yaml", overrides: li
         apply_override(data, *parse_override(text))
     recipe = recipe_from_dict(data, str(source.path))
     if checks != "schema":
-        from frugalflow.preflight import chain_problems, input_problems  # preflight imports this module
-
         problems = chain_problems(recipe) + input_problems(recipe, source.root or source.path.parent)
         if problems:
             raise RecipeError(str(source.path), problems)
@@ -285,9 +283,3 @@ def flatten(recipe: Recipe) -> dict[str, str]:
 
     walk("", recipe.model_dump(mode="json"))
     return out
-
-
-def matching_files(pattern: str, root: str | Path = ".") -> list[Path]:
-    """The files a recipe's path or glob pattern names (relative to `root` unless absolute; ** recurses)."""
-    full = pattern if Path(pattern).is_absolute() else str(Path(root) / pattern)
-    return [Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file()]

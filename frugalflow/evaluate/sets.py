@@ -16,7 +16,7 @@ import torch
 
 from frugalflow.config import EvalSetConfig, RecipeError
 from frugalflow.data import load_windows, to_windows
-from frugalflow.recipe_io import matching_files
+from frugalflow.input_files import matching_files
 
 
 def project_root_of(data_dir: Path) -> Path:
