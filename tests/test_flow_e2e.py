@@ -69,7 +69,8 @@ def test_first_run_records_everything(two_runs, project, tmp_path):
     # registry: version 1 is challenger and champion, with verdict and lineage tags
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert str(version.version) == "1" and version.run_id == run.info.run_id
-    assert first["promotion"] == {"registered": True, "version": "1", "champion": True}
+    promotion = {k: v for k, v in first["promotion"].items() if k != "replaced"}  # the champion before it: none
+    assert promotion == {"registered": True, "version": "1", "champion": True} and first["promotion"].get("replaced") is None
     assert version.tags["verdict"] == "pass" and version.tags["git_commit"] == tags["git_commit"]
     # the version is the pyfunc LoggedModel of the run, and it generates text
     assert version.source.startswith("models:/m-")
